@@ -1,0 +1,19 @@
+"""Turn instruction data (hub id or local file, any common format) into Mistral token ids with responses-only labels.
+
+    python data_prep.py --dataset my_data.jsonl --output_dir data/my_data
+"""
+
+import sys
+
+from qlora.config import parse, show
+from qlora.data import DataError, prepare_dataset
+
+GROUPS = ("data", "base")
+
+if __name__ == "__main__":
+    config, _ = parse(GROUPS + ("train",), __doc__)
+    show(config, GROUPS + ("train",))
+    try:
+        prepare_dataset(config, config.output_dir)
+    except DataError as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,57 @@
+"""Write under a temporary name, rename when complete: a kill at any instant never leaves a final name half-written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _temporary(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def atomic_dir(final: str | Path):
+    """Yield a fresh temporary folder beside `final`; on success it replaces `final`, on any error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(source: Path, final: Path) -> None:
+    """Move a finished folder to its final name, moving any older one aside first (a rename cannot replace a folder)."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(source, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_path(final: str | Path):
+    """Yield a temporary file path beside `final`, for writers that take a path (llama.cpp, safetensors)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(final)
+    try:
+        yield tmp
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(final: str | Path, text: str) -> None:
+    with atomic_path(final) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")

@@ -1,0 +1,210 @@
+"""One typed config for every script: the reference recipe as defaults, YAML presets, flags named like fields.
+
+Each field carries a `group` (data, base, model, train, export, infer); a script exposes only the groups it uses.
+Precedence: dataclass default < `--config file.yaml` < command-line flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _f(default, group: str, help: str):
+    """A dataclass field with its group and help text; lists get a factory so instances never share one."""
+    meta = {"group": group, "help": help}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = _f("mlabonne/guanaco-llama2-1k", "data", "hub id, local .jsonl/.json/.csv/.parquet file, or a data_prep output folder")
+    dataset_split: str = _f("train", "data", "split to read from a hub dataset")
+    dataset_format: str = _f("auto", "data", "auto, llama2, guanaco, alpaca, messages, sharegpt, prompt_completion")
+    template: str = _f("mistral", "data", "mistral ([INST] chat format, Mistral's own token ids) or instruction (### Instruction / ### Response)")
+    system_prompt: str | None = _f(None, "data", "system message put before the first user turn (Mistral v1 style)")
+    train_on_prompt: bool = _f(False, "data", "train on the whole text instead of on the responses only")
+    max_seq_length: int = _f(512, "data", "rows longer than this are truncated")
+    eval_fraction: float = _f(0.05, "data", "share of rows held out for evaluation")
+    skip_invalid: bool = _f(False, "data", "count and drop unreadable rows instead of stopping at the first")
+    seed: int = _f(42, "data", "seed for the split, LoRA init and data order")
+    # base: the model whose tokenizer every script renders prompts with
+    model_name: str = _f("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "base", "hub id or local folder of the base model")
+    tokenizer_name: str | None = _f(None, "base", "hub id or folder holding tokenizer.model, when the model's lacks it")
+    # model
+    backend: str = _f("auto", "model", "auto (unsloth on CUDA, cpu otherwise), unsloth, hf (transformers+bitsandbytes+PEFT), cpu")
+    load_in_4bit: bool = _f(True, "model", "load the base in 4 bits (GPU backends only)")
+    lora_r: int = _f(8, "model", "LoRA rank")
+    lora_alpha: int = _f(32, "model", "LoRA alpha")
+    lora_dropout: float = _f(0.1, "model", "LoRA dropout (Unsloth's fused LoRA kernels need 0)")
+    lora_target_modules: list[str] = _f(LORA_TARGETS, "model", "modules that get LoRA adapters")
+    gradient_checkpointing: bool = _f(True, "model", "recompute activations in the backward pass to save memory")
+    # train
+    output_dir: str = _f("outputs/mistral-qlora", "train", "where data, checkpoints, adapter and reports go")
+    per_device_train_batch_size: int = _f(1, "train", "rows per micro-batch (per device)")
+    gradient_accumulation_steps: int = _f(8, "train", "micro-batches per optimizer step")
+    learning_rate: float = _f(2e-4, "train", "peak learning rate")
+    num_train_epochs: float = _f(3.0, "train", "epochs over the training split")
+    max_steps: int = _f(-1, "train", "stop after this many optimizer steps (-1: run the epochs)")
+    lr_scheduler_type: str = _f("linear", "train", "learning-rate schedule")
+    warmup_ratio: float = _f(0.03, "train", "share of steps spent warming up")
+    weight_decay: float = _f(0.0, "train", "AdamW weight decay")
+    optim: str = _f("auto", "train", "optimizer: auto (adamw_8bit on GPU, adamw_torch on CPU) or any transformers name")
+    packing: bool = _f(False, "train", "pack several rows per sequence, padding-free, no attention across rows")
+    logging_steps: int = _f(10, "train", "log every N optimizer steps")
+    save_steps: int = _f(100, "train", "checkpoint every N optimizer steps")
+    save_total_limit: int = _f(3, "train", "checkpoints kept")
+    eval_steps: int | None = _f(None, "train", "evaluate every N steps (default: as save_steps)")
+    early_stopping_patience: int | None = _f(None, "train", "stop after N evaluations without a better eval loss")
+    report_to: str = _f("none", "train", "none, tensorboard or wandb")
+    resume: bool = _f(False, "train", "continue from the last complete checkpoint in output_dir")
+    resume_from_checkpoint: str | None = _f(None, "train", "continue from this checkpoint folder")
+    overwrite_output_dir: bool = _f(False, "train", "replace a finished run in output_dir")
+    # export
+    adapter_dir: str | None = _f(None, "export", "training output or adapter folder to merge (default: output_dir)")
+    export_dir: str | None = _f(None, "export", "where merged model, GGUF files and Modelfile go (default: output_dir/export)")
+    base_model_16bit: str | None = _f(None, "export", "16-bit base to merge into (default: the known original of a -bnb-4bit repo)")
+    gguf_types: list[str] = _f(["f16", "q8_0", "q4_k_m", "q5_k_m"], "export", "GGUF files to write (f16 is always written first)")
+    merged_only: bool = _f(False, "export", "stop after the merged 16-bit safetensors")
+    lora_only: bool = _f(False, "export", "write just the adapter")
+    # infer
+    max_new_tokens: int = _f(256, "infer", "tokens to generate at most")
+    temperature: float = _f(0.7, "infer", "sampling temperature; 0 is greedy")
+    top_p: float = _f(0.95, "infer", "nucleus sampling")
+    top_k: int = _f(50, "infer", "top-k sampling")
+    repetition_penalty: float = _f(1.0, "infer", "penalty for repeated tokens")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used: the message names the key and, where it came from a file, the file."""
+
+
+def _base_type(tp):
+    """`int | None` -> (int, True); `list[str]` -> (list, False)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        return [a for a in args if a is not type(None)][0], True
+    return tp, False
+
+
+def coerce(name: str, value, source: str = "flag"):
+    """Check (and for strings from the command line, convert) one value against its field's type."""
+    if name not in FIELDS:
+        raise ConfigError(f"{source}: unknown key '{name}'")
+    tp, optional = _base_type(typing.get_type_hints(Config)[name])
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: '{name}' may not be empty")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: '{name}' must be a list of strings, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{name}' must be true or false, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and tp in (int, float):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{source}: '{name}' must be {tp.__name__}, got {value!r}") from None
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: '{name}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return {k: coerce(k, v, str(path)) for k, v in data.items()}
+
+
+def build_parser(groups: tuple[str, ...], description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML preset; flags given here win over it")
+    for name, f in FIELDS.items():
+        if f.metadata["group"] not in groups:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        tp, _ = _base_type(typing.get_type_hints(Config)[name])
+        # SUPPRESS: a flag not given stays out of the namespace, so the YAML file's value is not overwritten
+        kwargs = {"help": f"{f.metadata['help']} (default: {default})", "default": argparse.SUPPRESS}
+        if tp is bool:  # `--packing` alone means true; `--packing false` is accepted too (TRL's convention)
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif typing.get_origin(tp) is list:
+            kwargs.update(nargs="+")
+        parser.add_argument(f"--{name}", **kwargs)
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    """Dataclass defaults, then the YAML file, then the flags that were given."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    for name, value in vars(args).items():
+        if name != "config":
+            values[name] = coerce(name, value, f"--{name}")
+    return Config(**values)
+
+
+def parse(groups: tuple[str, ...], description: str, argv: list[str] | None = None, extra=None):
+    """Parse a script's command line into a Config; `extra(parser)` adds script-only arguments (positional paths).
+
+    Returns (config, namespace of the extra arguments)."""
+    parser = build_parser(groups, description)
+    extra_names = set()
+    if extra:
+        before = {a.dest for a in parser._actions}
+        extra(parser)
+        extra_names = {a.dest for a in parser._actions} - before
+    args = parser.parse_args(argv)
+    extras = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in extra_names})
+    for k in extra_names:
+        if hasattr(args, k):
+            delattr(args, k)
+    try:
+        return resolve(args), extras
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def show(config: Config, groups: tuple[str, ...]) -> None:
+    """Print the resolved settings a script uses, one per line, so every log starts with what was run."""
+    print("resolved config:")
+    for name, f in FIELDS.items():
+        if f.metadata["group"] in groups:
+            print(f"  {name}: {getattr(config, name)}")
+    sys.stdout.flush()

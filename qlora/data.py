@@ -1,0 +1,382 @@
+"""Instruction data in any common format -> conversations -> Mistral token ids with responses-only labels.
+
+Every reader yields (location, record) pairs where location is "file:line" (or "file:row N"), so each error names
+where the bad input is. Nothing is written until the whole data set has been read and checked.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .chat import Conversation, Message, PromptFormat
+
+FORMATS = ("llama2", "guanaco", "alpaca", "messages", "sharegpt", "prompt_completion")
+ACCEPTED = (
+    "'text' in Llama-2 chat form (<s>[INST] ... [/INST] ... </s>), 'text' in Guanaco form (### Human: ... "
+    "### Assistant: ...), Alpaca ('instruction', 'input', 'output'), 'messages' (role/content), ShareGPT "
+    "'conversations' (from/value), or 'prompt'/'completion'"
+)
+
+
+class DataError(ValueError):
+    """Bad input: the message starts with the file and line (or row) it is about."""
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}: bytes that are not UTF-8 ({err.reason} at byte {err.start})") from None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        line = _decode(raw, path) if raw.strip() else ""
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{number}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: malformed JSON: {err.msg} (column {err.colno})") from None
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, object]]:
+    """A JSON array of records, decoded one element at a time so that each record knows its line."""
+    text = _decode(path.read_bytes(), path)
+    decoder = json.JSONDecoder()
+    whitespace = re.compile(r"\s*")
+
+    def fail(err_msg: str, pos: int):
+        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: malformed JSON: {err_msg}")
+
+    pos = whitespace.match(text, 0).end()
+    if text[pos : pos + 1] != "[":
+        fail("expected a list of records", pos)
+    pos = whitespace.match(text, pos + 1).end()
+    while text[pos : pos + 1] != "]":
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            fail(err.msg, err.pos)
+        yield f"{path}:{text.count(chr(10), 0, pos) + 1}", record
+        pos = whitespace.match(text, end).end()
+        if text[pos : pos + 1] == ",":
+            pos = whitespace.match(text, pos + 1).end()
+        elif text[pos : pos + 1] != "]":
+            fail("expected ',' or ']' after a record", pos)
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, object]]:
+    reader = csv.DictReader(io.StringIO(_decode(path.read_bytes(), path), newline=""))
+    for row in reader:
+        yield f"{path}:{reader.line_num}", row
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        yield f"{path}:row {number}", row
+
+
+def _read_hub(name: str, split: str) -> Iterator[tuple[str, object]]:
+    from datasets import load_dataset
+
+    for number, row in enumerate(load_dataset(name, split=split), start=1):
+        yield f"{name}:row {number}", row
+
+
+READERS: dict[str, Callable[[Path], Iterator[tuple[str, object]]]] = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}
+
+
+def read_records(dataset: str, split: str = "train") -> Iterator[tuple[str, object]]:
+    path = Path(dataset)
+    if path.suffix in READERS:
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        return READERS[path.suffix](path)
+    if path.exists():
+        raise DataError(f"{path}: not a data file (expected {', '.join(READERS)})")
+    return _read_hub(dataset, split)
+
+
+# ---------------------------------------------------------------- formats -> conversations
+
+_LLAMA2_TURN = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?:</s>|(?=<s>)|(?=\[INST\])|$)", re.S)
+_LLAMA2_SYS = re.compile(r"<<SYS>>(.*?)<</SYS>>", re.S)
+_GUANACO_MARK = re.compile(r"###\s*(Human|Assistant)\s*:")
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+          "bot": "assistant", "model": "assistant"}
+
+
+def _text(record: dict, key: str, location: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise DataError(f"{location}: field '{key}' must be text, got {type(value).__name__}")
+    return value
+
+
+def _from_llama2(record: dict, location: str) -> Conversation:
+    text = _text(record, "text", location)
+    messages = []
+    for user, answer in _LLAMA2_TURN.findall(text):
+        system = _LLAMA2_SYS.search(user)
+        if system:
+            messages.append(Message("system", system.group(1)))
+            user = _LLAMA2_SYS.sub("", user)
+        messages += [Message("user", user), Message("assistant", answer.replace("<s>", ""))]
+    if not messages:
+        raise DataError(f"{location}: field 'text' has no [INST] ... [/INST] turn")
+    return messages
+
+
+def _from_guanaco(record: dict, location: str) -> Conversation:
+    parts = _GUANACO_MARK.split(_text(record, "text", location))
+    pairs = list(zip(parts[1::2], parts[2::2]))
+    if not pairs:
+        raise DataError(f"{location}: field 'text' has no '### Human:' turn")
+    return [Message("user" if who == "Human" else "assistant", said) for who, said in pairs]
+
+
+def _from_alpaca(record: dict, location: str) -> Conversation:
+    instruction = _text(record, "instruction", location)
+    extra = record.get("input") or ""
+    if not isinstance(extra, str):
+        raise DataError(f"{location}: field 'input' must be text, got {type(extra).__name__}")
+    user = f"{instruction.strip()}\n\n{extra.strip()}" if extra.strip() else instruction
+    return [Message("user", user), Message("assistant", _text(record, "output", location))]
+
+
+def _from_turns(record: dict, location: str, key: str, role_key: str, content_key: str) -> Conversation:
+    turns = record.get(key)
+    if not isinstance(turns, list):
+        raise DataError(f"{location}: field '{key}' must be a list of turns, got {type(turns).__name__}")
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"{location}: field '{key}[{i}]'"
+        if not isinstance(turn, dict) or not isinstance(turn.get(content_key), str):
+            raise DataError(f"{where} must have a text '{content_key}'")
+        role = _ROLES.get(str(turn.get(role_key)).lower())
+        if role is None:
+            raise DataError(f"{where}: unknown {role_key} {turn.get(role_key)!r} (use system, user or assistant)")
+        messages.append(Message(role, turn[content_key]))
+    return messages
+
+
+def _from_prompt_completion(record: dict, location: str) -> Conversation:
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt/completion
+        return _from_turns({"t": prompt + completion}, location, "t", "role", "content")
+    return [Message("user", _text(record, "prompt", location)),
+            Message("assistant", _text(record, "completion", location))]
+
+
+CONVERTERS: dict[str, Callable[[dict, str], Conversation]] = {
+    "llama2": _from_llama2,
+    "guanaco": _from_guanaco,
+    "alpaca": _from_alpaca,
+    "messages": lambda r, loc: _from_turns(r, loc, "messages", "role", "content"),
+    "sharegpt": lambda r, loc: _from_turns(r, loc, "conversations", "from", "value"),
+    "prompt_completion": _from_prompt_completion,
+}
+
+
+def detect_format(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("text"), str):
+        if "[INST]" in record["text"]:
+            return "llama2"
+        if _GUANACO_MARK.search(record["text"]):
+            return "guanaco"
+    for fmt, keys in (("alpaca", ("instruction", "output")), ("messages", ("messages",)),
+                      ("sharegpt", ("conversations",)), ("prompt_completion", ("prompt", "completion"))):
+        if all(k in record for k in keys):
+            return fmt
+    return None
+
+
+def normalize(messages: Conversation, location: str) -> Conversation:
+    """Strip contents (so every format gives the same tokens), check the turn order, drop a trailing user turn."""
+    messages = [Message(m.role, m.content.strip()) for m in messages]
+    body = messages[1:] if messages and messages[0].role == "system" else messages
+    for i, m in enumerate(body):
+        if m.role != ("user" if i % 2 == 0 else "assistant"):
+            raise DataError(f"{location}: turns must alternate user/assistant after an optional system message")
+    if body and body[-1].role == "user":
+        messages = messages[:-1]  # a question with no answer teaches nothing
+    return messages
+
+
+def to_conversation(record: object, fmt: str, location: str) -> Conversation:
+    if not isinstance(record, dict):
+        raise DataError(f"{location}: expected an object with fields, got {type(record).__name__}")
+    if fmt == "auto":
+        fmt = detect_format(record)
+        if fmt is None:
+            raise DataError(f"{location}: no usable fields (found {sorted(record)}); accepted formats: {ACCEPTED}")
+    return normalize(CONVERTERS[fmt](record, location), location)
+
+
+# ---------------------------------------------------------------- tokenizing, filtering, splitting
+
+
+@dataclass
+class Prepared:
+    train: list[dict]
+    eval: list[dict]
+    stats: dict
+
+
+def _percentile(values: list[int], q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0
+
+
+def prepare_rows(records, fmt: str, prompt_format: PromptFormat, max_seq_length: int, train_on_prompt: bool,
+                 eval_fraction: float, seed: int, skip_invalid: bool, source: str,
+                 system_prompt: str | None = None) -> Prepared:
+    """Convert, tokenize, filter and split. Returns rows of {input_ids, labels}."""
+    rows, seen, dropped, detected = [], set(), Counter(), Counter()
+    rows_in = truncated = 0
+    for location, record in records:
+        rows_in += 1
+        row_format = fmt if fmt != "auto" else detect_format(record)
+        try:
+            conversation = to_conversation(record, fmt, location)
+        except DataError:
+            if not skip_invalid:
+                raise
+            dropped["invalid"] += 1
+            continue
+        detected[row_format] += 1
+        if system_prompt and conversation and conversation[0].role != "system":
+            conversation = [Message("system", system_prompt.strip()), *conversation]
+        if not any(m.role == "assistant" and m.content for m in conversation):
+            dropped["empty response"] += 1
+            continue
+        key = tuple((m.role, m.content) for m in conversation)
+        if key in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        ids, labels = prompt_format.encode(conversation, train_on_prompt)
+        if len(ids) > max_seq_length:
+            truncated += 1
+            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+            if all(label == -100 for label in labels):
+                dropped["prompt longer than max_seq_length"] += 1
+                continue
+        rows.append({"input_ids": ids, "labels": labels})
+    if not rows:
+        raise DataError(f"{source}: no usable rows left out of {rows_in} (dropped: {dict(dropped) or 'none'})")
+    random.Random(seed).shuffle(rows)
+    n_eval = round(len(rows) * eval_fraction) if len(rows) > 1 else 0
+    lengths = [len(r["input_ids"]) for r in rows]
+    trained = sum(sum(label != -100 for label in r["labels"]) for r in rows)
+    stats = {
+        "source": source,
+        "format": fmt if fmt != "auto" else (detected.most_common(1)[0][0] if detected else None),
+        "rows_in": rows_in,
+        "kept": len(rows),
+        "dropped": dict(dropped),
+        "truncated": truncated,
+        "train_rows": len(rows) - n_eval,
+        "eval_rows": n_eval,
+        "tokens": sum(lengths),
+        "trained_token_share": round(trained / max(1, sum(lengths)), 4),
+        "length_p50": _percentile(lengths, 0.5),
+        "length_p90": _percentile(lengths, 0.9),
+        "length_max": max(lengths),
+    }
+    return Prepared(train=rows[n_eval:], eval=rows[:n_eval], stats=stats)
+
+
+def show_example(row: dict, prompt_format: PromptFormat) -> str:
+    """One row's text with the trained spans between « and », so the masking can be checked by eye."""
+    out, span, trained_now = [], [], None
+    for token, label in zip(row["input_ids"], row["labels"]):
+        trained = label != -100
+        if trained != trained_now and span:
+            text = prompt_format.sp.decode(span)
+            out.append(f"«{text}»" if trained_now else text)
+            span = []
+        trained_now = trained
+        span.append(token)
+    if span:
+        text = prompt_format.sp.decode(span)
+        out.append(f"«{text}»" if trained_now else text)
+    return " ".join(out)
+
+
+# ---------------------------------------------------------------- the data_prep job
+
+PREPARED_MARK = "stats.json"
+
+
+def is_prepared(path: str | Path) -> bool:
+    """A folder written by `prepare_dataset` (its stats.json is written last, so a finished one has it)."""
+    return (Path(path) / PREPARED_MARK).is_file() and (Path(path) / "dataset_dict.json").is_file()
+
+
+def print_stats(stats: dict) -> None:
+    rows = [("source", stats["source"]), ("format", stats["format"]), ("rows in", stats["rows_in"]),
+            ("kept", stats["kept"]), ("dropped", ", ".join(f"{k}: {v}" for k, v in stats["dropped"].items()) or "0"),
+            ("truncated", stats["truncated"]), ("train / eval", f"{stats['train_rows']} / {stats['eval_rows']}"),
+            ("tokens p50 / p90 / max", f"{stats['length_p50']} / {stats['length_p90']} / {stats['length_max']}"),
+            ("trained token share", stats["trained_token_share"])]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+def prepare_dataset(config, out_dir: str | Path) -> dict:
+    """Read, convert, tokenize and split `config.dataset`; write a DatasetDict, stats.json and config.yaml."""
+    from datasets import Dataset, DatasetDict, disable_progress_bars
+
+    from . import atomic
+    from .chat import find_tokenizer_model
+    from .config import to_yaml
+
+    prompt_format = PromptFormat(find_tokenizer_model(config.model_name, config.tokenizer_name), config.template)
+    if config.dataset_format not in ("auto", *FORMATS):
+        raise DataError(f"--dataset_format must be auto or one of {', '.join(FORMATS)}, got {config.dataset_format!r}")
+    prepared = prepare_rows(read_records(config.dataset, config.dataset_split), config.dataset_format, prompt_format,
+                            config.max_seq_length, config.train_on_prompt, config.eval_fraction, config.seed,
+                            config.skip_invalid, config.dataset, config.system_prompt)
+    disable_progress_bars()
+    with atomic.atomic_dir(out_dir) as tmp:
+        splits = {"train": Dataset.from_list(prepared.train)}
+        if prepared.eval:
+            splits["eval"] = Dataset.from_list(prepared.eval)
+        DatasetDict(splits).save_to_disk(str(tmp))
+        (tmp / "config.yaml").write_text(to_yaml(config))
+        (tmp / PREPARED_MARK).write_text(json.dumps(prepared.stats, indent=2))
+    print(f"data: {config.dataset} -> {out_dir}")
+    print_stats(prepared.stats)
+    print("example (trained tokens between « »):")
+    print("  " + show_example(prepared.train[0], prompt_format))
+    return prepared.stats
+
+
+def load_prepared(path: str | Path):
+    from datasets import load_from_disk
+
+    return load_from_disk(str(path))

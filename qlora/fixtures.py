@@ -1,0 +1,115 @@
+"""Offline stand-ins, built on demand: the real Mistral 7B tokenizer, a tiny random MistralForCausalLM saved like a hub
+checkout, and a sample instruction set written by this project.
+
+    python -m qlora.fixtures [DIR]      # default: fixtures/
+
+The tokenizer is Mistral's own `tokenizer.model` (v1, 32000 tokens) shipped inside the `mistral-common` package. The
+sample set has a pattern a 2-layer model picks up within minutes (copying, counting, a fixed answer phrasing), so a
+CPU run shows eval loss falling clearly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+from .chat import MISTRAL_CHAT_TEMPLATE
+
+TINY_MODEL = "tiny-mistral"
+SAMPLE_DATA = "sample.jsonl"
+
+# Mistral-7B-Instruct-v0.2's architecture scaled down; hidden and intermediate sizes are multiples of 256 so that
+# llama.cpp's k-quants (256-value blocks) apply to every matrix.
+TINY_CONFIG = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                   rope_theta=1e6, sliding_window=None, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                   tie_word_embeddings=False)
+
+_WORDS = ("apple river stone cloud maple tiger ocean lamp violet paper garden silver rocket candle harbor "
+          "meadow pencil falcon copper window basket summer winter autumn spring bridge castle forest desert").split()
+_COUNTRIES = {"Arvenia": "Lumeport", "Bostrava": "Kell", "Caldoria": "Mirath", "Dunmere": "Oskville",
+              "Eldravia": "Penhallow", "Fernia": "Quarry Bay", "Galdonia": "Rivenholt", "Hestia Minor": "Sable"}
+
+
+def mistral_tokenizer_model() -> Path:
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def save_tokenizer(target: Path) -> None:
+    """A Hugging Face tokenizer folder from the real Mistral tokenizer, with v0.2's chat template and tokenizer.model
+    (transformers 5 writes only tokenizer.json, which llama.cpp's converter would otherwise fall back on)."""
+    from transformers import LlamaTokenizer
+
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(mistral_tokenizer_model(), target / "tokenizer.model")
+    (target / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+    tokenizer = LlamaTokenizer.from_pretrained(target)
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(target)
+
+
+def save_tiny_model(target: Path, seed: int = 0) -> None:
+    import torch
+    from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(MistralConfig(**TINY_CONFIG)).to(torch.bfloat16)
+    model.save_pretrained(target, safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(target)
+    save_tokenizer(target)
+
+
+def _sample_pair(rng: random.Random) -> tuple[str, str]:
+    task = rng.randrange(5)
+    if task == 0:
+        words = rng.sample(_WORDS, rng.randint(2, 8))
+        return f"Reverse the words: {' '.join(words)}", " ".join(reversed(words))
+    if task == 1:
+        country = rng.choice(sorted(_COUNTRIES))
+        return f"What is the capital of {country}?", f"The capital of {country} is {_COUNTRIES[country]}."
+    if task == 2:
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        return f"Add {a} and {b}.", f"{a} plus {b} is {a + b}."
+    if task == 3:
+        word, times = rng.choice(_WORDS), rng.randint(2, 12)
+        return f"Write the word {word} {times} times.", " ".join([word] * times)
+    start = rng.randint(1, 50)
+    end = start + rng.choice((5, 10, 20, 40, 80, 160))  # up to several hundred tokens
+    return f"Count from {start} to {end}.", ", ".join(str(n) for n in range(start, end + 1))
+
+
+def sample_rows(n: int = 400, seed: int = 0) -> list[dict]:
+    """Rows in guanaco-llama2-1k's form; one in eight is a two-turn conversation."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        turns = [_sample_pair(rng) for _ in range(2 if rng.random() < 0.125 else 1)]
+        rows.append({"text": "".join(f"<s>[INST] {q} [/INST] {a} </s>" for q, a in turns)})
+    return rows
+
+
+def build(directory: str | Path = "fixtures") -> Path:
+    """Write the tiny model and the sample set under `directory` unless they are already there."""
+    directory = Path(directory)
+    model_dir = directory / TINY_MODEL
+    if not (model_dir / "model.safetensors").exists():
+        tmp = directory / f".{TINY_MODEL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_tiny_model(tmp)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        tmp.rename(model_dir)
+    data = directory / SAMPLE_DATA
+    if not data.exists():
+        data.write_text("".join(json.dumps(r) + "\n" for r in sample_rows()))
+    return directory
+
+
+if __name__ == "__main__":
+    print(f"fixtures ready in {build(sys.argv[1] if len(sys.argv) > 1 else 'fixtures')}")
