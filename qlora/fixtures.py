@@ -16,6 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .atomic import atomic_dir, write_text
 from .chat import MISTRAL_CHAT_TEMPLATE
 
 TINY_MODEL = "tiny-mistral"
@@ -100,14 +101,11 @@ def build(directory: str | Path = "fixtures") -> Path:
     directory = Path(directory)
     model_dir = directory / TINY_MODEL
     if not (model_dir / "model.safetensors").exists():
-        tmp = directory / f".{TINY_MODEL}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_tiny_model(tmp)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        tmp.rename(model_dir)
+        with atomic_dir(model_dir) as tmp:
+            save_tiny_model(tmp)
     data = directory / SAMPLE_DATA
     if not data.exists():
-        data.write_text("".join(json.dumps(r) + "\n" for r in sample_rows()))
+        write_text(data, "".join(json.dumps(r) + "\n" for r in sample_rows()))
     return directory
 
 

@@ -1,0 +1,123 @@
+"""Loading the base model with LoRA adapters: Unsloth (CUDA, default), transformers + bitsandbytes + PEFT (CUDA), or
+plain transformers + PEFT on the CPU. Heavy imports stay inside the functions: Unsloth must be imported before
+transformers, trl and peft, and the scripts decide the backend before anything imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+BACKENDS = ("auto", "unsloth", "hf", "cpu")
+SMOKE_PRESET = "configs/smoke.yaml"
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pick_backend(config) -> str:
+    """The backend to run: `auto` is Unsloth on a CUDA GPU, else the CPU path; GPU backends refuse a CPU machine."""
+    if config.backend not in BACKENDS:
+        raise BackendError(f"--backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
+    has_cuda = cuda_available()
+    if config.backend == "auto":
+        if has_cuda:
+            return "unsloth"
+        if config.load_in_4bit and "bnb-4bit" in config.model_name:
+            raise BackendError(f"{config.model_name} is a 4-bit GPU model and this machine has no CUDA GPU; "
+                               f"for a CPU run use the smoke preset: --config {SMOKE_PRESET}")
+        return "cpu"
+    if config.backend in ("unsloth", "hf") and not has_cuda:
+        raise BackendError(f"--backend {config.backend} needs a CUDA GPU and this machine has none; "
+                           f"for a CPU run use the smoke preset: --config {SMOKE_PRESET}")
+    return config.backend
+
+
+def local_device_index() -> int:
+    """This process's GPU under torchrun / accelerate launch (LOCAL_RANK), else the first."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def compute_dtype():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _lora_config(config):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def _load_unsloth(config):
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=config.model_name, max_seq_length=config.max_seq_length, load_in_4bit=config.load_in_4bit,
+        dtype=None, device_map={"": local_device_index()})
+    model = FastLanguageModel.get_peft_model(
+        model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules), bias="none",
+        use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
+        random_state=config.seed, max_seq_length=config.max_seq_length)
+    return model, tokenizer
+
+
+def _load_hf(config, quantize: bool):
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype()
+    kwargs = {"dtype": dtype}
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": local_device_index()}
+    model = AutoModelForCausalLM.from_pretrained(config.model_name, **kwargs)
+    if quantize:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    elif torch.cuda.is_available():
+        model.to(f"cuda:{local_device_index()}")
+    return get_peft_model(model, _lora_config(config))
+
+
+def load_for_training(config, backend: str):
+    """(peft model, Hugging Face tokenizer) for the chosen backend."""
+    from transformers import AutoTokenizer
+
+    if backend == "unsloth":
+        return _load_unsloth(config)
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name or config.model_name)
+    return _load_hf(config, quantize=backend == "hf" and config.load_in_4bit), tokenizer
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model an adapter was trained on, as PEFT recorded it."""
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter folder)")
+    return json.loads(config_file.read_text())["base_model_name_or_path"]
+
+
+def load_with_adapter(adapter_dir: str | Path, base: str | None = None, dtype=None, device: str = "cpu"):
+    """Base model in 16/32 bits (never 4-bit) with the adapter attached, in eval mode; for merging and inference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = base or adapter_base(adapter_dir)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or compute_dtype()).to(device)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()

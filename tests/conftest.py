@@ -1,0 +1,42 @@
+"""Shared test fixtures: the real Mistral tokenizer, the tiny model and the sample set, built once under fixtures/."""
+
+from pathlib import Path
+
+import pytest
+
+from qlora import fixtures
+from qlora.chat import PromptFormat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    return fixtures.build(ROOT / "fixtures")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(fixture_dir) -> Path:
+    return fixture_dir / fixtures.TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def sample_data(fixture_dir) -> Path:
+    return fixture_dir / fixtures.SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def prompt_format(tiny_model) -> PromptFormat:
+    return PromptFormat(tiny_model / "tokenizer.model")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is (`pytest -m gpu` on a GPU host)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
