@@ -54,12 +54,14 @@ class Config:
     # train
     output_dir: str = _f("outputs/mistral-qlora", "train", "where data, checkpoints, adapter and reports go")
     per_device_train_batch_size: int = _f(1, "train", "rows per micro-batch (per device)")
-    gradient_accumulation_steps: int = _f(8, "train", "micro-batches per optimizer step")
+    gradient_accumulation_steps: int = _f(8, "train", "micro-batches per optimizer step (one process)")
+    keep_gradient_accumulation: bool = _f(False, "train", "with N processes keep the accumulation as given instead of "
+                                          "dividing it by N to keep the one-process effective batch")
     learning_rate: float = _f(2e-4, "train", "peak learning rate")
     num_train_epochs: float = _f(3.0, "train", "epochs over the training split")
     max_steps: int = _f(-1, "train", "stop after this many optimizer steps (-1: run the epochs)")
     lr_scheduler_type: str = _f("linear", "train", "learning-rate schedule")
-    warmup_ratio: float = _f(0.03, "train", "share of steps spent warming up")
+    warmup_steps: float = _f(0.03, "train", "warm-up: a number of steps, or a share of all steps when below 1")
     weight_decay: float = _f(0.0, "train", "AdamW weight decay")
     optim: str = _f("auto", "train", "optimizer: auto (adamw_8bit on GPU, adamw_torch on CPU) or any transformers name")
     packing: bool = _f(False, "train", "pack several rows per sequence, padding-free, no attention across rows")
@@ -113,11 +115,10 @@ def coerce(name: str, value, source: str = "flag"):
         raise ConfigError(f"{source}: '{name}' may not be empty")
     origin = typing.get_origin(tp)
     if origin is list:
-        if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split() if v]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
             raise ConfigError(f"{source}: '{name}' must be a list of strings, got {value!r}")
-        return value
+        return [v for item in items for v in item.replace(",", " ").split()]  # `a b`, `a,b` and `a, b` alike
     if tp is bool:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")

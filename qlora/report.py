@@ -1,0 +1,123 @@
+"""What a run leaves behind besides the adapter: metrics.json, loss.png and manifest.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+from . import atomic
+
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes", "datasets")
+
+
+class Meter:
+    """Times every optimizer step and reads the trainer's count of real (non-padding) tokens at each."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        self.trainer = None
+        self.steps: list[tuple[int, float, int]] = []  # (global step, seconds, real tokens so far)
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                tokens = getattr(outer.trainer, "_total_train_tokens", 0)  # TRL's own running count
+                outer.steps.append((state.global_step, time.perf_counter(), int(tokens)))
+
+        self.callback = Callback()
+
+    def throughput(self, warmup: int = 1) -> dict:
+        """Real tokens per second and seconds per step over the steps after the first `warmup` ones."""
+        if len(self.steps) <= warmup + 1:
+            return {}
+        (s0, t0, n0), (s1, t1, n1) = self.steps[warmup], self.steps[-1]
+        return {"timed_steps": s1 - s0, "seconds_per_step": (t1 - t0) / (s1 - s0),
+                "real_tokens_per_second": (n1 - n0) / (t1 - t0)}
+
+
+def data_fingerprint(data) -> str:
+    """sha256 of every split's ids and labels: the same fingerprint means the same training tokens."""
+    digest = hashlib.sha256()
+    for split in sorted(data):
+        for column in ("input_ids", "labels"):
+            for row in data[split][column]:
+                digest.update(json.dumps(row).encode())
+    return digest.hexdigest()
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def manifest(data, backend: str) -> dict:
+    import torch
+
+    return {"versions": {name: _version(name) for name in PACKAGES}, "python": platform.python_version(),
+            "git_commit": _git_commit(), "data_fingerprint": data_fingerprint(data), "backend": backend,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
+
+
+def metrics(trainer, meter: Meter, wall_time: float) -> dict:
+    import torch
+
+    history = trainer.state.log_history
+    return {
+        "global_step": trainer.state.global_step,
+        "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+        "eval_loss": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        "real_tokens_seen": meter.steps[-1][2] if meter.steps else 0,
+        "throughput_after_warmup": meter.throughput(),
+        "real_tokens_per_second": (meter.steps[-1][2] / wall_time) if meter.steps else 0.0,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "wall_time_s": wall_time,
+    }
+
+
+def plot_loss(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("train_loss", "-"), ("eval_loss", "o-")):
+        if result[key]:
+            ax.plot([p["step"] for p in result[key]], [p["loss"] for p in result[key]], style, label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_all(out: Path, trainer, meter: Meter, config, data, wall_time: float, backend: str) -> dict:
+    result = metrics(trainer, meter, wall_time)
+    atomic.write_text(out / "metrics.json", json.dumps(result, indent=2))
+    atomic.write_text(out / "manifest.json", json.dumps(manifest(data, backend), indent=2))
+    plot_loss(result, out / "loss.png")
+    first, last = (result["eval_loss"][0], result["eval_loss"][-1]) if result["eval_loss"] else (None, None)
+    print(f"done: {result['global_step']} steps in {wall_time:.0f} s, "
+          f"{result['real_tokens_per_second']:.0f} real tokens/s"
+          + (f", eval loss {first['loss']:.3f} -> {last['loss']:.3f}" if first else "")
+          + f"; adapter, metrics.json, loss.png and manifest.json in {out}")
+    return result

@@ -1,0 +1,283 @@
+"""Training: TRL's SFTTrainer on Mistral-exact, responses-only token ids, with LoRA adapters from qlora.model.
+
+Read `run` top to bottom: check the output folder, prepare the data, load the model, train (resumable, interruptible),
+save the adapter, write the reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from . import atomic, report
+from .chat import find_tokenizer_model
+from .config import Config, to_yaml
+from .data import is_prepared, load_prepared, prepare_dataset
+
+GROUPS = ("data", "base", "model", "train")
+STAGING = ".checkpoint-staging"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # the config last: it marks a finished adapter
+
+
+class RunError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- output folder and checkpoints
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def world_size() -> int:
+    """Processes started by torchrun / accelerate launch (1 for a plain python run)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def accumulation_for(config: Config, processes: int) -> int:
+    """Gradient accumulation per process. By default N processes accumulate N times less, so that the effective
+    batch (per device x accumulation x processes) stays the one-process recipe's."""
+    if config.keep_gradient_accumulation or processes == 1:
+        return config.gradient_accumulation_steps
+    steps = max(1, config.gradient_accumulation_steps // processes)
+    if steps * processes != config.gradient_accumulation_steps and is_main_process():
+        print(f"note: accumulation {config.gradient_accumulation_steps} does not divide by {processes} processes; "
+              f"using {steps}, so the effective batch changes")
+    return steps
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint-N. Checkpoints appear under that name only once complete (see _save_checkpoint)."""
+    steps = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def check_output_dir(config: Config) -> str | None:
+    """Refuse to clobber a finished run; returns the checkpoint to resume from, if asked to resume."""
+    out = Path(config.output_dir)
+    if config.resume_from_checkpoint:
+        if not Path(config.resume_from_checkpoint, "trainer_state.json").is_file():
+            raise RunError(f"{config.resume_from_checkpoint}: not a complete checkpoint folder")
+        return config.resume_from_checkpoint
+    if config.resume:
+        checkpoint = last_checkpoint(out) if out.exists() else None
+        if checkpoint is None:
+            raise RunError(f"{out}: no complete checkpoint to resume from; start without --resume")
+        return str(checkpoint)
+    if out.exists() and ((out / "adapter_config.json").exists() or last_checkpoint(out)):
+        if not config.overwrite_output_dir:
+            raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite_output_dir "
+                           f"to start over")
+        if is_main_process():
+            shutil.rmtree(out)
+    return None
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_data(config: Config):
+    """A data_prep output folder as is, or the configured data set prepared into output_dir/data by the same code."""
+    if is_prepared(config.dataset):
+        return load_prepared(config.dataset)
+    data_dir = Path(config.output_dir) / "data"
+    if not is_prepared(data_dir) and is_main_process():
+        prepare_dataset(config, data_dir)
+    wait_for_everyone()
+    return load_prepared(data_dir)
+
+
+def wait_for_everyone() -> None:
+    """A barrier under torchrun / accelerate launch, so other ranks read what rank 0 wrote."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
+    import torch
+    from trl import SFTConfig
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    eval_steps = config.eval_steps or config.save_steps
+    early_stopping = config.early_stopping_patience is not None and has_eval
+    return SFTConfig(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        optim=config.optim if config.optim != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch"),
+        bf16=bf16,
+        fp16=on_gpu and not bf16,
+        # Unsloth brings its own gradient checkpointing; on the other backends the Trainer turns it on
+        gradient_checkpointing=config.gradient_checkpointing and backend != "unsloth",
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps,
+        eval_on_start=has_eval,  # the starting eval loss, so the report shows what training changed
+        load_best_model_at_end=early_stopping,
+        metric_for_best_model="eval_loss" if early_stopping else None,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=config.report_to,
+        # The rows are already Mistral ids with -100 on the prompt (the `labels` column is used as is); dynamic
+        # padding per batch. Packing goes padding-free, which needs max_length=None; rows are truncated already.
+        max_length=None if config.packing else config.max_seq_length,
+        packing=config.packing,
+        dataset_kwargs={"skip_prepare_dataset": not config.packing},
+    )
+
+
+def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulation: int, callbacks: list):
+    from transformers import EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    class Trainer(SFTTrainer):
+        def _save_checkpoint(self, model, trial):
+            """Write each checkpoint into a staging folder and rename it when complete, so a kill at any instant
+            never leaves a checkpoint-N that looks complete and is not."""
+            final_dir = Path(self.args.output_dir)
+            self.args.output_dir = str(final_dir / STAGING)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = str(final_dir)
+            wait_for_everyone()  # every rank has written its part (each saves its own RNG state)
+            if self.args.should_save:
+                name = f"checkpoint-{self.state.global_step}"
+                atomic.replace_dir(final_dir / STAGING / name, final_dir / name)
+                if self.state.best_model_checkpoint:
+                    self.state.best_model_checkpoint = str(final_dir / Path(self.state.best_model_checkpoint).name)
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(output_dir=str(final_dir), save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    has_eval = "eval" in data
+    if config.early_stopping_patience is not None and has_eval:
+        callbacks = callbacks + [EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)]
+    return Trainer(model=model, args=sft_config(config, backend, has_eval, accumulation), train_dataset=data["train"],
+                   eval_dataset=data["eval"] if has_eval else None, processing_class=tokenizer, callbacks=callbacks)
+
+
+class StopOnSignal:
+    """Ctrl-C or SIGTERM asks the trainer to save a checkpoint at the end of the current step and stop."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        self.received = None
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.received:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        self.callback = Callback()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(f"\n{self.received}: saving a checkpoint after this step, then stopping (again to abort)", flush=True)
+
+
+def oom_advice(config: Config, error: Exception) -> str:
+    import torch
+
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return (f"CUDA out of memory: peak {peak:.1f} GiB allocated of {total:.1f} GiB on this GPU.\n"
+            f"Lower --per_device_train_batch_size (now {config.per_device_train_batch_size}; raise "
+            f"--gradient_accumulation_steps to keep the effective batch) or --max_seq_length (now "
+            f"{config.max_seq_length}), keep --gradient_checkpointing on, or use --config configs/consumer.yaml.\n"
+            f"({str(error).splitlines()[0]})")
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_adapter(trainer, tokenizer, config: Config) -> None:
+    """Adapter + tokenizer in output_dir (save_pretrained, safetensors), each file renamed into place when whole."""
+    out = Path(config.output_dir)
+    with atomic.atomic_dir(out / ".adapter-staging") as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        # Mistral's own SentencePiece model: the prompt format, export and llama.cpp all read it
+        shutil.copyfile(find_tokenizer_model(config.model_name, config.tokenizer_name), tmp / "tokenizer.model")
+    staged = out / ".adapter-staging"
+    names = sorted(p.name for p in staged.iterdir() if p.name not in ADAPTER_FILES) + list(ADAPTER_FILES)
+    for name in names:
+        os.replace(staged / name, out / name)
+    staged.rmdir()
+
+
+def run(config: Config, backend: str) -> int:
+    """Train with `config` on `backend` (Unsloth already imported by the caller if chosen). Returns an exit code."""
+    import torch
+
+    from .compat import patch_trl_without_triton
+    from .model import load_for_training
+
+    resume_from = check_output_dir(config)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / STAGING, ignore_errors=True)  # what a killed checkpoint write left behind
+    if is_main_process():
+        atomic.write_text(out / "config.yaml", to_yaml(config))
+    data = load_data(config)
+    if patch_trl_without_triton():
+        print("note: no Triton here; TRL's fused loss runs in plain PyTorch (qlora/compat.py)")
+    model, tokenizer = load_for_training(config, backend)
+    processes = world_size()
+    accumulation = accumulation_for(config, processes)
+    if is_main_process():
+        print(f"effective batch: {config.per_device_train_batch_size} per device x {accumulation} accumulation x "
+              f"{processes} process(es) = {config.per_device_train_batch_size * accumulation * processes} rows/step")
+    stop = StopOnSignal()
+    meter = report.Meter()
+    trainer = make_trainer(model, tokenizer, data, config, backend, accumulation, [stop.callback, meter.callback])
+    meter.trainer = trainer
+    if resume_from:
+        print(f"resuming from {resume_from}")
+    started = time.time()
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except torch.cuda.OutOfMemoryError as error:
+        torch.cuda.empty_cache()
+        trainer._save_checkpoint(trainer.model, None)  # the last finished step, so a smaller run can resume
+        print(oom_advice(config, error), file=sys.stderr)
+        return 3
+    if stop.received:
+        print(f"stopped by {stop.received} at step {trainer.state.global_step}; a checkpoint is saved.\n"
+              f"resume with: python train_unsloth.py --config {out / 'config.yaml'} --resume")
+        return 130 if stop.received == "SIGINT" else 143
+    if "eval" in data:
+        trainer.evaluate()
+    if trainer.is_world_process_zero():
+        save_adapter(trainer, tokenizer, config)
+        report.write_all(out, trainer, meter, config, data, wall_time=time.time() - started, backend=backend)
+    return 0

@@ -1,0 +1,32 @@
+"""Fine-tune Mistral-7B-Instruct with QLoRA: Unsloth's 4-bit model and fused kernels, TRL's SFTTrainer.
+
+    python train_unsloth.py                              # the default recipe on Guanaco 1k (CUDA GPU)
+    python train_unsloth.py --config configs/smoke.yaml  # offline, on a CPU, in minutes
+    python train_unsloth.py --config run/config.yaml --resume
+"""
+
+import sys
+
+from qlora.config import parse, show
+from qlora.train import GROUPS
+
+if __name__ == "__main__":
+    config, _ = parse(GROUPS, __doc__)
+    show(config, GROUPS)
+
+    from qlora.model import BackendError, pick_backend
+
+    try:
+        backend = pick_backend(config)
+    except BackendError as err:
+        sys.exit(f"error: {err}")
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (first, so that its patches reach transformers, trl and peft)
+
+    from qlora.data import DataError
+    from qlora.train import RunError, run
+
+    try:
+        sys.exit(run(config, backend))
+    except (DataError, RunError) as err:
+        sys.exit(f"error: {err}")
