@@ -1,7 +1,9 @@
 """Instruction data in any common format -> conversations -> Mistral token ids with responses-only labels.
 
 Every reader yields (location, record) pairs where location is "file:line" (or "file:row N"), so each error names
-where the bad input is. Nothing is written until the whole data set has been read and checked.
+where the bad input is. A line the reader cannot parse but can read past comes as a DataError in place of its record,
+raised by `to_conversation`, so that --skip_invalid counts it like any other bad row. Nothing is written until the
+whole data set has been read and checked.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .chat import Conversation, Message, PromptFormat
+from .chat import IGNORE, Conversation, Message, PromptFormat
 
 FORMATS = ("llama2", "guanaco", "alpaca", "messages", "sharegpt", "prompt_completion")
 ACCEPTED = (
@@ -33,23 +35,26 @@ class DataError(ValueError):
 # ---------------------------------------------------------------- reading files
 
 
-def _decode(raw: bytes, path: Path) -> str:
+def _decode(raw: bytes, path: Path, first_line: int = 1) -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # -sig: the byte-order mark Excel and Notepad put first is not content
     except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
+        line = first_line + raw.count(b"\n", 0, err.start)
         raise DataError(f"{path}:{line}: bytes that are not UTF-8 ({err.reason} at byte {err.start})") from None
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        line = _decode(raw, path) if raw.strip() else ""
-        if not line.strip():
+        if not raw.strip():
             continue
+        location = f"{path}:{number}"
         try:
-            yield f"{path}:{number}", json.loads(line)
+            record = json.loads(_decode(raw, path, number))
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: malformed JSON: {err.msg} (column {err.colno})") from None
+            record = DataError(f"{location}: malformed JSON: {err.msg} (column {err.colno})")
+        except DataError as err:
+            record = err
+        yield location, record
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, object]]:
@@ -79,15 +84,35 @@ def _read_json(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, object]]:
-    reader = csv.DictReader(io.StringIO(_decode(path.read_bytes(), path), newline=""))
-    for row in reader:
-        yield f"{path}:{reader.line_num}", row
+    reader = csv.reader(io.StringIO(_decode(path.read_bytes(), path), newline=""))
+    header = None
+    while True:
+        location = f"{path}:{reader.line_num + 1}"  # where the row starts: a quoted field may span lines
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise DataError(f"{location}: malformed CSV: {err}") from None
+        if not values:  # a blank line
+            continue
+        if header is None:
+            header = values
+        elif len(values) != len(header):
+            yield location, DataError(f"{location}: {len(values)} fields where the header has {len(header)}")
+        else:
+            yield location, dict(zip(header, values))
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowException as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    for number, row in enumerate(table.to_pylist(), start=1):
         yield f"{path}:row {number}", row
 
 
@@ -108,10 +133,11 @@ READERS: dict[str, Callable[[Path], Iterator[tuple[str, object]]]] = {
 
 def read_records(dataset: str, split: str = "train") -> Iterator[tuple[str, object]]:
     path = Path(dataset)
-    if path.suffix in READERS:
+    suffix = path.suffix.lower()
+    if suffix in READERS:
         if not path.is_file():
             raise DataError(f"{path}: no such file")
-        return READERS[path.suffix](path)
+        return READERS[suffix](path)
     if path.exists():
         raise DataError(f"{path}: not a data file (expected {', '.join(READERS)})")
     return _read_hub(dataset, split)
@@ -141,7 +167,7 @@ def _from_llama2(record: dict, location: str) -> Conversation:
         if system:
             messages.append(Message("system", system.group(1)))
             user = _LLAMA2_SYS.sub("", user)
-        messages += [Message("user", user), Message("assistant", answer.replace("<s>", ""))]
+        messages += [Message("user", user), Message("assistant", answer)]
     if not messages:
         raise DataError(f"{location}: field 'text' has no [INST] ... [/INST] turn")
     return messages
@@ -226,6 +252,8 @@ def normalize(messages: Conversation, location: str) -> Conversation:
 
 
 def to_conversation(record: object, fmt: str, location: str) -> Conversation:
+    if isinstance(record, DataError):
+        raise record
     if not isinstance(record, dict):
         raise DataError(f"{location}: expected an object with fields, got {type(record).__name__}")
     if fmt == "auto":
@@ -269,7 +297,8 @@ def prepare_rows(records, fmt: str, prompt_format: PromptFormat, max_seq_length:
         detected[row_format] += 1
         if system_prompt and conversation and conversation[0].role != "system":
             conversation = [Message("system", system_prompt.strip()), *conversation]
-        if not any(m.role == "assistant" and m.content for m in conversation):
+        answers = [m.content for m in conversation if m.role == "assistant"]
+        if not answers or not all(answers):  # an empty answer would teach the model to stop right after a question
             dropped["empty response"] += 1
             continue
         key = tuple((m.role, m.content) for m in conversation)
@@ -277,20 +306,23 @@ def prepare_rows(records, fmt: str, prompt_format: PromptFormat, max_seq_length:
             dropped["duplicate"] += 1
             continue
         seen.add(key)
-        ids, labels = prompt_format.encode(conversation, train_on_prompt)
+        ids, labels = prompt_format.encode(conversation)
+        # judged on the answer labels even with train_on_prompt: a row cut before its first answer teaches no answer
+        if all(label == IGNORE for label in labels[:max_seq_length]):
+            dropped["prompt longer than max_seq_length"] += 1
+            continue
+        if train_on_prompt:
+            labels = list(ids)
         if len(ids) > max_seq_length:
             truncated += 1
             ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-            if all(label == -100 for label in labels):
-                dropped["prompt longer than max_seq_length"] += 1
-                continue
         rows.append({"input_ids": ids, "labels": labels})
     if not rows:
         raise DataError(f"{source}: no usable rows left out of {rows_in} (dropped: {dict(dropped) or 'none'})")
     random.Random(seed).shuffle(rows)
-    n_eval = round(len(rows) * eval_fraction) if len(rows) > 1 else 0
+    n_eval = min(round(len(rows) * eval_fraction), len(rows) - 1)  # at least one row is left to train on
     lengths = [len(r["input_ids"]) for r in rows]
-    trained = sum(sum(label != -100 for label in r["labels"]) for r in rows)
+    trained = sum(sum(label != IGNORE for label in r["labels"]) for r in rows)
     stats = {
         "source": source,
         "format": fmt if fmt != "auto" else (detected.most_common(1)[0][0] if detected else None),
@@ -313,7 +345,7 @@ def show_example(row: dict, prompt_format: PromptFormat) -> str:
     """One row's text with the trained spans between « and », so the masking can be checked by eye."""
     out, span, trained_now = [], [], None
     for token, label in zip(row["input_ids"], row["labels"]):
-        trained = label != -100
+        trained = label != IGNORE
         if trained != trained_now and span:
             text = prompt_format.sp.decode(span)
             out.append(f"«{text}»" if trained_now else text)
@@ -355,9 +387,15 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
     from .chat import find_tokenizer_model
     from .config import to_yaml
 
-    prompt_format = PromptFormat(find_tokenizer_model(config.model_name, config.tokenizer_name), config.template)
     if config.dataset_format not in ("auto", *FORMATS):
         raise DataError(f"--dataset_format must be auto or one of {', '.join(FORMATS)}, got {config.dataset_format!r}")
+    if not 0 <= config.eval_fraction < 1:
+        raise DataError(f"--eval_fraction must be at least 0 and below 1, got {config.eval_fraction}")
+    out = Path(out_dir)
+    # the finished folder replaces out_dir whole, so only an earlier data_prep output (or nothing) may be there
+    if out.exists() and not is_prepared(out) and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and is not a data_prep output; choose another --output_dir or remove it")
+    prompt_format = PromptFormat(find_tokenizer_model(config.model_name, config.tokenizer_name), config.template)
     prepared = prepare_rows(read_records(config.dataset, config.dataset_split), config.dataset_format, prompt_format,
                             config.max_seq_length, config.train_on_prompt, config.eval_fraction, config.seed,
                             config.skip_invalid, config.dataset, config.system_prompt)
