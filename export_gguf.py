@@ -1,0 +1,22 @@
+"""Merge a LoRA adapter into its 16-bit base, write GGUF files (f16 + quantized) and an Ollama Modelfile, and check
+each file against the merged model (export_report.json).
+
+    sh scripts/get_llama_cpp_converter.sh     # once: llama.cpp's converter from llama-cpp-python's sdist
+    python export_gguf.py --adapter_dir outputs/mistral-qlora --gguf_types f16 q8_0 q4_k_m
+    ollama create my-mistral -f outputs/mistral-qlora/export/Modelfile
+"""
+
+import sys
+
+from qlora.config import parse, show
+from qlora.export import ExportError, run_export
+
+GROUPS = ("export",)
+
+if __name__ == "__main__":
+    config, _ = parse(GROUPS, __doc__)
+    show(config, GROUPS)
+    try:
+        run_export(config)
+    except (ExportError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")

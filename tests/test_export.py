@@ -1,0 +1,339 @@
+"""Export end to end on the tiny model's smoke fine-tune (conftest's trained_adapter): adapter -> merged 16-bit ->
+GGUF f16, q8_0, q4_k_m -> llama.cpp, checked against the merged Hugging Face model; the Ollama template rendered by
+Go's text/template; a kill in mid-write.
+
+Needs llama.cpp's converter (`sh scripts/get_llama_cpp_converter.sh`); the template test needs `go` (golang-go).
+"""
+
+import itertools
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from qlora import export
+from qlora.chat import Message
+from qlora.config import Config
+from qlora.data import read_records, to_conversation
+
+ROOT = Path(__file__).resolve().parents[1]
+TYPES = ["f16", "q8_0", "q4_k_m"]
+SYSTEM = "You are a careful assistant. Answer briefly."
+
+
+@pytest.fixture(scope="module")
+def conversations(sample_data) -> list:
+    """Finished conversations from the training data (single- and multi-turn), each also with a system message."""
+    rows = [to_conversation(record, "auto", where) for where, record in itertools.islice(read_records(sample_data), 40)]
+    multi = [c for c in rows if len(c) > 2][:2]
+    chosen = rows[:3] + multi
+    assert multi, "the sample set should hold multi-turn rows"
+    return chosen + [[Message("system", SYSTEM)] + c for c in chosen]
+
+
+@pytest.fixture(scope="module")
+def sample_prompts(conversations) -> list:
+    """Prompts from the training distribution: each conversation cut before its last answer."""
+    return [c[:-1] for c in conversations[:3]]
+
+
+@pytest.fixture(scope="module")
+def exported(trained_adapter, tmp_path_factory, sample_prompts):
+    """One full export (f16, q8_0, q4_k_m) checked on the training-distribution prompts and on the generic ones."""
+    config = Config(adapter_dir=str(trained_adapter), export_dir=str(tmp_path_factory.mktemp("export")),
+                    gguf_types=TYPES, system_prompt=SYSTEM)
+    plan = export.run_export(config, prompts=sample_prompts + export.CHECK_PROMPTS)
+    report = json.loads((plan.export_dir / "export_report.json").read_text())
+    return plan, report
+
+
+# ---------------------------------------------------------------- merge
+
+
+def test_merged_folder_is_complete_and_equals_adapter_on_base(exported, trained_adapter, prompt_format):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora.model import load_with_adapter
+
+    plan, _ = exported
+    merged = plan.merged_dir
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.model",
+                 "tokenizer_config.json"):
+        assert (merged / name).is_file(), name
+    assert (merged / "tokenizer.model").read_bytes() == (trained_adapter / "tokenizer.model").read_bytes()
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "float16"
+    ids = torch.tensor([prompt_format.prompt_ids(export.CHECK_PROMPTS[0])])
+    with torch.no_grad():
+        want = load_with_adapter(trained_adapter, dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
+    assert torch.allclose(got, want, atol=2e-2), (got - want).abs().max()
+
+
+def test_known_4bit_bases_map_to_their_16bit_original(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "unsloth/mistral-7b-instruct-v0.2-bnb-4bit"}))
+    base, dequantize, note = export.resolve_base(tmp_path, None)
+    assert (base, dequantize) == ("mistralai/Mistral-7B-Instruct-v0.2", False) and "16-bit original" in note
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "someone/model-bnb-4bit"}))
+    base, dequantize, note = export.resolve_base(tmp_path, None)
+    assert (base, dequantize) == ("someone/model-bnb-4bit", True) and "dequantizing" in note
+    assert export.resolve_base(tmp_path, "my/16bit")[:2] == ("my/16bit", False)
+
+
+def test_merged_only_and_lora_only(trained_adapter, tmp_path):
+    export.run_export(Config(adapter_dir=str(trained_adapter), export_dir=str(tmp_path / "m"), merged_only=True))
+    assert (tmp_path / "m/merged/model.safetensors").is_file() and not list((tmp_path / "m").glob("*.gguf"))
+    export.run_export(Config(adapter_dir=str(trained_adapter), export_dir=str(tmp_path / "l"), lora_only=True))
+    assert sorted(p.name for p in (tmp_path / "l").iterdir()) == ["adapter", "config.yaml"]
+    assert (tmp_path / "l/adapter/adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- GGUF files
+
+
+def test_every_gguf_loads_with_tokenizer_and_chat_template(exported):
+    from gguf import GGUFReader
+
+    plan, _ = exported
+    template = (plan.merged_dir / "chat_template.jinja").read_text()
+    for gguf_type in TYPES:
+        fields = GGUFReader(plan.gguf(gguf_type)).fields
+        assert fields["tokenizer.ggml.model"].contents() == "llama"
+        assert len(fields["tokenizer.ggml.tokens"].contents()) == 32000
+        assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+        assert fields["tokenizer.chat_template"].contents() == template
+
+
+def test_f16_matches_merged_model(exported, sample_prompts):
+    _, report = exported
+    f16 = report["files"][0]
+    assert f16["type"] == "f16" and not f16["problems"]
+    for m in f16["prompts"]:
+        assert m["cosine"] >= export.MIN_COSINE and export.f16_failure(m) is None
+    for m in f16["prompts"][: len(sample_prompts)]:  # the training distribution: no near-ties, identical tokens
+        assert m["split"] is None and m["agreement"] == 1.0, m
+
+
+def test_quantized_files_are_reported(exported, capsys):
+    _, report = exported
+    assert [f["type"] for f in report["files"]] == TYPES
+    for f in report["files"][1:]:
+        assert not f["problems"] and f["tokenizer_ok"]
+        assert all(0 <= m["agreement"] <= 1 and m["cosine"] > 0.5 for m in f["prompts"])
+    table = export.table(report)
+    assert all(f"model-{t}.gguf" in table for t in TYPES)
+
+
+def test_llama_cpp_tokenizer_gives_mistral_ids(exported, conversations, prompt_format):
+    import llama_cpp
+
+    plan, _ = exported
+    for gguf_type in TYPES:
+        llm = llama_cpp.Llama(str(plan.gguf(gguf_type)), vocab_only=True, verbose=False)
+        for conversation in conversations + export.CHECK_PROMPTS:
+            text = export.rendered_text(prompt_format, conversation).removeprefix("<s>")
+            want = prompt_format.encode(conversation)[0]
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == want, text
+
+
+# ---------------------------------------------------------------- Ollama
+
+
+GO_RENDER = """package main
+
+// Renders an Ollama TEMPLATE as Ollama's template/template.go does: system messages joined by blank lines into
+// .System and kept in .Messages, missingkey=zero; legacy cases run once per turn with .System/.Prompt/.Response.
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+type Case struct {
+	Messages []Message `json:"messages"`
+	Legacy   bool      `json:"legacy"`
+}
+
+func must(err error) {
+	if err != nil {
+		panic(err)
+	}
+}
+
+func legacy(t *template.Template, b *strings.Builder, messages []Message) {
+	var system, prompt, response string
+	execute := func() {
+		must(t.Execute(b, map[string]any{"System": system, "Prompt": prompt, "Response": response}))
+		system, prompt, response = "", "", ""
+	}
+	for _, m := range messages {
+		switch m.Role {
+		case "system":
+			if prompt != "" || response != "" {
+				execute()
+			}
+			system = m.Content
+		case "user":
+			if response != "" {
+				execute()
+			}
+			prompt = m.Content
+		case "assistant":
+			response = m.Content
+		}
+	}
+	// Ollama cuts the last turn's template after {{ .Response }}; ours guards all that follows it with
+	// {{ if .Response }}, so running it with the (empty) last response renders the same text.
+	execute()
+}
+
+func main() {
+	var input struct {
+		Template string `json:"template"`
+		Cases    []Case `json:"cases"`
+	}
+	must(json.NewDecoder(os.Stdin).Decode(&input))
+	t := template.Must(template.New("").Option("missingkey=zero").Parse(input.Template))
+	out := []string{}
+	for _, c := range input.Cases {
+		var b strings.Builder
+		if c.Legacy {
+			legacy(t, &b, c.Messages)
+		} else {
+			var system []string
+			for _, m := range c.Messages {
+				if m.Role == "system" {
+					system = append(system, m.Content)
+				}
+			}
+			must(t.Execute(&b, map[string]any{"System": strings.Join(system, "\\n\\n"), "Messages": c.Messages,
+				"Response": ""}))
+		}
+		out = append(out, b.String())
+	}
+	must(json.NewEncoder(os.Stdout).Encode(out))
+}
+"""
+
+
+def go_render(template: str, cases: list[dict], tmp_path: Path) -> list[str]:
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    subprocess.run(["go", "build", "-o", "render", "render.go"], cwd=tmp_path, check=True)
+    result = subprocess.run([str(tmp_path / "render")], input=json.dumps({"template": template, "cases": cases}),
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.skipif(shutil.which("go") is None,
+                    reason="needs Go to run Ollama's template engine (apt-get install golang-go)")
+def test_ollama_template_renders_the_training_text(conversations, prompt_format, tmp_path):
+    """Ollama renders the TEMPLATE, then puts <s> before it: the result must be the training text exactly, for
+    prompts (ending with a user turn) and for whole conversations, with and without a system message."""
+    shapes = conversations + [c[:-1] for c in conversations]
+    cases = [{"messages": [{"role": m.role, "content": m.content} for m in c], "legacy": legacy}
+             for legacy in (False, True) for c in shapes]
+    rendered = go_render(export.OLLAMA_TEMPLATE, cases, tmp_path)
+    for case, text in zip(cases, rendered, strict=True):
+        conversation = [Message(m["role"], m["content"]) for m in case["messages"]]
+        assert "<s>" + text == export.rendered_text(prompt_format, conversation), case
+
+
+def test_modelfile(exported):
+    plan, _ = exported
+    text = (plan.export_dir / "Modelfile").read_text()
+    assert text.startswith("FROM ./model-q4_k_m.gguf\n") and (plan.export_dir / "model-q4_k_m.gguf").is_file()
+    assert f'TEMPLATE """{export.OLLAMA_TEMPLATE}"""' in text
+    assert 'PARAMETER stop "[INST]"\nPARAMETER stop "</s>"\n' in text and f'SYSTEM """{SYSTEM}"""' in text
+    assert "SYSTEM" not in export.modelfile("model-f16.gguf", None)
+
+
+def test_modelfile_system_defaults_to_the_training_runs(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "any"}))
+    (tmp_path / "config.yaml").write_text("system_prompt: Be terse.\n")
+    assert export.plan(Config(adapter_dir=str(tmp_path), base_model_16bit="b")).system_prompt == "Be terse."
+    assert export.plan(Config(adapter_dir=str(tmp_path), base_model_16bit="b", system_prompt="S")).system_prompt == "S"
+
+
+def test_rendered_text_spells_out_mistral_v1(prompt_format):
+    conversation = [Message("system", "S"), Message("user", "U1"), Message("assistant", "A1"), Message("user", "U2")]
+    assert export.rendered_text(prompt_format, conversation) == "<s>[INST] S\n\nU1 [/INST] A1</s>[INST] U2 [/INST]"
+
+
+# ---------------------------------------------------------------- failures and atomic writes
+
+
+def test_disk_space_is_checked_before_any_work(trained_adapter, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(total=10**6, used=10**6 - 1000, free=1000))
+    with pytest.raises(export.ExportError, match=r"GiB needed for merged, model-f16.gguf.* but only 0.0 GiB free"):
+        export.run_export(Config(adapter_dir=str(trained_adapter), export_dir=str(tmp_path / "e"), gguf_types=TYPES))
+    assert not list((tmp_path / "e").iterdir())
+
+
+def test_missing_converter_is_one_line_naming_the_command(trained_adapter, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(export.CONVERTER_ENV, str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["export_gguf.py", "--adapter_dir", str(trained_adapter),
+                                      "--export_dir", str(tmp_path / "e")])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "export_gguf.py"), run_name="__main__")
+    message = str(exit_.value.code)
+    assert message.startswith(f"error: {tmp_path}") and export.INSTALL_CONVERTER in message and "\n" not in message
+
+
+def test_bad_settings_fail_before_work(trained_adapter, tmp_path):
+    with pytest.raises(export.ExportError, match="unknown type.*q9_z"):
+        export.run_export(Config(adapter_dir=str(trained_adapter), export_dir=str(tmp_path), gguf_types=["q9_z"]))
+    with pytest.raises(export.ExportError, match="exclude each other"):
+        export.run_export(Config(adapter_dir=str(trained_adapter), merged_only=True, lora_only=True))
+    with pytest.raises(export.ExportError, match="no adapter_config.json"):
+        export.run_export(Config(adapter_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("stage", ["merged", "model-f16.gguf", "model-q8_0.gguf"])
+def test_kill_in_mid_write_leaves_no_partial_file(stage, exported, trained_adapter, tmp_path):
+    """SIGKILL the export (converter included) while it writes `stage`: nothing half-written under a final name, and
+    every final name that exists holds the same bytes count as the complete export's."""
+    plan, _ = exported
+    out = tmp_path / "export"
+    process = subprocess.Popen([sys.executable, "export_gguf.py", "--adapter_dir", str(trained_adapter), "--export_dir",
+                                str(out), "--gguf_types", "f16", "q8_0"], cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    temporary = wait_for_writing(out, f".{stage}.tmp-", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert temporary.exists(), "the write finished before the kill; nothing was tested"
+    assert not (out / stage).exists()
+    for final in [p for p in out.iterdir() if p.name == "merged" or p.suffix == ".gguf"]:
+        assert size(final) == size(plan.export_dir / final.name), final.name
+    export.remove_stale_temporaries(out)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def wait_for_writing(folder: Path, prefix: str, process, timeout: float = 120) -> Path:
+    """The temporary with this prefix once it holds over 1 MiB: tensor data being written, not just a header."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        found = [p for p in folder.glob(".*") if p.name.startswith(prefix)] if folder.exists() else []
+        if found and size(found[0]) > 2**20:
+            return found[0]
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail(f"no {prefix}* being written in {folder} (export exited {process.poll()})")
+
+
+def size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
