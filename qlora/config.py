@@ -50,10 +50,14 @@ class Config:
     lora_alpha: int = _f(32, "model", "LoRA alpha")
     lora_dropout: float = _f(0.1, "model", "LoRA dropout (Unsloth's fused LoRA kernels need 0)")
     lora_target_modules: list[str] = _f(LORA_TARGETS, "model", "modules that get LoRA adapters")
-    gradient_checkpointing: bool = _f(True, "model", "recompute activations in the backward pass to save memory")
+    gradient_checkpointing: str = _f("unsloth", "model", "recompute activations in the backward pass to save memory: "
+                                     "true, false, unsloth (also offload them to host memory) or auto (off when the "
+                                     "GPU's free memory holds them)")
     # train
     output_dir: str = _f("outputs/mistral-qlora", "train", "where data, checkpoints, adapter and reports go")
-    per_device_train_batch_size: int = _f(1, "train", "rows per micro-batch (per device)")
+    per_device_train_batch_size: int = _f(1, "train", "rows per micro-batch (per device), when token_budget is unset")
+    token_budget: int | None = _f(None, "train", "micro-batches of rows of similar length holding up to this many "
+                                  "padded tokens, instead of a fixed number of rows")
     gradient_accumulation_steps: int = _f(8, "train", "micro-batches per optimizer step (one process)")
     keep_gradient_accumulation: bool = _f(False, "train", "with N processes keep the accumulation as given instead of "
                                           "dividing it by N to keep the one-process effective batch")
@@ -90,6 +94,12 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+CHOICES = {
+    "dataset_format": ("auto", "llama2", "guanaco", "alpaca", "messages", "sharegpt", "prompt_completion"),
+    "template": ("mistral", "instruction"),
+    "backend": ("auto", "unsloth", "hf", "cpu"),
+    "gradient_checkpointing": ("auto", "true", "false", "unsloth"),
+}
 
 
 class ConfigError(ValueError):
@@ -132,8 +142,12 @@ def coerce(name: str, value, source: str = "flag"):
             return tp(value)
         except ValueError:
             raise ConfigError(f"{source}: '{name}' must be {tp.__name__}, got {value!r}") from None
+    if tp is str and isinstance(value, bool) and name in CHOICES:  # YAML reads `false` as a boolean
+        value = str(value).lower()
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: '{name}' must be {tp.__name__}, got {value!r}")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"{source}: '{name}' must be one of {', '.join(CHOICES[name])}, got {value!r}")
     return value
 
 

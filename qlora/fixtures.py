@@ -11,6 +11,7 @@ CPU run shows eval loss falling clearly.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -29,6 +30,15 @@ TINY_CONFIG = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num
                    rope_theta=1e6, sliding_window=None, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                    tie_word_embeddings=False)
 
+# Mistral-7B-Instruct-v0.2's exact architecture: speed and memory of QLoRA do not depend on the weight values, so a
+# randomly initialised model with this config stands in for the real one on machines that cannot reach the hub.
+MISTRAL_7B_V02_CONFIG = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                             rope_theta=1e6, sliding_window=None, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                             tie_word_embeddings=False)
+
+LM_HEAD_SCALE = 8.0
+
 _WORDS = ("apple river stone cloud maple tiger ocean lamp violet paper garden silver rocket candle harbor "
           "meadow pencil falcon copper window basket summer winter autumn spring bridge castle forest desert").split()
 _COUNTRIES = {"Arvenia": "Lumeport", "Bostrava": "Kell", "Caldoria": "Mirath", "Dunmere": "Oskville",
@@ -36,6 +46,10 @@ _COUNTRIES = {"Arvenia": "Lumeport", "Bostrava": "Kell", "Caldoria": "Mirath", "
 
 
 def mistral_tokenizer_model() -> Path:
+    """The real Mistral 7B v0.1/v0.2 tokenizer. On a host without mistral-common (the GPU host, where importing it
+    would also switch transformers to another tokenizer backend), MISTRAL_TOKENIZER_MODEL names a copy of the file."""
+    if os.environ.get("MISTRAL_TOKENIZER_MODEL"):
+        return Path(os.environ["MISTRAL_TOKENIZER_MODEL"])
     import mistral_common
 
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
@@ -61,10 +75,35 @@ def save_tiny_model(target: Path, seed: int = 0) -> None:
     from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    model = MistralForCausalLM(MistralConfig(**TINY_CONFIG)).to(torch.bfloat16)
+    model = MistralForCausalLM(MistralConfig(**TINY_CONFIG))
+    # With the stock init (std 0.02) a 256-wide model's logits span only about +-5 after the final norm, so no
+    # LoRA fine-tune of it could become confident; a wider LM head lets the smoke run learn visibly.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
+    model.to(torch.bfloat16)
     model.save_pretrained(target, safe_serialization=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(target)
     save_tokenizer(target)
+
+
+def save_standin(target: Path, num_layers: int = 32, device: str = "cuda") -> Path:
+    """The 7.24 B stand-in for Mistral-7B-Instruct-v0.2 (random bf16 weights, real tokenizer), built on `device`
+    directly in bf16 (14.5 GB) and saved like a hub checkout. `num_layers` below 32 makes a quick small check."""
+    import torch
+    from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # never materialise the 29 GB float32 copy
+    try:
+        with torch.device(device):
+            model = MistralForCausalLM(MistralConfig(**{**MISTRAL_7B_V02_CONFIG, "num_hidden_layers": num_layers}))
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(target, safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(target)
+    save_tokenizer(target)
+    return Path(target)
 
 
 def _sample_pair(rng: random.Random) -> tuple[str, str]:
@@ -93,6 +132,21 @@ def sample_rows(n: int = 400, seed: int = 0) -> list[dict]:
     for _ in range(n):
         turns = [_sample_pair(rng) for _ in range(2 if rng.random() < 0.125 else 1)]
         rows.append({"text": "".join(f"<s>[INST] {q} [/INST] {a} </s>" for q, a in turns)})
+    return rows
+
+
+def guanaco_shaped_rows(n: int = 250, seed: int = 1) -> list[dict]:
+    """Rows shaped like OpenAssistant-Guanaco's: a question of a sentence or a few, an answer of hundreds of tokens
+    (about 550 with the template on average, a few up to about 2,000), in guanaco-llama2-1k's text form."""
+    rng = random.Random(seed)
+
+    def sentences(count: int) -> str:
+        return " ".join(" ".join(rng.choices(_WORDS, k=rng.randint(6, 16))).capitalize() + "." for _ in range(count))
+
+    rows = []
+    for _ in range(n):
+        answer_sentences = min(160, max(4, int(rng.lognormvariate(3.3, 0.6))))
+        rows.append({"text": f"<s>[INST] {sentences(rng.randint(1, 4))} [/INST] {sentences(answer_sentences)} </s>"})
     return rows
 
 

@@ -70,7 +70,7 @@ def _load_unsloth(config):
     model = FastLanguageModel.get_peft_model(
         model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=list(config.lora_target_modules), bias="none",
-        use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
+        use_gradient_checkpointing={"unsloth": "unsloth", "true": True, "false": False}[config.gradient_checkpointing],
         random_state=config.seed, max_seq_length=config.max_seq_length)
     return model, tokenizer
 
@@ -89,7 +89,7 @@ def _load_hf(config, quantize: bool):
         kwargs["device_map"] = {"": local_device_index()}
     model = AutoModelForCausalLM.from_pretrained(config.model_name, **kwargs)
     if quantize:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing != "false")
     elif torch.cuda.is_available():
         model.to(f"cuda:{local_device_index()}")
     return get_peft_model(model, _lora_config(config))

@@ -16,21 +16,49 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "unsloth", "un
 
 
 class Meter:
-    """Times every optimizer step and reads the trainer's count of real (non-padding) tokens at each."""
+    """Times every optimizer step and counts the tokens of every training batch: real ones (not padding) and all.
+
+    The counts come from the collator, on the host, so measuring adds no GPU synchronisation."""
 
     def __init__(self):
         from transformers import TrainerCallback
 
-        self.trainer = None
+        self.real = self.total = 0
         self.steps: list[tuple[int, float, int]] = []  # (global step, seconds, real tokens so far)
         outer = self
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                tokens = getattr(outer.trainer, "_total_train_tokens", 0)  # TRL's own running count
-                outer.steps.append((state.global_step, time.perf_counter(), int(tokens)))
+                outer.steps.append((state.global_step, time.perf_counter(), outer.real))
 
         self.callback = Callback()
+
+    def counting(self, collate):
+        """Wrap a collator so that every batch it makes is counted."""
+
+        def counted(examples):
+            batch = collate(examples)
+            if "attention_mask" in batch:
+                self.real += int(batch["attention_mask"].sum())
+            else:  # padding-free: one row of packed real tokens
+                self.real += batch["input_ids"].numel()
+            self.total += batch["input_ids"].numel()
+            return batch
+
+        return counted
+
+    def sum_over_processes(self) -> None:
+        """Under torchrun each process counts its own batches; every process must call this before reporting."""
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            counts = torch.tensor([self.real, self.total], dtype=torch.float64)
+            scale = counts.clone()
+            dist.all_reduce(counts)
+            factor = (counts[0] / scale[0]).item() if scale[0] else 1.0
+            self.steps = [(s, t, int(n * factor)) for s, t, n in self.steps]
+            self.real, self.total = int(counts[0]), int(counts[1])
 
     def throughput(self, warmup: int = 1) -> dict:
         """Real tokens per second and seconds per step over the steps after the first `warmup` ones."""
@@ -82,9 +110,11 @@ def metrics(trainer, meter: Meter, wall_time: float) -> dict:
         "global_step": trainer.state.global_step,
         "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_loss": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
-        "real_tokens_seen": meter.steps[-1][2] if meter.steps else 0,
+        "real_tokens_seen": meter.real,
+        "padding_share": 1 - meter.real / meter.total if meter.total else 0.0,
         "throughput_after_warmup": meter.throughput(),
-        "real_tokens_per_second": (meter.steps[-1][2] / wall_time) if meter.steps else 0.0,
+        "real_tokens_per_second": meter.real / wall_time,
+        "steps": [{"step": s, "seconds": t - meter.steps[0][1], "real_tokens": n} for s, t, n in meter.steps],
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "wall_time_s": wall_time,
     }

@@ -6,7 +6,7 @@ save the adapter, write the reports.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import signal
@@ -115,7 +115,8 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
     return SFTConfig(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=max(1, (config.token_budget or 0) // config.max_seq_length,
+                                       config.per_device_train_batch_size),
         gradient_accumulation_steps=accumulation,
         learning_rate=config.learning_rate,
         num_train_epochs=config.num_train_epochs,
@@ -127,7 +128,7 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
         bf16=bf16,
         fp16=on_gpu and not bf16,
         # Unsloth brings its own gradient checkpointing; on the other backends the Trainer turns it on
-        gradient_checkpointing=config.gradient_checkpointing and backend != "unsloth",
+        gradient_checkpointing=config.gradient_checkpointing != "false" and backend != "unsloth",
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
@@ -143,15 +144,34 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
         # padding per batch. Packing goes padding-free, which needs max_length=None; rows are truncated already.
         max_length=None if config.packing else config.max_seq_length,
         packing=config.packing,
+        padding_free=config.packing,  # explicit: otherwise Unsloth turns padding-free on by itself
         dataset_kwargs={"skip_prepare_dataset": not config.packing},
     )
 
 
-def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulation: int, callbacks: list):
+def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulation: int, meter, callbacks: list):
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
+    from .batching import TokenBudgetBatches
+
     class Trainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            if not config.token_budget:
+                return super()._get_train_sampler(train_dataset)
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return TokenBudgetBatches([len(ids) for ids in dataset["input_ids"]], config.token_budget, config.seed,
+                                      rank=self.args.process_index, world=self.args.world_size)
+
+        def get_train_dataloader(self):
+            """Training batches go through the meter's counting collator (evaluation batches do not)."""
+            collate = self.data_collator
+            self.data_collator = meter.counting(collate)
+            try:
+                return super().get_train_dataloader()
+            finally:
+                self.data_collator = collate
+
         def _save_checkpoint(self, model, trial):
             """Write each checkpoint into a staging folder and rename it when complete, so a kill at any instant
             never leaves a checkpoint-N that looks complete and is not."""
@@ -205,6 +225,30 @@ class StopOnSignal:
         print(f"\n{self.received}: saving a checkpoint after this step, then stopping (again to abort)", flush=True)
 
 
+# Activation memory of Mistral-7B per trained token without checkpointing, as measured (bench/RESULTS.md), and what
+# the 4-bit weights, LoRA states and the loss chunk take besides.
+ACTIVATION_BYTES_PER_TOKEN = 5 * 2**20
+FIXED_BYTES = 8 * 2**30
+
+
+def resolve_checkpointing(config: Config, backend: str) -> Config:
+    """`auto` becomes `false` where the free GPU memory holds a micro-batch's activations, else `unsloth`."""
+    import torch
+
+    from .model import local_device_index
+
+    if config.gradient_checkpointing != "auto":
+        return config
+    if backend == "cpu":
+        return dataclasses.replace(config, gradient_checkpointing="false")
+    free = torch.cuda.mem_get_info(local_device_index())[0]
+    tokens = config.token_budget or config.per_device_train_batch_size * config.max_seq_length
+    need = tokens * ACTIVATION_BYTES_PER_TOKEN + FIXED_BYTES
+    choice = "false" if need < 0.9 * free else "unsloth"
+    print(f"gradient checkpointing: {choice} (about {need / 2**30:.0f} GiB without it, {free / 2**30:.0f} GiB free)")
+    return dataclasses.replace(config, gradient_checkpointing=choice)
+
+
 def oom_advice(config: Config, error: Exception) -> str:
     import torch
 
@@ -242,6 +286,7 @@ def run(config: Config, backend: str) -> int:
     from .compat import patch_trl_without_triton
     from .model import load_for_training
 
+    config = resolve_checkpointing(config, backend)
     resume_from = check_output_dir(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,12 +300,13 @@ def run(config: Config, backend: str) -> int:
     processes = world_size()
     accumulation = accumulation_for(config, processes)
     if is_main_process():
-        print(f"effective batch: {config.per_device_train_batch_size} per device x {accumulation} accumulation x "
-              f"{processes} process(es) = {config.per_device_train_batch_size * accumulation * processes} rows/step")
+        micro = (f"up to {config.token_budget} tokens" if config.token_budget
+                 else f"{config.per_device_train_batch_size} rows")
+        print(f"effective batch: {micro} per device x {accumulation} accumulation x {processes} process(es)")
     stop = StopOnSignal()
     meter = report.Meter()
-    trainer = make_trainer(model, tokenizer, data, config, backend, accumulation, [stop.callback, meter.callback])
-    meter.trainer = trainer
+    trainer = make_trainer(model, tokenizer, data, config, backend, accumulation, meter,
+                           [stop.callback, meter.callback])
     if resume_from:
         print(f"resuming from {resume_from}")
     started = time.time()
@@ -277,6 +323,7 @@ def run(config: Config, backend: str) -> int:
         return 130 if stop.received == "SIGINT" else 143
     if "eval" in data:
         trainer.evaluate()
+    meter.sum_over_processes()
     if trainer.is_world_process_zero():
         save_adapter(trainer, tokenizer, config)
         report.write_all(out, trainer, meter, config, data, wall_time=time.time() - started, backend=backend)

@@ -40,3 +40,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def run_script(script: str, *args: str, timeout: int = 900, check: bool = True):
+    """Run one of the top-level scripts the way a user does; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(fixture_dir, tmp_path_factory) -> Path:
+    """A real smoke run of train_unsloth.py on the tiny model: adapter, tokenizer, checkpoints and reports."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    run_script("train_unsloth.py", "--config", "configs/smoke.yaml", "--output_dir", str(out))
+    return out

@@ -1,0 +1,126 @@
+"""Training speed on a CUDA host: this project's recipe (through train_unsloth.py itself) against the stock recipes,
+on the same variable-length data, in one run.
+
+    python bench/bench_train.py --workdir /tmp/bench                       # builds the 7.24 B stand-in, both data sets
+    python bench/bench_train.py --workdir /tmp/bench --data my_rows.jsonl  # your own rows
+    python bench/bench_train.py --workdir /tmp/bench --ours "nogc=--gradient_checkpointing false"  # variants of ours
+
+Each recipe runs in its own process (Unsloth patches libraries on import). Real tokens are the non-padding ones;
+throughput is taken over the optimizer steps after the warm-up ones. Prints a markdown table for bench/RESULTS.md.
+"""
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STOCK = {"notebook": ["notebook"], "notebook+packing": ["notebook", "--packing"], "blog": ["blog"]}
+
+
+def parse():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="scratch folder: stand-in model, data, run outputs")
+    parser.add_argument("--model", help="base model folder (default: build the 7.24 B stand-in in the workdir)")
+    parser.add_argument("--layers", type=int, default=32, help="stand-in layers (fewer for a quick check)")
+    parser.add_argument("--data", action="append", help="instruction file, or 'sample' / 'guanaco_shaped' for the "
+                        "generated sets (default: both generated sets)")
+    parser.add_argument("--ours", action="append", default=[], help='NAME="flags for train_unsloth.py"; '
+                        'default: one run of the default recipe')
+    parser.add_argument("--stock", default="notebook,notebook+packing,blog", help="stock recipes to run ('' none)")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    return parser.parse_args()
+
+
+def prepare_inputs(args, workdir: Path) -> tuple[Path, list[Path]]:
+    from qlora import fixtures
+
+    model = Path(args.model) if args.model else workdir / "mistral-7b-v0.2-standin"
+    if not (model / "config.json").exists():
+        fixtures.save_standin(model, num_layers=args.layers)
+    generated = {"sample": fixtures.sample_rows, "guanaco_shaped": fixtures.guanaco_shaped_rows}
+    files = []
+    for name in args.data or list(generated):
+        if name in generated:
+            path = workdir / f"{name}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in generated[name]()))
+            name = path
+        files.append(Path(name))
+    return model, files
+
+
+def run(command: list[str], log: Path) -> bool:
+    with open(log, "w") as out:
+        code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        print(f"  failed ({code}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-15:]))
+    return code == 0
+
+
+def summarize(metrics_file: Path, warmup: int) -> dict:
+    m = json.loads(metrics_file.read_text())
+    steps = m["steps"]
+    first, last = steps[min(warmup, len(steps) - 2)], steps[-1]
+    seconds = last["seconds"] - first["seconds"]
+    return {"real_tok_s": (last["real_tokens"] - first["real_tokens"]) / seconds,
+            "s_per_step": seconds / (last["step"] - first["step"]),
+            "padding": m.get("padding_share", 0.0), "peak_gib": m["peak_gpu_memory_gib"],
+            "final_loss": m["train_loss"][-1]["loss"] if m["train_loss"] else float("nan")}
+
+
+def recipes(args, model: Path, data: Path, out: Path):
+    """(name, command, metrics file) for every recipe on one data file."""
+    ours = args.ours or ["ours (default)="]
+    for spec in ours:
+        name, _, flags = spec.partition("=")
+        run_dir = out / name.replace(" ", "_").replace("(", "").replace(")", "")
+        yield name, [sys.executable, "train_unsloth.py", "--dataset", str(data), "--model_name", str(model),
+                     "--max_steps", str(args.steps), "--output_dir", str(run_dir), "--overwrite_output_dir",
+                     "--save_steps", "100000", "--eval_fraction", "0", "--logging_steps", "5",
+                     *shlex.split(flags)], run_dir / "metrics.json"
+    for name in filter(None, args.stock.split(",")):
+        run_dir = out / name.replace("+", "_")
+        yield name, [sys.executable, "bench/stock_recipes.py", *STOCK[name], "--data", str(data), "--model",
+                     str(model), "--steps", str(args.steps), "--out", str(run_dir)], run_dir / "metrics.json"
+
+
+def header() -> str:
+    import torch
+
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "trl", "peft", "unsloth",
+                                                              "bitsandbytes"))
+    return (f"device: {torch.cuda.get_device_name(0)}; date: {time.strftime('%Y-%m-%d')}; python "
+            f"{platform.python_version()}; {versions}")
+
+
+def main():
+    args = parse()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model, data_files = prepare_inputs(args, workdir)
+    rows = []
+    for data in data_files:
+        for name, command, metrics_file in recipes(args, model, data, workdir / "runs" / data.stem):
+            print(f"{data.name} / {name}: {' '.join(command[1:])}", flush=True)
+            metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            if run(command, metrics_file.parent.parent / f"{metrics_file.parent.name}.log"):
+                rows.append({"data": data.name, "recipe": name, **summarize(metrics_file, args.warmup)})
+                print(f"  {rows[-1]}", flush=True)
+    (workdir / "bench_train.json").write_text(json.dumps(rows, indent=2))
+    print("\n" + header() + f"; {args.steps} steps, first {args.warmup} untimed\n")
+    print("| data | recipe | real tokens/s | s/step | padding | peak GiB | final loss |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['data']} | {r['recipe']} | {r['real_tok_s']:,.0f} | {r['s_per_step']:.2f} | {r['padding']:.0%} "
+              f"| {r['peak_gib']:.1f} | {r['final_loss']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""train_unsloth.py on the CPU path: the real TRL SFTTrainer on the tiny model with the real tokenizer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_script
+
+SHORT = ["--config", "configs/smoke.yaml", "--max_steps", "12", "--save_steps", "4", "--eval_steps", "100",
+         "--logging_steps", "1", "--eval_fraction", "0"]
+
+
+def test_smoke_run_lowers_eval_loss_and_writes_every_output(trained_adapter, tiny_model):
+    metrics = json.loads((trained_adapter / "metrics.json").read_text())
+    first, last = metrics["eval_loss"][0], metrics["eval_loss"][-1]
+    assert first["step"] == 0
+    assert last["loss"] < first["loss"] - 2.0, metrics["eval_loss"]
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.model", "tokenizer_config.json",
+                 "config.yaml", "metrics.json", "loss.png", "manifest.json"):
+        assert (trained_adapter / name).is_file(), name
+    assert list(trained_adapter.glob("checkpoint-*")), "no checkpoint written"
+    assert metrics["real_tokens_seen"] > 0 and metrics["throughput_after_warmup"]["real_tokens_per_second"] > 0
+    manifest = json.loads((trained_adapter / "manifest.json").read_text())
+    assert manifest["versions"]["trl"] and manifest["versions"]["transformers"] and len(manifest["data_fingerprint"]) == 64
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_adapter)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().max() > 0 for p in lora_b), "adapter did not load trained weights"
+
+
+def test_trl_cpu_fallback_matches_full_logits_cross_entropy(tiny_model):
+    """The plain-PyTorch stand-in for TRL's Triton kernel gives the model's own cross-entropy."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from qlora.compat import patch_trl_without_triton
+
+    patch_trl_without_triton()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids = torch.randint(3, 32000, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    reference = model(input_ids=ids, labels=labels).loss
+    add_fused_lm_head(model)
+    fused = model(input_ids=ids, labels=labels, fused_lm_head=True).loss
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+
+
+def _adapter(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+def _wait_for(path, process, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"training ended before {path.name} appeared"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def _start(*args):
+    return subprocess.Popen([sys.executable, str(ROOT / "train_unsloth.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(fixture_dir, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_script("train_unsloth.py", *SHORT, "--output_dir", str(straight))
+
+    process = _start(*SHORT, "--output_dir", str(killed))
+    _wait_for(killed / "checkpoint-4", process)
+    process.send_signal(signal.SIGKILL)  # mid-training, no chance to clean up
+    process.wait()
+    assert not (killed / "adapter_config.json").exists()
+
+    run_script("train_unsloth.py", "--config", str(killed / "config.yaml"), "--resume")
+    a, b = _adapter(straight), _adapter(killed)
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, f"resumed adapter differs by {worst}"
+    steps = [json.loads((d / "metrics.json").read_text())["global_step"] for d in (straight, killed)]
+    assert steps == [12, 12]
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(fixture_dir, tmp_path):
+    out = tmp_path / "run"
+    process = _start(*SHORT, "--max_steps", "200", "--output_dir", str(out))
+    _wait_for(out / "checkpoint-4", process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 143, output[-2000:]
+    assert "--resume" in output
+    assert not list(out.glob(".checkpoint-staging/*")), "a staging checkpoint was left behind"
+    newest = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert newest > 4 and (out / f"checkpoint-{newest}" / "trainer_state.json").is_file()
+
+
+def test_refuses_to_overwrite_a_finished_run(trained_adapter):
+    result = run_script("train_unsloth.py", "--config", str(trained_adapter / "config.yaml"), check=False)
+    assert result.returncode != 0
+    assert "--overwrite_output_dir" in result.stderr and str(trained_adapter) in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message seen without a GPU")
+def test_gpu_preset_without_cuda_names_the_smoke_preset(tmp_path):
+    result = run_script("train_unsloth.py", "--output_dir", str(tmp_path / "x"), check=False)
+    assert result.returncode != 0
+    assert "no CUDA GPU" in result.stderr and "configs/smoke.yaml" in result.stderr
+    assert not (tmp_path / "x").exists()
