@@ -27,6 +27,7 @@ def parse():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--out", required=True, help="folder for metrics.json")
+    parser.add_argument("--profile_steps", type=int, default=0, help="write profile.txt over this many steps")
     return parser.parse_args()
 
 
@@ -86,11 +87,13 @@ def blog(args, meter):
 def main():
     import torch
 
-    from qlora.report import Meter
+    from qlora.report import Meter, StepProfiler
 
     args = parse()
     meter = Meter()
     trainer = (notebook if args.recipe == "notebook" else blog)(args, meter)
+    if args.profile_steps:
+        trainer.add_callback(StepProfiler(Path(args.out) / "profile.txt", args.profile_steps).callback)
     trainer.data_collator = meter.counting(trainer.data_collator)
     started = time.time()
     trainer.train()

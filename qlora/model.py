@@ -100,9 +100,13 @@ def load_for_training(config, backend: str):
     from transformers import AutoTokenizer
 
     if backend == "unsloth":
-        return _load_unsloth(config)
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name or config.model_name)
-    return _load_hf(config, quantize=backend == "hf" and config.load_in_4bit), tokenizer
+        model, tokenizer = _load_unsloth(config)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name or config.model_name)
+        model = _load_hf(config, quantize=backend == "hf" and config.load_in_4bit)
+    # Training never reads a KV cache, and with one transformers ignores the boundaries of packed rows
+    model.config.use_cache = False
+    return model, tokenizer
 
 
 def adapter_base(adapter_dir: str | Path) -> str:

@@ -69,6 +69,51 @@ class Meter:
                 "real_tokens_per_second": (n1 - n0) / (t1 - t0)}
 
 
+class StepProfiler:
+    """torch.profiler over `steps` optimizer steps after `skip` warm-up ones; writes the busiest operations, by GPU
+    time and by CPU time, to `path` (where the time of a step goes)."""
+
+    def __init__(self, path: Path, steps: int, skip: int = 3):
+        from transformers import TrainerCallback
+
+        self.path, self.steps, self.skip, self.profiler = Path(path), steps, skip, None
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == outer.skip and outer.profiler is None and args.process_index == 0:
+                    outer.start()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.profiler is not None and state.global_step == outer.skip + outer.steps:
+                    outer.stop()
+
+        self.callback = Callback()
+
+    def start(self) -> None:
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.profiler.__enter__()
+
+    def stop(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.profiler.__exit__(None, None, None)
+        table = self.profiler.key_averages()
+        sections = [f"{self.steps} optimizer steps after {self.skip}; totals over those steps"]
+        for key in ("self_device_time_total", "self_cpu_time_total"):
+            sections.append(f"\n== sorted by {key}\n" + table.table(sort_by=key, row_limit=25, max_name_column_width=70))
+        atomic.write_text(self.path, "\n".join(sections))
+        self.profiler = None
+        print(f"profile of {self.steps} steps written to {self.path}")
+
+
 def data_fingerprint(data) -> str:
     """sha256 of every split's ids and labels: the same fingerprint means the same training tokens."""
     digest = hashlib.sha256()

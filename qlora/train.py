@@ -124,7 +124,8 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
         lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
-        optim=config.optim if config.optim != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch"),
+        # bitsandbytes' 8-bit AdamW synchronises with the GPU after every parameter; the LoRA states are small anyway
+        optim=config.optim if config.optim != "auto" else ("adamw_torch_fused" if on_gpu else "adamw_torch"),
         bf16=bf16,
         fp16=on_gpu and not bf16,
         # Unsloth brings its own gradient checkpointing; on the other backends the Trainer turns it on
@@ -227,8 +228,8 @@ class StopOnSignal:
 
 # Activation memory of Mistral-7B per trained token without checkpointing, as measured (bench/RESULTS.md), and what
 # the 4-bit weights, LoRA states and the loss chunk take besides.
-ACTIVATION_BYTES_PER_TOKEN = 5 * 2**20
-FIXED_BYTES = 8 * 2**30
+ACTIVATION_BYTES_PER_TOKEN = int(3.75 * 2**20)
+FIXED_BYTES = 6 * 2**30
 
 
 def resolve_checkpointing(config: Config, backend: str) -> Config:
@@ -305,8 +306,10 @@ def run(config: Config, backend: str) -> int:
         print(f"effective batch: {micro} per device x {accumulation} accumulation x {processes} process(es)")
     stop = StopOnSignal()
     meter = report.Meter()
-    trainer = make_trainer(model, tokenizer, data, config, backend, accumulation, meter,
-                           [stop.callback, meter.callback])
+    callbacks = [stop.callback, meter.callback]
+    if config.profile_steps:
+        callbacks.append(report.StepProfiler(out / "profile.txt", config.profile_steps).callback)
+    trainer = make_trainer(model, tokenizer, data, config, backend, accumulation, meter, callbacks)
     if resume_from:
         print(f"resuming from {resume_from}")
     started = time.time()
