@@ -81,7 +81,7 @@ class Config:
     overwrite_output_dir: bool = _f(False, "train", "replace a finished run in output_dir")
     # export
     adapter_dir: str | None = _f(None, "export", "training output or adapter folder to merge (default: output_dir)")
-    export_dir: str | None = _f(None, "export", "where merged model, GGUF files and Modelfile go (default: output_dir/export)")
+    export_dir: str | None = _f(None, "export", "where merged model, GGUF files and Modelfile go (default: adapter_dir/export)")
     base_model_16bit: str | None = _f(None, "export", "16-bit base to merge into (default: the known original of a -bnb-4bit repo)")
     gguf_types: list[str] = _f(["f16", "q8_0", "q4_k_m", "q5_k_m"], "export", "GGUF files to write (f16 is always written first)")
     merged_only: bool = _f(False, "export", "stop after the merged 16-bit safetensors")

@@ -133,7 +133,7 @@ def gguf_types(requested: list[str]) -> list[str]:
 
 def plan(config: Config) -> Plan:
     adapter_dir = Path(config.adapter_dir or config.output_dir)
-    export_dir = Path(config.export_dir or Path(config.output_dir) / "export")
+    export_dir = Path(config.export_dir or adapter_dir / "export")
     if config.merged_only and config.lora_only:
         raise ExportError("--merged_only and --lora_only exclude each other; pass one")
     if not (adapter_dir / "adapter_config.json").is_file():

@@ -31,23 +31,31 @@ class RunError(RuntimeError):
 # ---------------------------------------------------------------- output folder and checkpoints
 
 
+def processes():
+    """The processes of this run: one for `python`, N under torchrun / accelerate launch (the first call joins them)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())  # on a CPU, torchrun's processes meet over gloo
+
+
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
+    return processes().is_main_process
 
 
-def world_size() -> int:
-    """Processes started by torchrun / accelerate launch (1 for a plain python run)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
+def wait_for_everyone() -> None:
+    """A barrier, so that other processes read what the main one wrote."""
+    processes().wait_for_everyone()
 
 
-def accumulation_for(config: Config, processes: int) -> int:
+def accumulation_for(config: Config, count: int) -> int:
     """Gradient accumulation per process. By default N processes accumulate N times less, so that the effective
     batch (per device x accumulation x processes) stays the one-process recipe's."""
-    if config.keep_gradient_accumulation or processes == 1:
+    if config.keep_gradient_accumulation or count == 1:
         return config.gradient_accumulation_steps
-    steps = max(1, config.gradient_accumulation_steps // processes)
-    if steps * processes != config.gradient_accumulation_steps and is_main_process():
-        print(f"note: accumulation {config.gradient_accumulation_steps} does not divide by {processes} processes; "
+    steps = max(1, config.gradient_accumulation_steps // count)
+    if steps * count != config.gradient_accumulation_steps and is_main_process():
+        print(f"note: accumulation {config.gradient_accumulation_steps} does not divide by {count} processes; "
               f"using {steps}, so the effective batch changes")
     return steps
 
@@ -93,14 +101,6 @@ def load_data(config: Config):
     return load_prepared(data_dir)
 
 
-def wait_for_everyone() -> None:
-    """A barrier under torchrun / accelerate launch, so other ranks read what rank 0 wrote."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 # ---------------------------------------------------------------- the trainer
 
 
@@ -128,6 +128,7 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
         optim=config.optim if config.optim != "auto" else ("adamw_torch_fused" if on_gpu else "adamw_torch"),
         bf16=bf16,
         fp16=on_gpu and not bf16,
+        use_cpu=not on_gpu,  # also what makes torchrun's processes on a CPU train together (gloo)
         # Unsloth brings its own gradient checkpointing; on the other backends the Trainer turns it on
         gradient_checkpointing=config.gradient_checkpointing != "false" and backend != "unsloth",
         logging_steps=config.logging_steps,
@@ -290,20 +291,21 @@ def run(config: Config, backend: str) -> int:
     config = resolve_checkpointing(config, backend)
     resume_from = check_output_dir(config)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / STAGING, ignore_errors=True)  # what a killed checkpoint write left behind
     if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out / STAGING, ignore_errors=True)  # what a killed checkpoint write left behind
         atomic.write_text(out / "config.yaml", to_yaml(config))
+    wait_for_everyone()
     data = load_data(config)
     if patch_trl_without_triton():
         print("note: no Triton here; TRL's fused loss runs in plain PyTorch (qlora/compat.py)")
     model, tokenizer = load_for_training(config, backend)
-    processes = world_size()
-    accumulation = accumulation_for(config, processes)
+    count = processes().num_processes
+    accumulation = accumulation_for(config, count)
     if is_main_process():
         micro = (f"up to {config.token_budget} tokens" if config.token_budget
                  else f"{config.per_device_train_batch_size} rows")
-        print(f"effective batch: {micro} per device x {accumulation} accumulation x {processes} process(es)")
+        print(f"effective batch: {micro} per device x {accumulation} accumulation x {count} process(es)")
     stop = StopOnSignal()
     meter = report.Meter()
     callbacks = [stop.callback, meter.callback]
