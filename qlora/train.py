@@ -187,6 +187,7 @@ def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulat
             if self.args.should_save:
                 name = f"checkpoint-{self.state.global_step}"
                 atomic.replace_dir(final_dir / STAGING / name, final_dir / name)
+                shutil.rmtree(final_dir / STAGING)  # and the model card the trainer wrote beside it
                 if self.state.best_model_checkpoint:
                     self.state.best_model_checkpoint = str(final_dir / Path(self.state.best_model_checkpoint).name)
                 from transformers.trainer_utils import rotate_checkpoints
@@ -285,6 +286,8 @@ def run(config: Config, backend: str) -> int:
     """Train with `config` on `backend` (Unsloth already imported by the caller if chosen). Returns an exit code."""
     import torch
 
+    from transformers import set_seed
+
     from .compat import patch_trl_without_triton
     from .model import load_for_training
 
@@ -299,6 +302,7 @@ def run(config: Config, backend: str) -> int:
     data = load_data(config)
     if patch_trl_without_triton():
         print("note: no Triton here; TRL's fused loss runs in plain PyTorch (qlora/compat.py)")
+    set_seed(config.seed)  # the LoRA weights start the same in every run and in every process
     model, tokenizer = load_for_training(config, backend)
     count = processes().num_processes
     accumulation = accumulation_for(config, count)

@@ -30,6 +30,7 @@ def test_two_processes_match_one(fixture_dir, tmp_path, batching):
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 6
     worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    print(f"\n{batching or 'rows'}: worst relative difference per step {worst:.2e}")
     assert worst <= TOLERANCE, f"per-step losses differ by up to {worst:.2e} (relative): {a} vs {b}"
     # one copy of each output: the main process writes, the other only trains
     assert result.stdout.count("done:") == 1
