@@ -27,17 +27,29 @@ def preset(tmp_path, text: str) -> Path:
     return path
 
 
-def test_defaults_are_the_reference_recipe():
-    c = run()
-    assert c == Config()
+def test_reference_preset_is_the_reference_recipe():
+    c = run("--config", "configs/reference.yaml")
     assert (c.lora_r, c.lora_alpha, c.lora_dropout) == (8, 32, 0.1)
     assert c.lora_target_modules == LORA_TARGETS == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                      "down_proj"]
     assert (c.max_seq_length, c.per_device_train_batch_size, c.gradient_accumulation_steps) == (512, 1, 8)
+    assert c.token_budget is None
     assert (c.learning_rate, c.num_train_epochs, c.logging_steps, c.save_steps) == (2e-4, 3, 10, 100)
     assert c.model_name == "unsloth/mistral-7b-instruct-v0.2-bnb-4bit"
     assert c.dataset == "mlabonne/guanaco-llama2-1k"
     assert (c.packing, c.train_on_prompt, c.load_in_4bit) == (False, False, True)
+
+
+def test_defaults_are_the_fast_recipe():
+    """The reference recipe's model, data, LoRA rank and schedule; token-budget batches, dropout 0 and checkpointing
+    decided from free memory instead (README: "The default recipe")."""
+    c = run()
+    assert c == Config()
+    assert (c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules) == (8, 32, 0.0, LORA_TARGETS)
+    assert (c.token_budget, c.gradient_accumulation_steps, c.max_seq_length) == (16384, 1, 2048)
+    assert (c.gradient_checkpointing, c.optim) == ("auto", "auto")
+    assert (c.learning_rate, c.num_train_epochs, c.logging_steps, c.save_steps) == (2e-4, 3, 10, 100)
+    assert (c.model_name, c.dataset) == ("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "mlabonne/guanaco-llama2-1k")
 
 
 def test_list_defaults_are_not_shared():

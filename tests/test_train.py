@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_script
 
+# The default batching (token budget): resuming must also find its place in the length-grouped batches
 SHORT = ["--config", "configs/smoke.yaml", "--max_steps", "12", "--save_steps", "4", "--eval_steps", "100",
-         "--logging_steps", "1", "--eval_fraction", "0"]
+         "--logging_steps", "1", "--eval_fraction", "0", "--token_budget", "1024"]
 
 
 def test_smoke_run_lowers_eval_loss_and_writes_every_output(trained_adapter, tiny_model):
