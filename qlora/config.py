@@ -56,7 +56,7 @@ class Config:
     # train
     output_dir: str = _f("outputs/mistral-qlora", "train", "where data, checkpoints, adapter and reports go")
     per_device_train_batch_size: int = _f(1, "train", "rows per micro-batch (per device), when token_budget is unset")
-    token_budget: int | None = _f(16384, "train", "micro-batches of rows of similar length holding up to this many "
+    token_budget: int | None = _f(12288, "train", "micro-batches of rows of similar length holding up to this many "
                                   "padded tokens, instead of a fixed number of rows")
     gradient_accumulation_steps: int = _f(1, "train", "micro-batches per optimizer step (one process)")
     keep_gradient_accumulation: bool = _f(False, "train", "with N processes keep the accumulation as given instead of "

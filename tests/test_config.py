@@ -46,7 +46,7 @@ def test_defaults_are_the_fast_recipe():
     c = run()
     assert c == Config()
     assert (c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules) == (8, 32, 0.0, LORA_TARGETS)
-    assert (c.token_budget, c.gradient_accumulation_steps, c.max_seq_length) == (16384, 1, 2048)
+    assert (c.token_budget, c.gradient_accumulation_steps, c.max_seq_length) == (12288, 1, 2048)
     assert (c.gradient_checkpointing, c.optim) == ("auto", "auto")
     assert (c.learning_rate, c.num_train_epochs, c.logging_steps, c.save_steps) == (2e-4, 3, 10, 100)
     assert (c.model_name, c.dataset) == ("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "mlabonne/guanaco-llama2-1k")
