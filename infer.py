@@ -1,0 +1,21 @@
+"""Answer prompts with a fine-tuned model: a training output / adapter folder, a merged model folder or a .gguf file.
+
+    python infer.py outputs/mistral-qlora --prompt "What is QLoRA?"
+    python infer.py outputs/mistral-qlora --chat
+    python infer.py outputs/mistral-qlora/export/model-f16.gguf --input prompts.jsonl --output answers.jsonl
+    python infer.py outputs/mistral-qlora --prompt "..." --compare_base --temperature 0
+"""
+
+import sys
+
+from qlora.config import parse
+from qlora.infer import GROUPS, InferError, add_arguments, run
+
+if __name__ == "__main__":
+    config, args = parse(GROUPS, __doc__, extra=add_arguments)
+    try:
+        run(config, args)
+    except InferError as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit(130)

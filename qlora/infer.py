@@ -1,0 +1,475 @@
+"""Answers from a fine-tuned model: an adapter folder (base + LoRA), a merged model folder, or a GGUF file.
+
+Every backend is fed the same token ids, rendered by `PromptFormat` exactly as training rendered the prompt part of a
+row; llama.cpp gets them through `Llama.generate(tokens)`, never its own tokenizer. Backends: Unsloth on a CUDA GPU
+(when installed), transformers (+ PEFT) otherwise, llama.cpp for `.gguf`. Heavy imports stay inside the functions so
+that Unsloth can be imported before transformers and bad input fails before anything loads.
+
+The prompt's pieces come from where the model was made: tokenizer.model from --tokenizer_name, else the model's own
+(its folder; for a .gguf, beside it or in the merged/ folder that export_gguf.py writes next to it), else the adapter's
+base or --model_name; template and system prompt from the training run's config.yaml (see `run_settings`) unless
+--system is given.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from .atomic import write_text
+from .chat import Conversation, Message, PromptFormat, find_tokenizer_model
+from .config import ConfigError, load_yaml
+
+GROUPS = ("infer", "base")
+BACKENDS = ("auto", "unsloth", "hf", "cpu")
+# Text a model that has not learned to stop writes after its answer; nothing from the first one on is shown.
+MARKERS = ("[INST]", "[/INST]", "</s>", "### Instruction:", "### Response:")
+# llama.cpp allocates its KV cache for the whole context up front: Mistral's 32k would take 4 GB at 7B.
+LLAMA_CPP_CONTEXT = 4096
+GPU_BATCH = 8
+
+
+class InferError(RuntimeError):
+    """Bad input or a model that cannot be used: one line for the user."""
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="training output / adapter folder, merged model folder, or .gguf file")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="answer this one prompt")
+    mode.add_argument("--chat", action="store_true", help="multi-turn chat on stdin (/reset, /exit)")
+    mode.add_argument("--input", help="JSONL file, one {\"prompt\": ..., \"system\"?: ...} a line")
+    parser.add_argument("--output", help="JSONL answers for --input, one a line, in order")
+    parser.add_argument("--system", help="system message (default: the training run's system_prompt)")
+    parser.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
+    parser.add_argument("--compare_base", action="store_true",
+                        help="also answer with the adapter's base model, without the adapter")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto: Unsloth on a CUDA GPU when installed, else transformers; ignored for .gguf")
+    parser.add_argument("--batch_size", type=int, help=f"prompts per generate call for --input, left-padded "
+                        f"(default: {GPU_BATCH} on a GPU, 1 otherwise)")
+
+
+# ---------------------------------------------------------------- what the model path is
+
+
+def model_kind(path: Path) -> str:
+    """"gguf", "adapter" (adapter_config.json) or "merged" (config.json + safetensors)."""
+    if not path.exists():
+        raise InferError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return "gguf"
+        raise InferError(f"{path}: not a .gguf file; give a .gguf file, an adapter folder or a merged model folder")
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "merged"
+    raise InferError(f"{path}: neither an adapter folder (adapter_config.json) nor a model folder "
+                     f"(config.json + *.safetensors)")
+
+
+def adapter_base(path: Path) -> str:
+    from .model import adapter_base as recorded_base
+
+    try:
+        return recorded_base(path)
+    except (KeyError, ValueError) as err:
+        raise InferError(f"{path}/adapter_config.json: no usable base_model_name_or_path ({err})") from None
+
+
+def tokenizer_model(path: Path, kind: str, config) -> Path:
+    """--tokenizer_name if given; else the model's own tokenizer.model: in its folder, or for a .gguf beside it or in
+    the merged/ folder export_gguf.py writes next to it; else the adapter's base's, or --model_name's."""
+    if kind == "gguf":
+        own = [path.with_name("tokenizer.model"), path.parent / "merged" / "tokenizer.model"]
+    else:
+        own = [path / "tokenizer.model"]
+    found = [f for f in own if f.is_file()]
+    if found and not config.tokenizer_name:
+        return found[0]
+    source = config.tokenizer_name or (adapter_base(path) if kind == "adapter" else config.model_name)
+    try:
+        return find_tokenizer_model(source)
+    except (OSError, ValueError) as err:  # the hub's errors are OSErrors; a malformed repo id a ValueError
+        if Path(source).exists():  # a local folder without one; the message says what to do
+            raise InferError(str(err)) from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InferError(f"no tokenizer.model for {path}: none from the hub repo {source} ({reason}); "
+                         f"pass --tokenizer_name FOLDER with one") from None
+
+
+def run_settings(path: Path) -> dict:
+    """The training run's config.yaml (its template and system prompt): train_unsloth.py writes it beside the adapter,
+    and export_gguf.py's merged/ folder and .gguf files sit one or two folders below that by default. Without one,
+    the nearest config.yaml (export_gguf.py writes its own beside the .gguf files)."""
+    start = path.parent if path.is_file() else path
+    found = [f / "config.yaml" for f in (start, start.parent, start.parent.parent) if (f / "config.yaml").is_file()]
+    for run in [f for f in found if (f.parent / "adapter_config.json").is_file()] + found:
+        try:
+            return load_yaml(run)
+        except ConfigError as err:  # some other tool's config.yaml: not ours to judge
+            print(f"note: not using {run}: {err}", file=sys.stderr)
+    return {}
+
+
+def prompt_settings(path: Path, config, system: str | None) -> tuple[str, str | None]:
+    """(template, system prompt): --system wins, then the run's config.yaml, then --config / the defaults."""
+    trained = run_settings(path)
+    template = trained.get("template", config.template)
+    if system is None:
+        system = trained.get("system_prompt", config.system_prompt)
+    return template, (system.strip() or None) if system else None
+
+
+# ---------------------------------------------------------------- ids to text
+
+
+def _partial_marker(text: str) -> int:
+    """Length of the longest start of a marker that `text` ends with (it may become the marker)."""
+    return max((k for m in MARKERS for k in range(1, len(m)) if text.endswith(m[:k])), default=0)
+
+
+def _settled(text: str) -> str:
+    """The part of the text so far that no later token can change: not an incomplete UTF-8 character (SentencePiece
+    decodes it as U+FFFD until its last byte comes), not trailing space, not what may be the start of a marker."""
+    text = text.split("\ufffd", 1)[0]
+    while True:
+        trimmed = text.rstrip()
+        trimmed = trimmed[: len(trimmed) - _partial_marker(trimmed)]
+        if trimmed == text:
+            return text
+        text = trimmed
+
+
+def _cut(text: str) -> tuple[str, bool]:
+    """The answer in `text`, and whether a marker ended it."""
+    at = min((i for i in (text.find(m) for m in MARKERS) if i >= 0), default=-1)
+    return (text[:at].rstrip(), True) if at >= 0 else (text.rstrip(), False)
+
+
+def answer_text(fmt: PromptFormat, ids: list[int]) -> str:
+    return _cut(fmt.decode(ids))[0]
+
+
+class TextStream:
+    """Generated ids in, printable text out, as it becomes final; the pieces add up to `answer_text` of the ids."""
+
+    def __init__(self, fmt: PromptFormat):
+        self.fmt, self.ids, self.shown, self.ended = fmt, [], "", False
+
+    def add(self, token: int) -> str:
+        """The new text that `token` makes final; `ended` turns true when a marker appears."""
+        self.ids.append(token)
+        text, self.ended = _cut(self.fmt.decode(self.ids))
+        return self._show(text if self.ended else _settled(text))
+
+    def finish(self) -> str:
+        return self._show(answer_text(self.fmt, self.ids))
+
+    @property
+    def answer(self) -> str:
+        return answer_text(self.fmt, self.ids)
+
+    def _show(self, text: str) -> str:
+        piece = text[len(self.shown):] if len(text) > len(self.shown) else ""
+        self.shown += piece
+        return piece
+
+
+# ---------------------------------------------------------------- backends
+
+
+class HFEngine:
+    """A transformers model (Unsloth's patched one too); with PEFT, `disable_adapter()` gives the base."""
+
+    def __init__(self, model, eos: int):
+        self.model, self.eos = model, eos
+        self.vocab_size = model.config.vocab_size
+        self.batch_size = GPU_BATCH if model.device.type == "cuda" else 1  # for --input; a CPU gains little
+
+    def base(self):
+        return self.model.disable_adapter()
+
+    def generate(self, prompts: list[list[int]], config, on_token=None) -> list[list[int]]:
+        """Generated ids of each prompt, up to EOS (not included). `on_token(id) -> stop?` streams a single prompt."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        # left padding, so that every row's prompt ends where generation starts
+        ids = torch.tensor([[self.eos] * (width - len(p)) + p for p in prompts], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+        stream = _Callback(on_token) if on_token else None
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self._settings(config),
+                                      streamer=stream, stopping_criteria=[stream] if stream else None)
+        return [_until(row[width:].tolist(), self.eos) for row in out]
+
+    def _settings(self, config):
+        from transformers import GenerationConfig
+
+        sampling = ({"do_sample": True, "temperature": config.temperature, "top_p": config.top_p,
+                     "top_k": config.top_k} if config.temperature > 0 else {"do_sample": False})
+        return GenerationConfig(max_new_tokens=config.max_new_tokens, repetition_penalty=config.repetition_penalty,
+                                eos_token_id=self.eos, pad_token_id=self.eos, **sampling)
+
+
+def _until(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+class _Callback:
+    """Both streamer and stopping criterion of one generate call (transformers takes either by its methods): hands each
+    new id to `on_token` and ends generation once that says so (a marker appeared)."""
+
+    def __init__(self, on_token):
+        self.on_token, self.prompt_seen, self.stop = on_token, False, False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate first puts the prompt
+            self.prompt_seen = True
+            return
+        self.stop = self.on_token(int(value.reshape(-1)[0])) or self.stop
+
+    def end(self):
+        pass
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.stop, dtype=torch.bool, device=input_ids.device)
+
+
+class LlamaCppEngine:
+    """A GGUF file in llama.cpp; prompts go in as ids, one at a time (llama-cpp-python has no batched generate)."""
+
+    def __init__(self, path: Path, seed: int):
+        from llama_cpp import Llama
+
+        try:
+            self.llm = Llama(model_path=str(path), n_ctx=LLAMA_CPP_CONTEXT, seed=seed, n_gpu_layers=-1,
+                             verbose=False)
+        except ValueError as err:
+            raise InferError(f"{path}: llama.cpp cannot load this file as a GGUF model ({err})") from None
+        self.eos, self.vocab_size, self.batch_size = self.llm.token_eos(), self.llm.n_vocab(), 1
+
+    def generate(self, prompts: list[list[int]], config, on_token=None) -> list[list[int]]:
+        return [self._one(ids, config, on_token) for ids in prompts]
+
+    def _one(self, ids: list[int], config, on_token) -> list[int]:
+        if len(ids) + config.max_new_tokens > self.llm.n_ctx():
+            raise InferError(f"{len(ids)} prompt tokens + {config.max_new_tokens} new ones exceed llama.cpp's "
+                             f"{self.llm.n_ctx()}-token context")
+        out = []
+        # min_p and typical_p off: transformers, the other backends, has neither. (llama.cpp's repetition penalty
+        # looks back 64 tokens, transformers' over the whole context: the same only at the default 1.0.)
+        for token in self.llm.generate(ids, temp=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                                       min_p=0.0, typical_p=1.0, repeat_penalty=config.repetition_penalty):
+            if token == self.eos:
+                break
+            out.append(token)
+            if (on_token and on_token(token)) or len(out) == config.max_new_tokens:
+                break
+        return out
+
+
+def pick_backend(choice: str) -> str:
+    """"unsloth", "hf" (transformers on the GPU) or "cpu"."""
+    from .model import cuda_available
+
+    has_cuda = cuda_available()
+    if choice in ("unsloth", "hf") and not has_cuda:
+        raise InferError(f"--backend {choice} needs a CUDA GPU and this machine has none")
+    if choice == "unsloth" and importlib.util.find_spec("unsloth") is None:
+        raise InferError("--backend unsloth: Unsloth is not installed (pip install unsloth)")
+    if choice == "auto":
+        if not has_cuda:
+            return "cpu"
+        return "unsloth" if importlib.util.find_spec("unsloth") else "hf"
+    return choice
+
+
+def load_engine(path: Path, kind: str, backend: str, eos: int, seed: int):
+    if kind == "gguf":
+        print(f"loading {path} with llama.cpp", file=sys.stderr)
+        return LlamaCppEngine(path, seed)
+    print(f"loading {path} ({kind}) with {'Unsloth' if backend == 'unsloth' else 'transformers'} on "
+          f"{'cpu' if backend == 'cpu' else 'cuda'}", file=sys.stderr)
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel  # before transformers and peft, which it patches
+
+        # an adapter's base loads in 4 bits as in training (QLoRA); a merged folder as the 16-bit model it is
+        model, _ = FastLanguageModel.from_pretrained(model_name=str(path), load_in_4bit=kind == "adapter", dtype=None)
+        FastLanguageModel.for_inference(model)
+    else:
+        model = _load_transformers(path, kind, "cpu" if backend == "cpu" else "cuda")
+    from transformers import set_seed
+
+    set_seed(seed)
+    return HFEngine(model, eos)
+
+
+def _load_transformers(path: Path, kind: str, device: str):
+    from transformers import AutoModelForCausalLM
+
+    from .model import compute_dtype, load_with_adapter
+
+    if kind == "adapter":
+        return load_with_adapter(path, base=adapter_base(path), device=device)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype()).to(device).eval()
+
+
+# ---------------------------------------------------------------- answering
+
+
+class Session:
+    """One loaded model and its prompt format; answers conversations, streamed or in batches."""
+
+    def __init__(self, engine, fmt: PromptFormat, config, compare_base: bool = False):
+        self.engine, self.fmt, self.config, self.compare_base = engine, fmt, config, compare_base
+
+    def reply(self, conversation: Conversation, out) -> str:
+        """Stream the answer (with --compare_base, the base's first) to `out`; return the fine-tuned answer."""
+        ids = self.fmt.prompt_ids(conversation)
+        if self.compare_base:
+            out.write("[base]\n")
+            with self.engine.base():
+                self.stream(ids, out)
+            out.write("[fine-tuned]\n")
+        return self.stream(ids, out)
+
+    def stream(self, ids: list[int], out) -> str:
+        text = TextStream(self.fmt)
+
+        def on_token(token: int) -> bool:
+            out.write(text.add(token))
+            out.flush()
+            return text.ended
+
+        self.engine.generate([ids], self.config, on_token)
+        out.write(text.finish() + "\n")
+        out.flush()
+        return text.answer
+
+    def answers(self, conversations: list[Conversation], batch_size: int, base: bool = False) -> list[str]:
+        prompts = [self.fmt.prompt_ids(c) for c in conversations]
+        generated = []
+        with self.engine.base() if base else nullcontext():
+            for start in range(0, len(prompts), batch_size):
+                generated += self.engine.generate(prompts[start : start + batch_size], self.config)
+        return [answer_text(self.fmt, ids) for ids in generated]
+
+
+def opening(system: str | None) -> Conversation:
+    return [Message("system", system)] if system else []
+
+
+def conversation(prompt: str, system: str | None) -> Conversation:
+    """Contents stripped, as data preparation strips them, so that the ids match training's."""
+    return opening(system) + [Message("user", prompt.strip())]
+
+
+def chat(session: Session, system: str | None) -> None:
+    """Multi-turn chat on stdin: each answer joins the history, as it would in a training row."""
+    print("chat: /reset clears the history, /exit (or end of input) ends", file=sys.stderr)
+    prompt = ""
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (importing it gives input() line editing and history)
+
+        prompt = "> "
+    history = opening(system)
+    while True:
+        try:
+            line = input(prompt).strip()
+        except EOFError:
+            return
+        if line == "/exit":
+            return
+        if line == "/reset":
+            history = opening(system)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        turn = history + [Message("user", line)]
+        try:
+            answer = session.reply(turn, sys.stdout)
+        except InferError as err:  # too long for the context: the turn is dropped, the chat goes on
+            print(f"error: {err}; /reset to start over", file=sys.stderr)
+            continue
+        history = turn + [Message("assistant", answer)]
+
+
+def read_prompts(path: Path, system: str | None) -> list[tuple[dict, Conversation]]:
+    """(record, conversation) for each non-blank line; every problem names file:line."""
+    if not path.is_file():
+        raise InferError(f"{path}: no such file")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InferError(f"{path}:{number}: malformed JSON: {err.msg}") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InferError(f"{path}:{number}: needs a non-empty text field 'prompt'")
+        rows.append((record, conversation(prompt, record.get("system", system))))
+    if not rows:
+        raise InferError(f"{path}: no prompts")
+    return rows
+
+
+def batch(session: Session, rows, output: Path, batch_size: int) -> None:
+    """Each input record with its "answer" (and "base_answer"), in input order, written whole or not at all."""
+    conversations = [c for _, c in rows]
+    answers = session.answers(conversations, batch_size)
+    base = session.answers(conversations, batch_size, base=True) if session.compare_base else None
+    lines = []
+    for i, (record, _) in enumerate(rows):
+        record = {**record, "answer": answers[i]} | ({"base_answer": base[i]} if base else {})
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    write_text(output, "".join(lines))
+    print(f"wrote {len(lines)} answers to {output}", file=sys.stderr)
+
+
+def check_vocabulary(engine, fmt: PromptFormat, tokenizer: Path) -> None:
+    if engine.vocab_size != fmt.sp.get_piece_size() or engine.eos != fmt.eos:
+        raise InferError(f"{tokenizer} ({fmt.sp.get_piece_size()} tokens, EOS {fmt.eos}) is not this model's "
+                         f"tokenizer ({engine.vocab_size} tokens, EOS {engine.eos}); pass --tokenizer_name")
+
+
+def open_session(path: Path, config, template: str, backend: str = "auto", seed: int | None = None,
+                 compare_base: bool = False) -> Session:
+    """The model at `path` loaded on its backend, with the tokenizer its prompts are rendered with."""
+    kind = model_kind(path)
+    if compare_base and kind != "adapter":
+        raise InferError(f"--compare_base needs an adapter folder; {path} has no separate base model")
+    tokenizer = tokenizer_model(path, kind, config)
+    fmt = PromptFormat(tokenizer, template)
+    engine = load_engine(path, kind, "gguf" if kind == "gguf" else pick_backend(backend), fmt.eos,
+                         config.seed if seed is None else seed)
+    check_vocabulary(engine, fmt, tokenizer)
+    return Session(engine, fmt, config, compare_base)
+
+
+def run(config, args) -> None:
+    """Check the arguments, load the model, answer in the mode asked for."""
+    path = Path(args.model)
+    if args.prompt is not None and not args.prompt.strip():
+        raise InferError("--prompt is empty")
+    if args.input and not args.output:
+        raise InferError("--input needs --output")
+    template, system = prompt_settings(path, config, args.system)
+    rows = read_prompts(Path(args.input), system) if args.input else None
+    session = open_session(path, config, template, args.backend, args.seed, args.compare_base)
+    if args.chat:
+        chat(session, system)
+    elif args.input:
+        batch(session, rows, Path(args.output), args.batch_size or session.engine.batch_size)
+    else:
+        session.reply(conversation(args.prompt, system), sys.stdout)
