@@ -21,10 +21,9 @@ from pathlib import Path
 
 from .atomic import write_text
 from .chat import Conversation, Message, PromptFormat, find_tokenizer_model
-from .config import ConfigError, load_yaml
+from .config import CHOICES, ConfigError, load_yaml
 
 GROUPS = ("infer", "base")
-BACKENDS = ("auto", "unsloth", "hf", "cpu")
 # Text a model that has not learned to stop writes after its answer; nothing from the first one on is shown.
 MARKERS = ("[INST]", "[/INST]", "</s>", "### Instruction:", "### Response:")
 # llama.cpp allocates its KV cache for the whole context up front: Mistral's 32k would take 4 GB at 7B.
@@ -47,7 +46,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
     parser.add_argument("--compare_base", action="store_true",
                         help="also answer with the adapter's base model, without the adapter")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+    parser.add_argument("--backend", choices=CHOICES["backend"], default="auto",
                         help="auto: Unsloth on a CUDA GPU when installed, else transformers; ignored for .gguf")
     parser.add_argument("--batch_size", type=int, help=f"prompts per generate call for --input, left-padded "
                         f"(default: {GPU_BATCH} on a GPU, 1 otherwise)")

@@ -330,8 +330,9 @@ def run(config: Config, backend: str) -> int:
         print(f"stopped by {stop.received} at step {trainer.state.global_step}; a checkpoint is saved.\n"
               f"resume with: python train_unsloth.py --config {out / 'config.yaml'} --resume")
         return 130 if stop.received == "SIGINT" else 143
-    if "eval" in data:
-        trainer.evaluate()
+    evaluated = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
+    if "eval" in data and evaluated[-1:] != [trainer.state.global_step]:
+        trainer.evaluate()  # the end of training, unless the last step was just evaluated
     meter.sum_over_processes()
     if trainer.is_world_process_zero():
         save_adapter(trainer, tokenizer, config)
