@@ -15,8 +15,10 @@ from pathlib import Path
 
 import sentencepiece
 
+from .config import CHOICES
+
 IGNORE = -100
-TEMPLATES = ("mistral", "instruction")
+TEMPLATES = CHOICES["template"]
 
 # Mistral-Instruct v0.2's own Hugging Face chat template, stored with the tokenizer and in GGUF metadata so that other
 # tools render the same text; our ids come from `PromptFormat`, not from rendering this.

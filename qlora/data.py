@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .chat import IGNORE, Conversation, Message, PromptFormat
+from .config import CHOICES
 
-FORMATS = ("llama2", "guanaco", "alpaca", "messages", "sharegpt", "prompt_completion")
+FORMATS = tuple(f for f in CHOICES["dataset_format"] if f != "auto")
 ACCEPTED = (
     "'text' in Llama-2 chat form (<s>[INST] ... [/INST] ... </s>), 'text' in Guanaco form (### Human: ... "
     "### Assistant: ...), Alpaca ('instruction', 'input', 'output'), 'messages' (role/content), ShareGPT "
@@ -387,8 +388,6 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
     from .chat import find_tokenizer_model
     from .config import to_yaml
 
-    if config.dataset_format not in ("auto", *FORMATS):
-        raise DataError(f"--dataset_format must be auto or one of {', '.join(FORMATS)}, got {config.dataset_format!r}")
     if not 0 <= config.eval_fraction < 1:
         raise DataError(f"--eval_fraction must be at least 0 and below 1, got {config.eval_fraction}")
     out = Path(out_dir)
