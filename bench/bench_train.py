@@ -66,12 +66,11 @@ def run(command: list[str], log: Path) -> bool:
 
 
 def summarize(metrics_file: Path, warmup: int) -> dict:
+    from qlora.report import throughput
+
     m = json.loads(metrics_file.read_text())
-    steps = m["steps"]
-    first, last = steps[min(warmup, len(steps) - 2)], steps[-1]
-    seconds = last["seconds"] - first["seconds"]
-    return {"real_tok_s": (last["real_tokens"] - first["real_tokens"]) / seconds,
-            "s_per_step": seconds / (last["step"] - first["step"]),
+    timed = throughput(m["steps"], warmup)
+    return {"real_tok_s": timed["real_tokens_per_second"], "s_per_step": timed["seconds_per_step"],
             "padding": m.get("padding_share", 0.0), "peak_gib": m["peak_gpu_memory_gib"],
             "final_loss": m["train_loss"][-1]["loss"] if m["train_loss"] else float("nan")}
 

@@ -101,7 +101,7 @@ def main():
     result = {"global_step": trainer.state.global_step, "train_loss": [{"loss": x} for x in losses],
               "padding_share": 1 - meter.real / meter.total, "real_tokens_seen": meter.real,
               "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "wall_time_s": time.time() - started,
-              "steps": [{"step": s, "seconds": t - meter.steps[0][1], "real_tokens": n} for s, t, n in meter.steps]}
+              "steps": meter.timeline()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "metrics.json").write_text(json.dumps(result, indent=2))
 

@@ -60,13 +60,19 @@ class Meter:
             self.steps = [(s, t, int(n * factor)) for s, t, n in self.steps]
             self.real, self.total = int(counts[0]), int(counts[1])
 
-    def throughput(self, warmup: int = 1) -> dict:
-        """Real tokens per second and seconds per step over the steps after the first `warmup` ones."""
-        if len(self.steps) <= warmup + 1:
-            return {}
-        (s0, t0, n0), (s1, t1, n1) = self.steps[warmup], self.steps[-1]
-        return {"timed_steps": s1 - s0, "seconds_per_step": (t1 - t0) / (s1 - s0),
-                "real_tokens_per_second": (n1 - n0) / (t1 - t0)}
+    def timeline(self) -> list[dict]:
+        """Per optimizer step: seconds since the first step ended, and real tokens counted so far."""
+        return [{"step": s, "seconds": t - self.steps[0][1], "real_tokens": n} for s, t, n in self.steps]
+
+
+def throughput(timeline: list[dict], warmup: int = 1) -> dict:
+    """Real tokens per second and seconds per step over the steps after the first `warmup` ones."""
+    if len(timeline) <= warmup + 1:
+        return {}
+    first, last = timeline[warmup], timeline[-1]
+    seconds = last["seconds"] - first["seconds"]
+    return {"timed_steps": last["step"] - first["step"], "seconds_per_step": seconds / (last["step"] - first["step"]),
+            "real_tokens_per_second": (last["real_tokens"] - first["real_tokens"]) / seconds}
 
 
 class StepProfiler:
@@ -150,16 +156,16 @@ def manifest(data, backend: str) -> dict:
 def metrics(trainer, meter: Meter, wall_time: float) -> dict:
     import torch
 
-    history = trainer.state.log_history
+    history, timeline = trainer.state.log_history, meter.timeline()
     return {
         "global_step": trainer.state.global_step,
         "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_loss": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         "real_tokens_seen": meter.real,
         "padding_share": 1 - meter.real / meter.total if meter.total else 0.0,
-        "throughput_after_warmup": meter.throughput(),
+        "throughput_after_warmup": throughput(timeline),
         "real_tokens_per_second": meter.real / wall_time,
-        "steps": [{"step": s, "seconds": t - meter.steps[0][1], "real_tokens": n} for s, t, n in meter.steps],
+        "steps": timeline,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "wall_time_s": wall_time,
     }
