@@ -228,9 +228,9 @@ class StopOnSignal:
         print(f"\n{self.received}: saving a checkpoint after this step, then stopping (again to abort)", flush=True)
 
 
-# Activation memory of Mistral-7B per trained token without checkpointing, as measured (bench/RESULTS.md), and what
-# the 4-bit weights, LoRA states and the loss chunk take besides.
-ACTIVATION_BYTES_PER_TOKEN = int(3.75 * 2**20)
+# Activation memory of Mistral-7B per trained token without checkpointing, as measured for each backend
+# (bench/RESULTS.md), and what the 4-bit weights, LoRA states and the loss chunk take besides.
+ACTIVATION_BYTES_PER_TOKEN = {"unsloth": int(3.75 * 2**20), "hf": int(8 * 2**20)}
 FIXED_BYTES = 6 * 2**30
 
 
@@ -246,22 +246,49 @@ def resolve_checkpointing(config: Config, backend: str) -> Config:
         return dataclasses.replace(config, gradient_checkpointing="false")
     free = torch.cuda.mem_get_info(local_device_index())[0]
     tokens = config.token_budget or config.per_device_train_batch_size * config.max_seq_length
-    need = tokens * ACTIVATION_BYTES_PER_TOKEN + FIXED_BYTES
+    need = tokens * ACTIVATION_BYTES_PER_TOKEN[backend] + FIXED_BYTES
     choice = "false" if need < 0.9 * free else "unsloth"
     print(f"gradient checkpointing: {choice} (about {need / 2**30:.0f} GiB without it, {free / 2**30:.0f} GiB free)")
     return dataclasses.replace(config, gradient_checkpointing=choice)
 
 
-def oom_advice(config: Config, error: Exception) -> str:
+def oom_advice(config: Config, error: Exception, step: int) -> str:
+    """What ran out and which settings to lower, read before anything is freed."""
     import torch
 
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    return (f"CUDA out of memory: peak {peak:.1f} GiB allocated of {total:.1f} GiB on this GPU.\n"
-            f"Lower --per_device_train_batch_size (now {config.per_device_train_batch_size}; raise "
-            f"--gradient_accumulation_steps to keep the effective batch) or --max_seq_length (now "
-            f"{config.max_seq_length}), keep --gradient_checkpointing on, or use --config configs/consumer.yaml.\n"
+    from .model import local_device_index
+
+    device = local_device_index()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if config.token_budget:
+        batch = f"--token_budget (now {config.token_budget})"
+    else:
+        batch = (f"--per_device_train_batch_size (now {config.per_device_train_batch_size}; raise "
+                 f"--gradient_accumulation_steps to keep the effective batch)")
+    lower = [batch, f"--max_seq_length (now {config.max_seq_length})"]
+    if config.gradient_checkpointing == "false":
+        lower.append("or turn on --gradient_checkpointing unsloth (now false)")
+    return (f"CUDA out of memory at step {step + 1}: peak {peak:.1f} GiB allocated of {total:.1f} GiB on this GPU.\n"
+            f"Lower {', '.join(lower)}, or start from --config configs/consumer.yaml (fits in about 5 GiB).\n"
             f"({str(error).splitlines()[0]})")
+
+
+def save_after_oom(trainer, config: Config) -> str:
+    """Checkpoint the last finished step (when no checkpoint holds it yet) and say how to go on."""
+    import torch
+
+    torch.cuda.empty_cache()
+    out = Path(config.output_dir)
+    step = trainer.state.global_step
+    if step == 0:
+        return "No step had finished, so there is nothing to resume: rerun with the lower settings."
+    if processes().num_processes > 1:
+        return f"Step {step} had finished; with several processes the checkpoint is not written after an error."
+    if not (out / f"checkpoint-{step}").is_dir():
+        trainer._save_checkpoint(trainer.model, None)
+    return (f"Step {step} is in {out / f'checkpoint-{step}'}; go on from it with the lower settings: "
+            f"python train_unsloth.py --config {out / 'config.yaml'} --resume, plus the flags above")
 
 
 # ---------------------------------------------------------------- saving
@@ -319,12 +346,13 @@ def run(config: Config, backend: str) -> int:
     if resume_from:
         print(f"resuming from {resume_from}")
     started = time.time()
+    advice = None
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except torch.cuda.OutOfMemoryError as error:
-        torch.cuda.empty_cache()
-        trainer._save_checkpoint(trainer.model, None)  # the last finished step, so a smaller run can resume
-        print(oom_advice(config, error), file=sys.stderr)
+        advice = oom_advice(config, error, trainer.state.global_step)
+    if advice:  # outside the except block, whose traceback holds the step's tensors
+        print(f"{advice}\n{save_after_oom(trainer, config)}", file=sys.stderr)
         return 3
     if stop.received:
         print(f"stopped by {stop.received} at step {trainer.state.global_step}; a checkpoint is saved.\n"

@@ -3,6 +3,7 @@ Skipped without CUDA; on a GPU host: `pytest -m gpu -s` (set MISTRAL_TOKENIZER_M
 """
 
 import json
+import re
 
 import pytest
 
@@ -17,18 +18,36 @@ def standin(tmp_path_factory):
     return fixtures.save_standin(tmp_path_factory.mktemp("standin") / "mistral-7b-v0.2-standin")
 
 
-@pytest.fixture(scope="session")
-def sample_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "sample.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in fixtures.sample_rows()))
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
+@pytest.fixture(scope="session")
+def sample_file(tmp_path_factory):
+    return write_rows(tmp_path_factory.mktemp("data") / "sample.jsonl", fixtures.sample_rows())
+
+
+@pytest.fixture(scope="session")
+def trained(standin, sample_file, tmp_path_factory):
+    """train_unsloth.py with the default recipe, 50 steps on the sample set; one run per backend, kept for infer."""
+    runs = {}
+
+    def train(backend):
+        if backend not in runs:
+            out = tmp_path_factory.mktemp("runs") / backend
+            run_script("train_unsloth.py", "--backend", backend, "--model_name", str(standin), "--dataset",
+                       str(sample_file), "--max_steps", "50", "--save_steps", "25", "--eval_steps", "25",
+                       "--output_dir", str(out))
+            runs[backend] = out
+        return runs[backend]
+
+    return train
+
+
 @pytest.mark.parametrize("backend", ["unsloth", "hf"])
-def test_train_50_steps_on_the_standin(backend, standin, sample_file, tmp_path):
-    out = tmp_path / backend
-    run_script("train_unsloth.py", "--backend", backend, "--model_name", str(standin), "--dataset", str(sample_file),
-               "--max_steps", "50", "--save_steps", "25", "--eval_steps", "25", "--output_dir", str(out))
+def test_train_50_steps_on_the_standin(backend, trained):
+    out = trained(backend)
     metrics = json.loads((out / "metrics.json").read_text())
     losses = [p["loss"] for p in metrics["train_loss"]]
     print(f"\n{backend}: {metrics['global_step']} steps, {metrics['throughput_after_warmup']}, peak "
@@ -37,3 +56,28 @@ def test_train_50_steps_on_the_standin(backend, standin, sample_file, tmp_path):
     assert metrics["global_step"] == 50
     assert all(loss == loss and loss < 12 for loss in losses), losses  # finite, near ln(32000) at worst
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-50").is_dir()
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_infer_answers_with_the_adapter(backend, trained):
+    prompt = "What is the capital of France?"
+    result = run_script("infer.py", str(trained("unsloth")), "--backend", backend, "--prompt", prompt,
+                        "--temperature", "0", "--max_new_tokens", "24")
+    print(f"\ninfer.py --backend {backend}: {result.stdout.strip().splitlines()[-1]!r}")
+    assert result.stdout.strip(), result.stderr
+
+
+def test_out_of_memory_says_what_to_lower(standin, tmp_path):
+    """A micro-batch of about 130,000 tokens without checkpointing needs about 480 GiB of activations."""
+    data = write_rows(tmp_path / "guanaco_shaped.jsonl", fixtures.guanaco_shaped_rows())
+    result = run_script("train_unsloth.py", "--model_name", str(standin), "--dataset", str(data), "--max_steps", "2",
+                        "--token_budget", "200000", "--max_seq_length", "4096", "--gradient_checkpointing", "false",
+                        "--output_dir", str(tmp_path / "run"), check=False)
+    print(f"\n{result.stderr[-600:]}")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "--token_budget (now 200000)" in result.stderr
+    step = int(re.search(r"CUDA out of memory at step (\d+)", result.stderr).group(1))
+    if step == 1:
+        assert "nothing to resume" in result.stderr
+    else:  # the micro-batches of the first steps fitted: the last finished one is kept
+        assert (tmp_path / "run" / f"checkpoint-{step - 1}" / "trainer_state.json").is_file()
