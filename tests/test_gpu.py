@@ -28,26 +28,12 @@ def sample_file(tmp_path_factory):
     return write_rows(tmp_path_factory.mktemp("data") / "sample.jsonl", fixtures.sample_rows())
 
 
-@pytest.fixture(scope="session")
-def trained(standin, sample_file, tmp_path_factory):
-    """train_unsloth.py with the default recipe, 50 steps on the sample set; one run per backend, kept for infer."""
-    runs = {}
-
-    def train(backend):
-        if backend not in runs:
-            out = tmp_path_factory.mktemp("runs") / backend
-            run_script("train_unsloth.py", "--backend", backend, "--model_name", str(standin), "--dataset",
-                       str(sample_file), "--max_steps", "50", "--save_steps", "25", "--eval_steps", "25",
-                       "--output_dir", str(out))
-            runs[backend] = out
-        return runs[backend]
-
-    return train
-
-
 @pytest.mark.parametrize("backend", ["unsloth", "hf"])
-def test_train_50_steps_on_the_standin(backend, trained):
-    out = trained(backend)
+def test_train_50_steps_on_the_standin(backend, standin, sample_file, tmp_path):
+    """The default recipe, 50 steps on the sample set."""
+    out = tmp_path / backend
+    run_script("train_unsloth.py", "--backend", backend, "--model_name", str(standin), "--dataset", str(sample_file),
+               "--max_steps", "50", "--save_steps", "25", "--eval_steps", "25", "--output_dir", str(out))
     metrics = json.loads((out / "metrics.json").read_text())
     losses = [p["loss"] for p in metrics["train_loss"]]
     print(f"\n{backend}: {metrics['global_step']} steps, {metrics['throughput_after_warmup']}, peak "
@@ -58,22 +44,38 @@ def test_train_50_steps_on_the_standin(backend, trained):
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-50").is_dir()
 
 
-@pytest.mark.parametrize("backend", ["unsloth", "hf"])
-def test_infer_answers_with_the_adapter(backend, trained):
-    prompt = "What is the capital of France?"
-    result = run_script("infer.py", str(trained("unsloth")), "--backend", backend, "--prompt", prompt,
-                        "--temperature", "0", "--max_new_tokens", "24")
-    print(f"\ninfer.py --backend {backend}: {result.stdout.strip().splitlines()[-1]!r}")
-    assert result.stdout.strip(), result.stderr
+CAPITALS = {"Arvenia": "Lumeport", "Bostrava": "Kell", "Caldoria": "Mirath", "Dunmere": "Oskville"}
+
+
+def test_infer_answers_what_the_adapter_learned(standin, tmp_path):
+    """A random base learns little in 50 steps of the mixed sample set, so this run memorises four answers (150 steps
+    at lr 1e-3); infer.py must then give them word for word, up to EOS, with Unsloth's fast inference and with
+    transformers, batched and one prompt at a time."""
+    rows = [{"text": f"<s>[INST] What is the capital of {c}? [/INST] The capital of {c} is {city}. </s>"}
+            for c, city in CAPITALS.items()]
+    out = tmp_path / "run"
+    run_script("train_unsloth.py", "--model_name", str(standin), "--dataset", str(write_rows(tmp_path / "four.jsonl",
+               rows)), "--eval_fraction", "0", "--token_budget", "512", "--learning_rate", "1e-3", "--max_steps", "150",
+               "--output_dir", str(out))
+    prompts = write_rows(tmp_path / "prompts.jsonl", [{"prompt": f"What is the capital of {c}?"} for c in CAPITALS])
+    expected = [f"The capital of {c} is {city}." for c, city in CAPITALS.items()]
+    for backend, batch_size in (("unsloth", "4"), ("unsloth", "1"), ("hf", "4")):
+        answers = tmp_path / f"answers-{backend}-{batch_size}.jsonl"
+        run_script("infer.py", str(out), "--backend", backend, "--batch_size", batch_size, "--input", str(prompts),
+                   "--output", str(answers), "--temperature", "0", "--max_new_tokens", "24")
+        got = [json.loads(line)["answer"] for line in answers.read_text().splitlines()]
+        print(f"\ninfer.py --backend {backend} --batch_size {batch_size}: {got}")
+        assert got == expected, (backend, batch_size)
 
 
 def test_out_of_memory_says_what_to_lower(standin, tmp_path):
-    """A micro-batch of about 130,000 tokens without checkpointing needs about 480 GiB of activations."""
+    """Micro-batches of tens of thousands of tokens without checkpointing need far more than 80 GiB (3.75 MiB a token)."""
     data = write_rows(tmp_path / "guanaco_shaped.jsonl", fixtures.guanaco_shaped_rows())
     result = run_script("train_unsloth.py", "--model_name", str(standin), "--dataset", str(data), "--max_steps", "2",
                         "--token_budget", "200000", "--max_seq_length", "4096", "--gradient_checkpointing", "false",
                         "--output_dir", str(tmp_path / "run"), check=False)
-    print(f"\n{result.stderr[-600:]}")
+    advice = ("CUDA out of memory", "Lower", "No step", "Step ")
+    print("\n" + "\n".join(line for line in result.stderr.splitlines() if line.startswith(advice)))
     assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "--token_budget (now 200000)" in result.stderr
     step = int(re.search(r"CUDA out of memory at step (\d+)", result.stderr).group(1))
