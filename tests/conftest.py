@@ -55,6 +55,33 @@ def run_script(script: str, *args: str, timeout: int = 900, check: bool = True):
     return result
 
 
+def start_script(script: str, *args: str, log: Path):
+    """Start one of the top-level scripts in the background, its output going to `log` (a pipe could fill up)."""
+    import subprocess
+    import sys
+
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, process, timeout: int = 600) -> None:
+    """Poll until `path` exists; fail if the process ends first or the time runs out."""
+    import time
+
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the process ended before {path.name} appeared"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def load_adapter(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter_model.safetensors")
+
+
 @pytest.fixture(scope="session")
 def trained_adapter(fixture_dir, tmp_path_factory) -> Path:
     """A real smoke run of train_unsloth.py on the tiny model: adapter, tokenizer, checkpoints and reports."""

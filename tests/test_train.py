@@ -1,17 +1,12 @@
 """train_unsloth.py on the CPU path: the real TRL SFTTrainer on the tiny model with the real tokenizer."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT, run_script
+from conftest import load_adapter, run_script, start_script, wait_for
 
 # The default batching (token budget): resuming must also find its place in the length-grouped batches
 SHORT = ["--config", "configs/smoke.yaml", "--max_steps", "12", "--save_steps", "4", "--eval_steps", "100",
@@ -57,35 +52,18 @@ def test_trl_cpu_fallback_matches_full_logits_cross_entropy(tiny_model):
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
 
 
-def _adapter(path):
-    return load_file(path / "adapter_model.safetensors")
-
-
-def _wait_for(path, process, timeout=300):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"training ended before {path.name} appeared"
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-
-
-def _start(*args):
-    return subprocess.Popen([sys.executable, str(ROOT / "train_unsloth.py"), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def test_sigkill_then_resume_matches_uninterrupted_run(fixture_dir, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_script("train_unsloth.py", *SHORT, "--output_dir", str(straight))
 
-    process = _start(*SHORT, "--output_dir", str(killed))
-    _wait_for(killed / "checkpoint-4", process)
+    process = start_script("train_unsloth.py", *SHORT, "--output_dir", str(killed), log=tmp_path / "killed.log")
+    wait_for(killed / "checkpoint-4", process)
     process.send_signal(signal.SIGKILL)  # mid-training, no chance to clean up
     process.wait()
     assert not (killed / "adapter_config.json").exists()
 
     run_script("train_unsloth.py", "--config", str(killed / "config.yaml"), "--resume")
-    a, b = _adapter(straight), _adapter(killed)
+    a, b = load_adapter(straight), load_adapter(killed)
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, f"resumed adapter differs by {worst}"
@@ -95,10 +73,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(fixture_dir, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(fixture_dir, tmp_path):
     out = tmp_path / "run"
-    process = _start(*SHORT, "--max_steps", "200", "--output_dir", str(out))
-    _wait_for(out / "checkpoint-4", process)
+    log = tmp_path / "run.log"
+    process = start_script("train_unsloth.py", *SHORT, "--max_steps", "200", "--output_dir", str(out), log=log)
+    wait_for(out / "checkpoint-4", process)
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=300)
+    process.wait(timeout=300)
+    output = log.read_text()
     assert process.returncode == 143, output[-2000:]
     assert "--resume" in output
     assert not list(out.glob(".checkpoint-staging/*")), "a staging checkpoint was left behind"
