@@ -50,9 +50,7 @@ def prepare_inputs(args, workdir: Path) -> tuple[Path, list[Path]]:
     files = []
     for name in args.data or list(generated):
         if name in generated:
-            path = workdir / f"{name}.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in generated[name]()))
-            name = path
+            name = fixtures.write_jsonl(workdir / f"{name}.jsonl", generated[name]())
         files.append(Path(name))
     return model, files
 

@@ -72,7 +72,7 @@ def save_tokenizer(target: Path) -> None:
 
 def save_tiny_model(target: Path, seed: int = 0) -> None:
     import torch
-    from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
     model = MistralForCausalLM(MistralConfig(**TINY_CONFIG))
@@ -81,6 +81,13 @@ def save_tiny_model(target: Path, seed: int = 0) -> None:
     with torch.no_grad():
         model.lm_head.weight.mul_(LM_HEAD_SCALE)
     model.to(torch.bfloat16)
+    save_like_a_hub_checkout(model, target)
+
+
+def save_like_a_hub_checkout(model, target: Path) -> None:
+    """Weights (safetensors), generation config and the real tokenizer, as a hub model folder has them."""
+    from transformers import GenerationConfig
+
     model.save_pretrained(target, safe_serialization=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(target)
     save_tokenizer(target)
@@ -90,7 +97,7 @@ def save_standin(target: Path, num_layers: int = 32, device: str = "cuda") -> Pa
     """The 7.24 B stand-in for Mistral-7B-Instruct-v0.2 (random bf16 weights, real tokenizer), built on `device`
     directly in bf16 (14.5 GB) and saved like a hub checkout. `num_layers` below 32 makes a quick small check."""
     import torch
-    from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -100,9 +107,7 @@ def save_standin(target: Path, num_layers: int = 32, device: str = "cuda") -> Pa
             model = MistralForCausalLM(MistralConfig(**{**MISTRAL_7B_V02_CONFIG, "num_hidden_layers": num_layers}))
     finally:
         torch.set_default_dtype(previous)
-    model.save_pretrained(target, safe_serialization=True)
-    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(target)
-    save_tokenizer(target)
+    save_like_a_hub_checkout(model, target)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()  # hand the 14.5 GB back: the benchmarks train in other processes on this GPU
@@ -162,8 +167,14 @@ def build(directory: str | Path = "fixtures") -> Path:
             save_tiny_model(tmp)
     data = directory / SAMPLE_DATA
     if not data.exists():
-        write_text(data, "".join(json.dumps(r) + "\n" for r in sample_rows()))
+        write_jsonl(data, sample_rows())
     return directory
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    """Rows as JSON Lines, written whole or not at all."""
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return Path(path)
 
 
 if __name__ == "__main__":

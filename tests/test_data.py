@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from qlora import fixtures
 from qlora.chat import IGNORE, Message
 from qlora.config import Config
 from qlora.data import DataError, prepare_dataset, prepare_rows, read_records
@@ -85,7 +86,7 @@ def carried(name):
 
 def write(path: Path, records: list[dict]) -> Path:
     if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        fixtures.write_jsonl(path, records)
     elif path.suffix == ".json":
         path.write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
     elif path.suffix == ".csv":

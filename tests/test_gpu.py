@@ -18,14 +18,9 @@ def standin(tmp_path_factory):
     return fixtures.save_standin(tmp_path_factory.mktemp("standin") / "mistral-7b-v0.2-standin")
 
 
-def write_rows(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="session")
 def sample_file(tmp_path_factory):
-    return write_rows(tmp_path_factory.mktemp("data") / "sample.jsonl", fixtures.sample_rows())
+    return fixtures.write_jsonl(tmp_path_factory.mktemp("data") / "sample.jsonl", fixtures.sample_rows())
 
 
 @pytest.mark.parametrize("backend", ["unsloth", "hf"])
@@ -96,10 +91,10 @@ def test_infer_answers_what_the_adapter_learned(standin, tmp_path):
     rows = [{"text": f"<s>[INST] What is the capital of {c}? [/INST] The capital of {c} is {city}. </s>"}
             for c, city in CAPITALS.items()]
     out = tmp_path / "run"
-    run_script("train_unsloth.py", "--model_name", str(standin), "--dataset", str(write_rows(tmp_path / "four.jsonl",
+    run_script("train_unsloth.py", "--model_name", str(standin), "--dataset", str(fixtures.write_jsonl(tmp_path / "four.jsonl",
                rows)), "--eval_fraction", "0", "--token_budget", "512", "--learning_rate", "1e-3", "--max_steps", "150",
                "--output_dir", str(out))
-    prompts = write_rows(tmp_path / "prompts.jsonl", [{"prompt": f"What is the capital of {c}?"} for c in CAPITALS])
+    prompts = fixtures.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is the capital of {c}?"} for c in CAPITALS])
     expected = [f"The capital of {c} is {city}." for c, city in CAPITALS.items()]
     for backend, batch_size in (("unsloth", "4"), ("unsloth", "1"), ("hf", "4")):
         answers = tmp_path / f"answers-{backend}-{batch_size}.jsonl"
@@ -125,7 +120,7 @@ def test_out_of_memory_saves_the_last_step_says_what_to_lower_and_resumes(standi
     rows += [{"text": f"<s>[INST] Repeat word{i}. [/INST] {' '.join([f'word{i}'] * 120)} </s>"}
              for i in range(100, 500)]
     data = tmp_path / "data"
-    run_script("data_prep.py", "--dataset", str(write_rows(tmp_path / "rows.jsonl", rows)), "--model_name",
+    run_script("data_prep.py", "--dataset", str(fixtures.write_jsonl(tmp_path / "rows.jsonl", rows)), "--model_name",
                str(standin), "--eval_fraction", "0", "--output_dir", str(data))
     from qlora.data import load_prepared
 
