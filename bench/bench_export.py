@@ -16,7 +16,6 @@ import resource
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from qlora import export, fixtures  # noqa: E402  (after the path insert, like the scripts it benchmarks)
 from qlora.config import LORA_TARGETS  # noqa: E402
+from qlora.report import versions_line  # noqa: E402
 
 
 def parse():
@@ -68,8 +68,7 @@ def device() -> str:
 
 
 def versions() -> str:
-    names = ("torch", "transformers", "peft", "llama-cpp-python")
-    return ", ".join(f"{n} {metadata.version(n)}" for n in names)
+    return versions_line(("torch", "transformers", "peft", "llama-cpp-python"))
 
 
 def bench(workdir: Path, layers: int) -> None:

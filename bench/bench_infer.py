@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,28 +56,23 @@ def load(variant: str, model_dir: Path):
         FastLanguageModel.for_inference(model)
         return model
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    quantization = None
-    if variant == "hf":  # the same NF4 recipe Unsloth's 4-bit loading uses
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    from qlora.model import nf4_config
+
+    quantization = nf4_config(torch.bfloat16) if variant == "hf" else None
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=quantization,
                                                 device_map={"": 0}).eval()
 
 
 def batch_inputs(model_dir: Path, batch_size: int):
     """The first `batch_size` prompts as Mistral ids (this project's PromptFormat), left-padded."""
-    import torch
-
     from qlora.chat import Message, PromptFormat
+    from qlora.infer import left_padded
 
     fmt = PromptFormat(model_dir / "tokenizer.model")
     ids = [fmt.prompt_ids([Message("user", PROMPTS[i % len(PROMPTS)])]) for i in range(batch_size)]
-    width = max(map(len, ids))
-    input_ids = torch.tensor([[fmt.eos] * (width - len(i)) + i for i in ids], device="cuda")
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device="cuda")
-    return input_ids, mask, fmt.eos
+    return (*left_padded(ids, fmt.eos, "cuda"), fmt.eos)
 
 
 def timed_generate(model, input_ids, mask, eos: int, new_tokens: int) -> float:
@@ -129,13 +123,9 @@ def run_variant(variant: str, args, model_dir: Path, log: Path) -> list[dict]:
 def header(args, model_dir: Path) -> str:
     import torch
 
-    def version(name):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
+    from qlora.report import versions_line
 
-    versions = ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "unsloth", "bitsandbytes"))
+    versions = versions_line(("torch", "transformers", "unsloth", "bitsandbytes"))
     config = json.loads((model_dir / "config.json").read_text())
     return (f"device: {torch.cuda.get_device_name(0)}; date: {time.strftime('%Y-%m-%d')}; python "
             f"{platform.python_version()}; {versions}; model: {config['num_hidden_layers']} layers of "

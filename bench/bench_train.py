@@ -16,7 +16,6 @@ import shlex
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,8 +91,9 @@ def recipes(args, model: Path, data: Path, out: Path):
 def header() -> str:
     import torch
 
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "trl", "peft", "unsloth",
-                                                              "bitsandbytes"))
+    from qlora.report import versions_line
+
+    versions = versions_line(("torch", "transformers", "trl", "peft", "unsloth", "bitsandbytes"))
     return (f"device: {torch.cuda.get_device_name(0)}; date: {time.strftime('%Y-%m-%d')}; python "
             f"{platform.python_version()}; {versions}")
 

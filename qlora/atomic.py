@@ -52,6 +52,27 @@ def atomic_path(final: str | Path):
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporaries of writers that were killed (their pid is gone): never final, only wasted space."""
+    for tmp in folder.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
+
+
 def write_text(final: str | Path, text: str) -> None:
     with atomic_path(final) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")

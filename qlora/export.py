@@ -186,27 +186,6 @@ def check_disk_space(folder: Path, sizes: dict[str, int], margin: float = 1.1) -
                           f"but only {free / 2**30:.1f} GiB free")
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Temporaries left by an export that was killed (their pid is gone): never final, only wasted space."""
-    for tmp in folder.glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            if tmp.is_dir():
-                shutil.rmtree(tmp)
-            else:
-                tmp.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        pass
-    return True
-
-
 # ---------------------------------------------------------------- merge
 
 
@@ -429,10 +408,9 @@ def f16_failure(m: dict) -> str | None:
     return None
 
 
-def check_file(path: Path, gguf_type: str, refs: list[Run], prompts: list[Conversation],
+def check_file(path: Path, gguf_type: str, refs: list[Run], prompts: list[Conversation], ids: list[list[int]],
                prompt_format: PromptFormat, chat_template: str) -> dict:
     """One GGUF against the reference runs: per-prompt figures, tokenizer and metadata, and its verdict."""
-    ids = [prompt_format.prompt_ids(c) for c in prompts]
     llm = load_gguf(path, n_ctx=max(map(len, ids)) + GREEDY_STEPS + 8)
     per_prompt = [compare(ref, gguf_run(llm, i)) for ref, i in zip(refs, ids, strict=True)]
     tokenizer_ok = all(llama_cpp_ids(llm, prompt_format, c) == i for c, i in zip(prompts, ids, strict=True))
@@ -454,9 +432,10 @@ def check_exports(p: Plan, prompts: list[Conversation] = CHECK_PROMPTS) -> dict:
     from transformers import AutoTokenizer
 
     prompt_format = PromptFormat(p.merged_dir / "tokenizer.model")
-    refs = reference_runs(p.merged_dir, [prompt_format.prompt_ids(c) for c in prompts])
+    ids = [prompt_format.prompt_ids(c) for c in prompts]
+    refs = reference_runs(p.merged_dir, ids)
     chat_template = AutoTokenizer.from_pretrained(p.merged_dir).chat_template
-    files = [check_file(p.gguf(t), t, refs, prompts, prompt_format, chat_template) for t in p.gguf_types]
+    files = [check_file(p.gguf(t), t, refs, prompts, ids, prompt_format, chat_template) for t in p.gguf_types]
     report = {"base": p.base, "base_note": p.base_note, "adapter_dir": str(p.adapter_dir),
               "criteria": {"near_tie": NEAR_TIE, "min_cosine_f16": MIN_COSINE, "greedy_steps": GREEDY_STEPS},
               "files": files}
@@ -501,7 +480,7 @@ def run_export(config: Config, prompts: list[Conversation] = CHECK_PROMPTS) -> P
     converter = find_converter() if p.gguf_types else None
     print(p.base_note, flush=True)
     check_disk_space(p.export_dir, estimated_bytes(p, config.lora_only))
-    remove_stale_temporaries(p.export_dir)
+    atomic.remove_stale_temporaries(p.export_dir)
     atomic.write_text(p.export_dir / "config.yaml", to_yaml(config))
     if config.lora_only:
         copy_adapter(p.adapter_dir, p.export_dir / "adapter")

@@ -138,17 +138,22 @@ def _git_commit() -> str | None:
         return None
 
 
-def _version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
 
 
+def versions_line(names) -> str:
+    """"torch 2.11.0, transformers 5.17.0, ...": the versions line of the benchmark tables."""
+    return ", ".join(f"{name} {package_version(name) or 'not installed'}" for name in names)
+
+
 def manifest(data, backend: str) -> dict:
     import torch
 
-    return {"versions": {name: _version(name) for name in PACKAGES}, "python": platform.python_version(),
+    return {"versions": {name: package_version(name) for name in PACKAGES}, "python": platform.python_version(),
             "git_commit": _git_commit(), "data_fingerprint": data_fingerprint(data), "backend": backend,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
 

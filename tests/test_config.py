@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from qlora.config import LORA_TARGETS, Config, ConfigError, load_yaml, parse
 
-ROOT = Path(__file__).resolve().parents[1]
 ALL = ("data", "base", "model", "train", "export", "infer")
 
 

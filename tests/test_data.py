@@ -2,20 +2,18 @@
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import run_script
 from qlora import fixtures
 from qlora.chat import IGNORE, Message
 from qlora.config import Config
 from qlora.data import DataError, prepare_dataset, prepare_rows, read_records
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # (system, [(user, answer), ...]); the user text of the last one splits into Alpaca's instruction and input
 CONVERSATIONS = [
@@ -156,8 +154,7 @@ def test_like_conversations_give_like_rows_across_formats(tmp_path, prompt_forma
 
 
 def data_prep(*args):
-    return subprocess.run([sys.executable, str(ROOT / "data_prep.py"), *map(str, args)], cwd=ROOT, text=True,
-                          capture_output=True, timeout=120)
+    return run_script("data_prep.py", *map(str, args), check=False, timeout=120)
 
 
 DATA_PREP_FILES = {"llama2": ".jsonl", "guanaco": ".csv", "alpaca": ".json", "messages": ".parquet",

@@ -19,12 +19,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from qlora import export
+from conftest import ROOT
+from qlora import atomic, export
 from qlora.chat import Message
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
 
-ROOT = Path(__file__).resolve().parents[1]
 TYPES = ["f16", "q8_0", "q4_k_m"]
 SYSTEM = "You are a careful assistant. Answer briefly."
 
@@ -140,9 +140,8 @@ def test_llama_cpp_tokenizer_gives_mistral_ids(exported, conversations, prompt_f
     for gguf_type in TYPES:
         llm = llama_cpp.Llama(str(plan.gguf(gguf_type)), vocab_only=True, verbose=False)
         for conversation in conversations + export.CHECK_PROMPTS:
-            text = export.rendered_text(prompt_format, conversation).removeprefix("<s>")
             want = prompt_format.encode(conversation)[0]
-            assert llm.tokenize(text.encode(), add_bos=True, special=True) == want, text
+            assert export.llama_cpp_ids(llm, prompt_format, conversation) == want, conversation
 
 
 # ---------------------------------------------------------------- Ollama
@@ -319,7 +318,7 @@ def test_kill_in_mid_write_leaves_no_partial_file(stage, exported, trained_adapt
     assert not (out / stage).exists()
     for final in [p for p in out.iterdir() if p.name == "merged" or p.suffix == ".gguf"]:
         assert size(final) == size(plan.export_dir / final.name), final.name
-    export.remove_stale_temporaries(out)
+    atomic.remove_stale_temporaries(out)
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
