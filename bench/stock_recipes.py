@@ -85,9 +85,7 @@ def blog(args, meter):
 
 
 def main():
-    import torch
-
-    from qlora.report import Meter, StepProfiler
+    from qlora.report import Meter, StepProfiler, metrics
 
     args = parse()
     meter = Meter()
@@ -97,11 +95,7 @@ def main():
     trainer.data_collator = meter.counting(trainer.data_collator)
     started = time.time()
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result = {"global_step": trainer.state.global_step, "train_loss": [{"loss": x} for x in losses],
-              "padding_share": 1 - meter.real / meter.total, "real_tokens_seen": meter.real,
-              "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "wall_time_s": time.time() - started,
-              "steps": meter.timeline()}
+    result = metrics(trainer, meter, time.time() - started)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "metrics.json").write_text(json.dumps(result, indent=2))
 

@@ -197,15 +197,12 @@ class HFEngine:
         """Generated ids of each prompt, up to EOS (not included). `on_token(id) -> stop?` streams a single prompt."""
         import torch
 
-        width = max(len(p) for p in prompts)
-        # left padding, so that every row's prompt ends where generation starts
-        ids = torch.tensor([[self.eos] * (width - len(p)) + p for p in prompts], device=self.model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+        ids, mask = left_padded(prompts, self.eos, self.model.device)
         stream = _Callback(on_token) if on_token else None
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self._settings(config),
                                       streamer=stream, stopping_criteria=[stream] if stream else None)
-        return [_until(row[width:].tolist(), self.eos) for row in out]
+        return [_until(row[ids.shape[1]:].tolist(), self.eos) for row in out]
 
     def _settings(self, config):
         from transformers import GenerationConfig
@@ -214,6 +211,16 @@ class HFEngine:
                      "top_k": config.top_k} if config.temperature > 0 else {"do_sample": False})
         return GenerationConfig(max_new_tokens=config.max_new_tokens, repetition_penalty=config.repetition_penalty,
                                 eos_token_id=self.eos, pad_token_id=self.eos, **sampling)
+
+
+def left_padded(prompts: list[list[int]], pad: int, device):
+    """(ids, attention mask) with the prompts padded on the left, so that every row ends where generation starts."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
 
 
 def _until(ids: list[int], eos: int) -> list[int]:

@@ -72,17 +72,23 @@ def _load_unsloth(config):
     return model, tokenizer
 
 
+def nf4_config(dtype):
+    """QLoRA's 4-bit NormalFloat with double quantization, computing in `dtype` (what Unsloth's 4-bit loading uses)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
 def _load_hf(config, quantize: bool):
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype()
     kwargs = {"dtype": dtype}
     if quantize:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
+        kwargs["quantization_config"] = nf4_config(dtype)
         kwargs["device_map"] = {"": local_device_index()}
     model = AutoModelForCausalLM.from_pretrained(config.model_name, **kwargs)
     if quantize:
