@@ -130,7 +130,7 @@ def data_fingerprint(data) -> str:
     return digest.hexdigest()
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -154,7 +154,7 @@ def manifest(data, backend: str) -> dict:
     import torch
 
     return {"versions": {name: package_version(name) for name in PACKAGES}, "python": platform.python_version(),
-            "git_commit": _git_commit(), "data_fingerprint": data_fingerprint(data), "backend": backend,
+            "git_commit": git_commit(), "data_fingerprint": data_fingerprint(data), "backend": backend,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
 
 

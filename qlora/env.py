@@ -1,0 +1,71 @@
+"""`python -m qlora env`: what a bug report needs, as `transformers env`, `accelerate env` and `trl env` print it.
+
+Versions of the stack, the CUDA devices with their bf16/fp16 support and free memory, llama.cpp's own system info
+and whether it runs GGUF files here (`qlora.probe`), and whether llama.cpp's converter is in place.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from . import probe
+from .report import PACKAGES, git_commit, package_version
+
+STACK = PACKAGES + ("xformers", "llama_cpp_python", "gguf", "sentencepiece", "safetensors", "mistral_common")
+
+
+def gpu_lines() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["CUDA: not available (CPU only)"]
+    lines = [f"CUDA: {torch.version.cuda}, {torch.cuda.device_count()} device(s)"]
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        bf16 = torch.cuda.is_bf16_supported() if index == torch.cuda.current_device() else props.major >= 8
+        lines.append(f"  cuda:{index} {props.name}, compute capability {props.major}.{props.minor}, "
+                     f"bf16 {'yes' if bf16 else 'no (trains in fp16)'}, fp16 yes, "
+                     f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+    return lines
+
+
+def llama_cpp_lines() -> list[str]:
+    try:
+        import llama_cpp
+    except ImportError:
+        return ["llama.cpp: llama-cpp-python not installed (sh scripts/install_llama_cpp.sh)"]
+    lines = [f"llama.cpp system info: {llama_cpp.llama_print_system_info().decode().strip()}"]
+    results = probe.check()
+    lines.append("llama.cpp check: " + ", ".join(f"{t} {why}" for t, why in results.items()))
+    problem = probe.verdict(results)
+    if problem:
+        lines.append(f"  {problem}")
+    return lines
+
+
+def converter_line() -> str:
+    from .export import ExportError, find_converter
+
+    try:
+        folder = find_converter()
+    except ExportError as err:
+        return f"llama.cpp converter: {err}"
+    stamp = folder / "VERSION"
+    made_for = stamp.read_text().strip() if stamp.is_file() else "unknown version"
+    return f"llama.cpp converter: {folder} (from llama-cpp-python {made_for})"
+
+
+def report() -> str:
+    lines = [f"qlora-mistral commit: {git_commit() or 'unknown'}",
+             f"platform: {platform.platform()}, {platform.machine()}",
+             f"python: {platform.python_version()}"]
+    lines += [f"{name}: {package_version(name) or 'not installed'}" for name in STACK]
+    lines += gpu_lines() + llama_cpp_lines() + [converter_line()]
+    return "\n".join(f"- {line}" if not line.startswith("  ") else line for line in lines)
+
+
+def main() -> int:
+    print("Copy and paste this into your bug report:\n")
+    print(report())
+    return 0
