@@ -53,10 +53,13 @@ class Meter:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            counts = torch.tensor([self.real, self.total], dtype=torch.float64)
+            # NCCL reduces only tensors on the process's own GPU; gloo takes CPU tensors
+            device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+            counts = torch.tensor([self.real, self.total], dtype=torch.float64, device=device)
             scale = counts.clone()
             dist.all_reduce(counts)
-            factor = (counts[0] / scale[0]).item() if scale[0] else 1.0
+            counts, scale = counts.tolist(), scale.tolist()
+            factor = counts[0] / scale[0] if scale[0] else 1.0
             self.steps = [(s, t, int(n * factor)) for s, t, n in self.steps]
             self.real, self.total = int(counts[0]), int(counts[1])
 

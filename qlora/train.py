@@ -129,6 +129,8 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
         bf16=bf16,
         fp16=on_gpu and not bf16,
         use_cpu=not on_gpu,  # also what makes torchrun's processes on a CPU train together (gloo)
+        # every LoRA weight gets a gradient each step: DDP need not search the graph for unused ones
+        ddp_find_unused_parameters=False,
         # Unsloth brings its own gradient checkpointing; on the other backends the Trainer turns it on
         gradient_checkpointing=config.gradient_checkpointing != "false" and backend != "unsloth",
         logging_steps=config.logging_steps,

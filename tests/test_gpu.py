@@ -141,3 +141,33 @@ def test_out_of_memory_saves_the_last_step_says_what_to_lower_and_resumes(standi
     resumed = run_script("train_unsloth.py", "--config", str(out / "config.yaml"), "--resume", "--token_budget", "4096")
     assert f"resuming from {out / 'checkpoint-1'}" in resumed.stdout
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 3
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@pytest.mark.skipif(gpu_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_end_like_one_process(standin, sample_file, tmp_path):
+    """torchrun on 2 GPUs (NCCL): one adapter and one metrics.json, whose token count is the sum over both ranks: the
+    same as one process accumulating the two ranks' batches (the sampler deals the same batches per optimizer step)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = ["--model_name", str(standin), "--dataset", str(sample_file), "--max_steps", "6", "--eval_fraction", "0",
+            "--token_budget", "4096", "--gradient_accumulation_steps", "2", "--save_steps", "3", "--logging_steps", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script("train_unsloth.py", *args, "--output_dir", str(one))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_unsloth.py",
+                             *args, "--output_dir", str(two)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("done:") == 1 and "x 1 accumulation x 2 process(es)" in result.stdout
+    metrics = {run: json.loads((run / "metrics.json").read_text()) for run in (one, two)}
+    print(f"\n1 GPU: {metrics[one]['throughput_after_warmup']}; 2 GPUs: {metrics[two]['throughput_after_warmup']}")
+    assert metrics[two]["global_step"] == 6 and metrics[two]["real_tokens_seen"] == metrics[one]["real_tokens_seen"]
+    assert (two / "adapter_model.safetensors").is_file() and (two / "loss.png").is_file()
+    assert (two / "manifest.json").is_file() and not list(two.glob(".*staging*"))
