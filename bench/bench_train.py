@@ -4,12 +4,18 @@ on the same variable-length data, in one run.
     python bench/bench_train.py --workdir /tmp/bench                       # builds the 7.24 B stand-in, both data sets
     python bench/bench_train.py --workdir /tmp/bench --data my_rows.jsonl  # your own rows
     python bench/bench_train.py --workdir /tmp/bench --ours "nogc=--gradient_checkpointing false"  # variants of ours
+    python bench/bench_train.py --workdir /tmp/bench --gpu_memory_gib 15 23   # as on a 16 GB and a 24 GB card
+
+--gpu_memory_gib N: a second process holds all of the GPU but N GiB for the length of the runs, so every recipe, and
+torch.cuda.mem_get_info (which the toolkit's planner reads), sees a card of N GiB free. (set_per_process_memory_fraction
+would cap the allocator without changing what mem_get_info reports, so the planner would not see it.)
 
 Each recipe runs in its own process (Unsloth patches libraries on import). Real tokens are the non-padding ones;
 throughput is taken over the optimizer steps after the warm-up ones. Prints a markdown table for bench/RESULTS.md.
 """
 
 import argparse
+import contextlib
 import json
 import platform
 import shlex
@@ -36,6 +42,8 @@ def parse():
     parser.add_argument("--stock", default="notebook,notebook+packing,blog", help="stock recipes to run ('' none)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--gpu_memory_gib", type=float, nargs="+", default=[None],
+                        help="run every recipe with only this much GPU memory free (several sizes: one pass each)")
     return parser.parse_args()
 
 
@@ -54,6 +62,31 @@ def prepare_inputs(args, workdir: Path) -> tuple[Path, list[Path]]:
     return model, files
 
 
+HOLDER = """
+import sys, time, torch
+free = torch.cuda.mem_get_info()[0]
+held = torch.empty(max(0, free - int(float(sys.argv[1]) * 2**30)), dtype=torch.uint8, device="cuda")
+print(torch.cuda.mem_get_info()[0], flush=True)
+time.sleep(10**6)
+"""
+
+
+@contextlib.contextmanager
+def gpu_memory_free(gib: float | None):
+    """Hold all GPU memory but `gib` GiB in another process while the block runs (nothing held for None)."""
+    if gib is None:
+        yield
+        return
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(gib)], stdout=subprocess.PIPE, text=True)
+    try:
+        free = int(holder.stdout.readline())
+        print(f"holding the GPU down to {free / 2**30:.1f} GiB free", flush=True)
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def run(command: list[str], log: Path) -> bool:
     with open(log, "w") as out:
         code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
@@ -69,7 +102,7 @@ def summarize(metrics_file: Path, warmup: int) -> dict:
     timed = throughput(m["steps"], warmup)
     return {"real_tok_s": timed["real_tokens_per_second"], "s_per_step": timed["seconds_per_step"],
             "padding": m.get("padding_share", 0.0), "peak_gib": m["peak_gpu_memory_gib"],
-            "final_loss": m["train_loss"][-1]["loss"] if m["train_loss"] else float("nan")}
+            "final_loss": m["train_loss"][-1]["loss"] if m["train_loss"] else float("nan"), "plan": m.get("plan")}
 
 
 def recipes(args, model: Path, data: Path, out: Path):
@@ -104,19 +137,27 @@ def main():
     workdir.mkdir(parents=True, exist_ok=True)
     model, data_files = prepare_inputs(args, workdir)
     rows = []
-    for data in data_files:
-        for name, command, metrics_file in recipes(args, model, data, workdir / "runs" / data.stem):
-            print(f"{data.name} / {name}: {' '.join(command[1:])}", flush=True)
-            metrics_file.parent.mkdir(parents=True, exist_ok=True)
-            if run(command, metrics_file.parent.parent / f"{metrics_file.parent.name}.log"):
-                rows.append({"data": data.name, "recipe": name, **summarize(metrics_file, args.warmup)})
-                print(f"  {rows[-1]}", flush=True)
+    for gib in args.gpu_memory_gib:
+        size = "whole card" if gib is None else f"{gib:g}"
+        with gpu_memory_free(gib):
+            for data in data_files:
+                out = workdir / "runs" / size.replace(" ", "_") / data.stem
+                for name, command, metrics_file in recipes(args, model, data, out):
+                    print(f"{size} / {data.name} / {name}: {' '.join(command[1:])}", flush=True)
+                    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+                    if run(command, metrics_file.parent.parent / f"{metrics_file.parent.name}.log"):
+                        rows.append({"free_gib": size, "data": data.name, "recipe": name,
+                                     **summarize(metrics_file, args.warmup)})
+                        print(f"  {rows[-1]}", flush=True)
     (workdir / "bench_train.json").write_text(json.dumps(rows, indent=2))
     print("\n" + header() + f"; {args.steps} steps, first {args.warmup} untimed\n")
-    print("| data | recipe | real tokens/s | s/step | padding | peak GiB | final loss |\n|---|---|---|---|---|---|---|")
+    print("| free GiB | data | recipe | real tokens/s | s/step | padding | peak GiB |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['data']} | {r['recipe']} | {r['real_tok_s']:,.0f} | {r['s_per_step']:.2f} | {r['padding']:.0%} "
-              f"| {r['peak_gib']:.1f} | {r['final_loss']:.3f} |")
+        print(f"| {r['free_gib']} | {r['data']} | {r['recipe']} | {r['real_tok_s']:,.0f} | {r['s_per_step']:.2f} | "
+              f"{r['padding']:.0%} | {r['peak_gib']:.1f} |")
+    for r in rows:
+        if r.get("plan"):
+            print(f"plan, {r['free_gib']} / {r['data']} / {r['recipe']}: {r['plan']}")
 
 
 if __name__ == "__main__":

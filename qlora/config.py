@@ -51,13 +51,15 @@ class Config:
     lora_dropout: float = _f(0.0, "model", "LoRA dropout (0 keeps Unsloth's fastest LoRA kernels; 0.1 costs about 7%)")
     lora_target_modules: list[str] = _f(LORA_TARGETS, "model", "modules that get LoRA adapters")
     gradient_checkpointing: str = _f("auto", "model", "recompute activations in the backward pass to save memory: "
-                                     "true, false, unsloth (also offload them to host memory) or auto (off when the "
-                                     "GPU's free memory holds them)")
+                                     "true, false, unsloth (offload them to host memory instead) or auto (the planner "
+                                     "picks the fastest that fits the free GPU memory)")
     # train
     output_dir: str = _f("outputs/mistral-qlora", "train", "where data, checkpoints, adapter and reports go")
     per_device_train_batch_size: int = _f(1, "train", "rows per micro-batch (per device), when token_budget is unset")
-    token_budget: int | None = _f(12288, "train", "micro-batches of rows of similar length holding up to this many "
-                                  "padded tokens, instead of a fixed number of rows")
+    token_budget: int | str | None = _f("auto", "train", "micro-batches of rows of similar length holding up to this "
+                                        "many padded tokens (none: per_device_train_batch_size rows); auto: the "
+                                        "planner cuts tokens_per_step into micro-batches that fit the free GPU memory")
+    tokens_per_step: int = _f(12288, "train", "padded tokens per optimizer step when token_budget is auto")
     gradient_accumulation_steps: int = _f(1, "train", "micro-batches per optimizer step (one process)")
     keep_gradient_accumulation: bool = _f(False, "train", "with N processes keep the accumulation as given instead of "
                                           "dividing it by N to keep the one-process effective batch")
@@ -103,6 +105,9 @@ CHOICES = {
 }
 
 
+AUTO_NUMBERS = ("token_budget",)  # numbers that also take "auto"
+
+
 class ConfigError(ValueError):
     """A setting that cannot be used: the message names the key and, where it came from a file, the file."""
 
@@ -120,7 +125,9 @@ def coerce(name: str, value, source: str = "flag"):
     if name not in FIELDS:
         raise ConfigError(f"{source}: unknown key '{name}'")
     tp, optional = _base_type(typing.get_type_hints(Config)[name])
-    if value is None:
+    if value == "auto" and name in AUTO_NUMBERS:
+        return value
+    if value is None or (optional and value in ("none", "null")):
         if optional:
             return None
         raise ConfigError(f"{source}: '{name}' may not be empty")

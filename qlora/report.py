@@ -107,20 +107,25 @@ class StepProfiler:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.profiler = torch.profiler.profile(activities=activities)
         self.profiler.__enter__()
+        self.started = time.perf_counter()
 
     def stop(self) -> None:
         import torch
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        wall = time.perf_counter() - self.started
         self.profiler.__exit__(None, None, None)
         table = self.profiler.key_averages()
-        sections = [f"{self.steps} optimizer steps after {self.skip}; totals over those steps"]
+        # the share of the wall time the GPU spent in kernels: what is left is the GPU waiting for the host
+        busy = sum(event.self_device_time_total for event in table) / 1e6 / wall
+        sections = [f"{self.steps} optimizer steps after {self.skip}; totals over those steps",
+                    f"wall {wall:.3f} s, {wall / self.steps:.3f} s a step; GPU busy {busy:.1%} of it"]
         for key in ("self_device_time_total", "self_cpu_time_total"):
             sections.append(f"\n== sorted by {key}\n" + table.table(sort_by=key, row_limit=25, max_name_column_width=70))
         atomic.write_text(self.path, "\n".join(sections))
         self.profiler = None
-        print(f"profile of {self.steps} steps written to {self.path}")
+        print(f"profile of {self.steps} steps written to {self.path}: {sections[1]}")
 
 
 def data_fingerprint(data) -> str:
@@ -161,7 +166,7 @@ def manifest(data, backend: str) -> dict:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
 
 
-def metrics(trainer, meter: Meter, wall_time: float) -> dict:
+def metrics(trainer, meter: Meter, wall_time: float, plan: dict | None = None) -> dict:
     import torch
 
     history, timeline = trainer.state.log_history, meter.timeline()
@@ -176,6 +181,7 @@ def metrics(trainer, meter: Meter, wall_time: float) -> dict:
         "steps": timeline,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "wall_time_s": wall_time,
+        "plan": plan,  # what the planner chose for this GPU and why (qlora.planner), None where nothing was planned
     }
 
 
@@ -199,8 +205,9 @@ def plot_loss(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_all(out: Path, trainer, meter: Meter, config, data, wall_time: float, backend: str) -> dict:
-    result = metrics(trainer, meter, wall_time)
+def write_all(out: Path, trainer, meter: Meter, config, data, wall_time: float, backend: str,
+              plan: dict | None = None) -> dict:
+    result = metrics(trainer, meter, wall_time, plan)
     atomic.write_text(out / "metrics.json", json.dumps(result, indent=2))
     atomic.write_text(out / "manifest.json", json.dumps(manifest(data, backend), indent=2))
     plot_loss(result, out / "loss.png")
@@ -208,5 +215,6 @@ def write_all(out: Path, trainer, meter: Meter, config, data, wall_time: float, 
     print(f"done: {result['global_step']} steps in {wall_time:.0f} s, "
           f"{result['real_tokens_per_second']:.0f} real tokens/s"
           + (f", eval loss {first['loss']:.3f} -> {last['loss']:.3f}" if first else "")
+          + (f"; plan: {plan['summary']}" if plan else "")
           + f"; adapter, metrics.json, loss.png and manifest.json in {out}")
     return result

@@ -230,28 +230,33 @@ class StopOnSignal:
         print(f"\n{self.received}: saving a checkpoint after this step, then stopping (again to abort)", flush=True)
 
 
-# Activation memory of Mistral-7B per trained token without checkpointing, as measured for each backend
-# (bench/RESULTS.md), and what the 4-bit weights, LoRA states and the loss chunk take besides.
-ACTIVATION_BYTES_PER_TOKEN = {"unsloth": int(3.75 * 2**20), "hf": int(9 * 2**20)}
-FIXED_BYTES = 6 * 2**30
-
-
-def resolve_checkpointing(config: Config, backend: str) -> Config:
-    """`auto` becomes `false` where the free GPU memory holds a micro-batch's activations, else `unsloth`."""
+def plan_feeding(config: Config, backend: str, longest_row: int) -> tuple[Config, dict | None]:
+    """Resolve `token_budget: auto` and `gradient_checkpointing: auto` from the free GPU memory (qlora.planner): the
+    returned config holds the concrete micro-batch, accumulation and checkpointing, so that --resume replays them."""
     import torch
 
+    from . import planner
     from .model import local_device_index
 
-    if config.gradient_checkpointing != "auto":
-        return config
+    budget_auto, checkpointing_auto = config.token_budget == "auto", config.gradient_checkpointing == "auto"
     if backend == "cpu":
-        return dataclasses.replace(config, gradient_checkpointing="false")
+        return dataclasses.replace(config, token_budget=config.tokens_per_step if budget_auto else config.token_budget,
+                                   gradient_checkpointing="false" if checkpointing_auto else
+                                   config.gradient_checkpointing), None
+    if not (budget_auto or checkpointing_auto):
+        return config, None
     free = torch.cuda.mem_get_info(local_device_index())[0]
-    tokens = config.token_budget or config.per_device_train_batch_size * config.max_seq_length
-    need = tokens * ACTIVATION_BYTES_PER_TOKEN[backend] + FIXED_BYTES
-    choice = "false" if need < 0.9 * free else "unsloth"
-    print(f"gradient checkpointing: {choice} (about {need / 2**30:.0f} GiB without it, {free / 2**30:.0f} GiB free)")
-    return dataclasses.replace(config, gradient_checkpointing=choice)
+    # --backend hf has no offloading: its checkpointing recomputes
+    checkpointing = "true" if backend == "hf" and config.gradient_checkpointing == "unsloth" else config.gradient_checkpointing
+    if budget_auto:
+        chosen = planner.plan(free, config.tokens_per_step, longest_row, backend, checkpointing)
+        config = dataclasses.replace(config, token_budget=chosen.micro_tokens, gradient_accumulation_steps=chosen.accumulation)
+    else:  # a micro-batch size of the user's: only the checkpointing is chosen
+        tokens = config.token_budget or config.per_device_train_batch_size * config.max_seq_length
+        chosen = planner.plan(free, tokens, tokens, backend, checkpointing)
+    config = dataclasses.replace(config, gradient_checkpointing=chosen.checkpointing)
+    print(f"plan: {chosen.summary()}")
+    return config, chosen.as_dict()
 
 
 def oom_advice(config: Config, error: Exception, step: int) -> str:
@@ -270,10 +275,10 @@ def oom_advice(config: Config, error: Exception, step: int) -> str:
                  f"--gradient_accumulation_steps to keep the effective batch)")
     lower = [batch, f"--max_seq_length (now {config.max_seq_length})"]
     if config.gradient_checkpointing == "false":
-        lower.append("or turn on --gradient_checkpointing unsloth (now false)")
+        lower.append("or turn on --gradient_checkpointing true (now false)")
     return (f"CUDA out of memory at step {step + 1}: peak {peak:.1f} GiB allocated of {total:.1f} GiB on this GPU.\n"
-            f"Lower {', '.join(lower)}, or start from --config configs/consumer.yaml (fits in about 5 GiB).\n"
-            f"({str(error).splitlines()[0]})")
+            f"Lower {', '.join(lower)}, or let the planner choose (--token_budget auto --gradient_checkpointing auto, "
+            f"the defaults), with other programs on this GPU closed.\n({str(error).splitlines()[0]})")
 
 
 def save_after_oom(trainer, config: Config) -> str:
@@ -320,15 +325,16 @@ def run(config: Config, backend: str) -> int:
     from .compat import patch_trl_without_triton
     from .model import load_for_training
 
-    config = resolve_checkpointing(config, backend)
     resume_from = check_output_dir(config)
     out = Path(config.output_dir)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out / STAGING, ignore_errors=True)  # what a killed checkpoint write left behind
-        atomic.write_text(out / "config.yaml", to_yaml(config))
     wait_for_everyone()
     data = load_data(config)
+    config, feeding = plan_feeding(config, backend, max(len(ids) for ids in data["train"]["input_ids"]))
+    if is_main_process():
+        atomic.write_text(out / "config.yaml", to_yaml(config))
     if patch_trl_without_triton():
         print("note: no Triton here; TRL's fused loss runs in plain PyTorch (qlora/compat.py)")
     set_seed(config.seed)  # the LoRA weights start the same in every run and in every process
@@ -366,5 +372,6 @@ def run(config: Config, backend: str) -> int:
     meter.sum_over_processes()
     if trainer.is_world_process_zero():
         save_adapter(trainer, tokenizer, config)
-        report.write_all(out, trainer, meter, config, data, wall_time=time.time() - started, backend=backend)
+        report.write_all(out, trainer, meter, config, data, wall_time=time.time() - started, backend=backend,
+                         plan=feeding)
     return 0

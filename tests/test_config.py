@@ -41,12 +41,12 @@ def test_reference_preset_is_the_reference_recipe():
 
 
 def test_defaults_are_the_fast_recipe():
-    """The reference recipe's model, data, LoRA rank and schedule; token-budget batches, dropout 0 and checkpointing
-    decided from free memory instead (README: "The default recipe")."""
+    """The reference recipe's model, data, LoRA rank and schedule; token-budget batches and checkpointing planned from
+    the free memory, and dropout 0, instead (README: "The default recipe")."""
     c = run()
     assert c == Config()
     assert (c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules) == (8, 32, 0.0, LORA_TARGETS)
-    assert (c.token_budget, c.gradient_accumulation_steps, c.max_seq_length) == (12288, 1, 2048)
+    assert (c.token_budget, c.tokens_per_step, c.gradient_accumulation_steps, c.max_seq_length) == ("auto", 12288, 1, 2048)
     assert (c.gradient_checkpointing, c.optim) == ("auto", "auto")
     assert (c.learning_rate, c.num_train_epochs, c.logging_steps, c.save_steps) == (2e-4, 3, 10, 100)
     assert (c.model_name, c.dataset) == ("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "mlabonne/guanaco-llama2-1k")

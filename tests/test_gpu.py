@@ -171,3 +171,30 @@ def test_two_gpus_end_like_one_process(standin, sample_file, tmp_path):
     assert metrics[two]["global_step"] == 6 and metrics[two]["real_tokens_seen"] == metrics[one]["real_tokens_seen"]
     assert (two / "adapter_model.safetensors").is_file() and (two / "loss.png").is_file()
     assert (two / "manifest.json").is_file() and not list(two.glob(".*staging*"))
+
+
+def test_fp16_on_a_card_without_bf16_trains_in_15_gib(standin, tmp_path):
+    """A T4 has no bf16: torch and Unsloth's dtype probe are made to see none (a sitecustomize run before anything
+    else), so Unsloth computes in fp16 with a gradient scaler; with 15 GiB free, as on a 16 GB card. The planner's
+    plan must fit (fp16 activations are bf16's size) and 30 steps must give a finite, falling loss."""
+    import math
+    import os
+
+    from bench.bench_train import gpu_memory_free
+
+    shim = tmp_path / "no-bf16"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_bf16_supported = lambda *a, **k: False\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))}
+    data = fixtures.write_jsonl(tmp_path / "guanaco_shaped.jsonl", fixtures.guanaco_shaped_rows())
+    out = tmp_path / "run"
+    with gpu_memory_free(15):
+        result = run_script("train_unsloth.py", "--model_name", str(standin), "--dataset", str(data), "--max_steps",
+                            "30", "--eval_fraction", "0", "--logging_steps", "5", "--output_dir", str(out), env=env)
+    metrics = json.loads((out / "metrics.json").read_text())
+    losses = [p["loss"] for p in metrics["train_loss"]]
+    print(f"\nfp16, 15 GiB free: {metrics['plan']['summary']}\n  {metrics['throughput_after_warmup']}, peak "
+          f"{metrics['peak_gpu_memory_gib']:.1f} GiB\n  train loss: {losses}")
+    assert "Bfloat16 = FALSE" in result.stdout + result.stderr
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0] - 1.0, losses
+    assert metrics["peak_gpu_memory_gib"] < 15 and metrics["plan"]["predicted_bytes"] < 15 * 2**30

@@ -1,0 +1,54 @@
+"""The planner's choices from given free-memory figures: Mistral-7B in 4 bits, the default 12,288 tokens a step."""
+
+import pytest
+
+from qlora import planner
+
+GIB = 2**30
+STEP, LONGEST = 12288, 2048
+
+
+@pytest.mark.parametrize("free_gib, checkpointing, micro, accumulation", [
+    (15, "true", 12288, 1),   # a 16 GB card: recomputing beats accumulating six 2,048-token micro-batches
+    (23, "true", 12288, 1),   # a 24 GB card: three 4,096-token micro-batches without checkpointing are still slower
+    (78, "false", 12288, 1),  # an 80 GB card: the whole step's activations fit
+])
+def test_choice_at_each_card_size(free_gib, checkpointing, micro, accumulation):
+    chosen = planner.plan(free_gib * GIB, STEP, LONGEST, "unsloth")
+    assert (chosen.checkpointing, chosen.micro_tokens, chosen.accumulation) == (checkpointing, micro, accumulation)
+    assert chosen.micro_tokens * chosen.accumulation >= STEP and chosen.micro_tokens >= LONGEST
+
+
+@pytest.mark.parametrize("free_gib", [8, 10, 12, 15, 20, 23, 30, 40, 60, 78, 139])
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_a_choice_never_exceeds_the_memory_given_and_is_the_fastest_that_fits(free_gib, backend):
+    free = free_gib * GIB
+    chosen = planner.plan(free, STEP, LONGEST, backend)
+    assert chosen.predicted_bytes <= planner.USABLE * free
+    fitting = [p for p in planner.candidates(free, STEP, LONGEST, planner.MODES[backend])
+               if p.predicted_bytes <= planner.USABLE * free]
+    assert chosen.predicted_tokens_per_second == max(p.predicted_tokens_per_second for p in fitting)
+
+
+def test_without_checkpointing_small_cards_accumulate_smaller_micro_batches():
+    chosen = planner.plan(15 * GIB, STEP, LONGEST, "unsloth", checkpointing="false")
+    assert (chosen.checkpointing, chosen.micro_tokens, chosen.accumulation) == ("false", 2048, 6)
+    assert chosen.predicted_bytes <= planner.USABLE * 15 * GIB
+
+
+def test_nothing_fits_gives_the_plan_needing_least_memory():
+    chosen = planner.plan(5 * GIB, STEP, LONGEST, "unsloth")
+    assert chosen.checkpointing == "unsloth" and chosen.micro_tokens == LONGEST
+    assert chosen.predicted_bytes == min(p.predicted_bytes for p in planner.candidates(
+        5 * GIB, STEP, LONGEST, planner.MODES["unsloth"]))
+
+
+def test_rows_longer_than_a_step_get_a_micro_batch_of_their_own():
+    chosen = planner.plan(78 * GIB, 4096, 8192, "unsloth")
+    assert chosen.micro_tokens == 8192 and chosen.accumulation == 1
+
+
+def test_offloading_is_not_offered_without_unsloth():
+    assert all(p.checkpointing != "unsloth" for p in planner.candidates(15 * GIB, STEP, LONGEST, planner.MODES["hf"]))
+    with pytest.raises(ValueError, match="not available with --backend hf"):
+        planner.plan(15 * GIB, STEP, LONGEST, "hf", checkpointing="unsloth")
