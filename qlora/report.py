@@ -117,8 +117,10 @@ class StepProfiler:
         wall = time.perf_counter() - self.started
         self.profiler.__exit__(None, None, None)
         table = self.profiler.key_averages()
-        # the share of the wall time the GPU spent in kernels: what is left is the GPU waiting for the host
-        busy = sum(event.self_device_time_total for event in table) / 1e6 / wall
+        # the share of the wall time the GPU spent in kernels (kernel events only: an operator's row repeats the time of
+        # the kernels it launched); what is left is the GPU waiting for the host
+        kernels = [e for e in table if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6 / wall
         sections = [f"{self.steps} optimizer steps after {self.skip}; totals over those steps",
                     f"wall {wall:.3f} s, {wall / self.steps:.3f} s a step; GPU busy {busy:.1%} of it"]
         for key in ("self_device_time_total", "self_cpu_time_total"):

@@ -104,12 +104,20 @@ def load_data(config: Config):
 # ---------------------------------------------------------------- the trainer
 
 
+def precision() -> str:
+    """Mixed precision of the run: bf16 where the GPU has it, fp16 with a gradient scaler where not (T4), fp32 on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
     import torch
     from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
     eval_steps = config.eval_steps or config.save_steps
     early_stopping = config.early_stopping_patience is not None and has_eval
     return SFTConfig(
@@ -126,8 +134,8 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
         weight_decay=config.weight_decay,
         # bitsandbytes' 8-bit AdamW synchronises with the GPU after every parameter; the LoRA states are small anyway
         optim=config.optim if config.optim != "auto" else ("adamw_torch_fused" if on_gpu else "adamw_torch"),
-        bf16=bf16,
-        fp16=on_gpu and not bf16,
+        bf16=precision() == "bf16",
+        fp16=precision() == "fp16",
         use_cpu=not on_gpu,  # also what makes torchrun's processes on a CPU train together (gloo)
         # every LoRA weight gets a gradient each step: DDP need not search the graph for unused ones
         ddp_find_unused_parameters=False,
@@ -344,7 +352,8 @@ def run(config: Config, backend: str) -> int:
     if is_main_process():
         micro = (f"up to {config.token_budget} tokens" if config.token_budget
                  else f"{config.per_device_train_batch_size} rows")
-        print(f"effective batch: {micro} per device x {accumulation} accumulation x {count} process(es)")
+        print(f"effective batch: {micro} per device x {accumulation} accumulation x {count} process(es); "
+              f"precision: {precision()}")
     stop = StopOnSignal()
     meter = report.Meter()
     callbacks = [stop.callback, meter.callback]

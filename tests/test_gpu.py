@@ -4,6 +4,7 @@ Skipped without CUDA; on a GPU host: `pytest -m gpu -s` (set MISTRAL_TOKENIZER_M
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,11 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="session")
 def standin(tmp_path_factory):
+    """The 7.24 B stand-in: QLORA_STANDIN names one already built (bench/bench_train.py builds the same), else built."""
+    import os
+
+    if os.environ.get("QLORA_STANDIN"):
+        return Path(os.environ["QLORA_STANDIN"])
     return fixtures.save_standin(tmp_path_factory.mktemp("standin") / "mistral-7b-v0.2-standin")
 
 
@@ -195,6 +201,6 @@ def test_fp16_on_a_card_without_bf16_trains_in_15_gib(standin, tmp_path):
     losses = [p["loss"] for p in metrics["train_loss"]]
     print(f"\nfp16, 15 GiB free: {metrics['plan']['summary']}\n  {metrics['throughput_after_warmup']}, peak "
           f"{metrics['peak_gpu_memory_gib']:.1f} GiB\n  train loss: {losses}")
-    assert "Bfloat16 = FALSE" in result.stdout + result.stderr
+    assert "precision: fp16" in result.stdout
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0] - 1.0, losses
     assert metrics["peak_gpu_memory_gib"] < 15 and metrics["plan"]["predicted_bytes"] < 15 * 2**30
