@@ -179,8 +179,39 @@ def test_two_gpus_end_like_one_process(standin, sample_file, tmp_path):
     assert (two / "manifest.json").is_file() and not list(two.glob(".*staging*"))
 
 
+# Run before anything else in the training process (a sitecustomize on PYTHONPATH). Unsloth decides bf16 from the compute
+# capability (8.0 and up) and then answers torch.cuda.is_bf16_supported itself, so its capability for that decision is
+# made a T4's (7.5). torch.cuda.get_device_capability stays true: made 7.5 too, torch.compile built sm_75 kernels that
+# the H200 cannot run ("no kernel image is available").
+SEE_A_T4 = """
+import importlib.abc, importlib.util, sys
+import torch
+
+torch.cuda.is_bf16_supported = lambda *args, **kwargs: False
+
+
+class SeeAT4(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "unsloth.device_type":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            module.cuda_bf16_capability = lambda: (7, 5)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, SeeAT4())
+"""
+
+
 def test_fp16_on_a_card_without_bf16_trains_in_15_gib(standin, tmp_path):
-    """A T4 has no bf16: torch and Unsloth's dtype probe are made to see none (a sitecustomize run before anything
+    """A T4 has no bf16: torch and Unsloth's dtype probe are made to see a T4 (a sitecustomize run before anything
     else), so Unsloth computes in fp16 with a gradient scaler; with 15 GiB free, as on a 16 GB card. The planner's
     plan must fit (fp16 activations are bf16's size) and 30 steps must give a finite, falling loss."""
     import math
@@ -190,7 +221,7 @@ def test_fp16_on_a_card_without_bf16_trains_in_15_gib(standin, tmp_path):
 
     shim = tmp_path / "no-bf16"
     shim.mkdir()
-    (shim / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_bf16_supported = lambda *a, **k: False\n")
+    (shim / "sitecustomize.py").write_text(SEE_A_T4)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))}
     data = fixtures.write_jsonl(tmp_path / "guanaco_shaped.jsonl", fixtures.guanaco_shaped_rows())
     out = tmp_path / "run"
