@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .isolate import REBUILD_LLAMA_CPP, ChildCrashed, ChildFailed, run_isolated
@@ -24,30 +25,46 @@ SPECIALS = ("<unk>", "<s>", "</s>")
 PROMPT = [1] + list(range(3 + 65, 3 + 65 + 31))  # BOS, then 31 byte tokens: a batch, so the matrix-matrix path runs
 
 
-def vocabulary() -> tuple[list[bytes], list[int]]:
-    """SentencePiece-style vocabulary: <unk>, <s>, </s> and the 256 byte tokens <0x00>..<0xFF>."""
+def vocabulary(size: int) -> tuple[list[bytes], list[int]]:
+    """SentencePiece-style vocabulary: <unk>, <s>, </s>, the 256 byte tokens <0x00>..<0xFF>, then plain tokens."""
     import gguf
 
     tokens = [s.encode() for s in SPECIALS] + [f"<0x{b:02X}>".encode() for b in range(256)]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
-    return tokens, types
+    plain = size - len(tokens)
+    return tokens + [f"t{i}".encode() for i in range(plain)], types + [gguf.TokenType.NORMAL] * plain
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
-    """A 1-layer Llama with random f16 weights and a byte vocabulary, written by gguf-py."""
+@dataclass(frozen=True)
+class Shape:
+    width: int = WIDTH
+    ffn: int = FFN
+    layers: int = LAYERS
+    heads: int = HEADS
+    kv_heads: int = HEADS
+    vocab: int = len(SPECIALS) + 256
+
+
+# Mistral-7B's matrices (bench/bench_llama_cpp.py uses a few of its layers to time llama.cpp builds)
+MISTRAL_7B = Shape(width=4096, ffn=14336, layers=32, heads=32, kv_heads=8, vocab=32000)
+
+
+def write_tiny_gguf(path: Path, shape: Shape = Shape(), seed: int = 0) -> Path:
+    """A Llama with random f16 weights and a byte vocabulary, written by gguf-py (the tiny probe model by default)."""
     import gguf
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    tokens, types = vocabulary()
+    tokens, types = vocabulary(shape.vocab)
+    head = shape.width // shape.heads
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(256)  # llama.cpp rounds any context up to 256
-    writer.add_embedding_length(WIDTH)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(HEADS)
-    writer.add_rope_dimension_count(WIDTH // HEADS)
+    writer.add_embedding_length(shape.width)
+    writer.add_block_count(shape.layers)
+    writer.add_feed_forward_length(shape.ffn)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.kv_heads)
+    writer.add_rope_dimension_count(head)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_tokenizer_model("llama")
@@ -57,19 +74,21 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
 
-    def weight(*shape):
-        return (rng.standard_normal(shape) * 0.05).astype(np.float16)
+    def weight(*dims):
+        return (rng.standard_normal(dims, dtype=np.float32) * 0.05).astype(np.float16)
 
-    writer.add_tensor("token_embd.weight", weight(len(tokens), WIDTH))
-    writer.add_tensor("output_norm.weight", np.ones(WIDTH, dtype=np.float32))
-    writer.add_tensor("output.weight", weight(len(tokens), WIDTH))
-    for layer in range(LAYERS):
-        for name, shape in (("attn_q", (WIDTH, WIDTH)), ("attn_k", (WIDTH, WIDTH)), ("attn_v", (WIDTH, WIDTH)),
-                            ("attn_output", (WIDTH, WIDTH)), ("ffn_gate", (FFN, WIDTH)), ("ffn_up", (FFN, WIDTH)),
-                            ("ffn_down", (WIDTH, FFN))):
-            writer.add_tensor(f"blk.{layer}.{name}.weight", weight(*shape))
+    kv = shape.kv_heads * head
+    writer.add_tensor("token_embd.weight", weight(len(tokens), shape.width))
+    writer.add_tensor("output_norm.weight", np.ones(shape.width, dtype=np.float32))
+    writer.add_tensor("output.weight", weight(len(tokens), shape.width))
+    for layer in range(shape.layers):
+        for name, dims in (("attn_q", (shape.width, shape.width)), ("attn_k", (kv, shape.width)),
+                           ("attn_v", (kv, shape.width)), ("attn_output", (shape.width, shape.width)),
+                           ("ffn_gate", (shape.ffn, shape.width)), ("ffn_up", (shape.ffn, shape.width)),
+                           ("ffn_down", (shape.width, shape.ffn))):
+            writer.add_tensor(f"blk.{layer}.{name}.weight", weight(*dims))
         for name in ("attn_norm", "ffn_norm"):
-            writer.add_tensor(f"blk.{layer}.{name}.weight", np.ones(WIDTH, dtype=np.float32))
+            writer.add_tensor(f"blk.{layer}.{name}.weight", np.ones(shape.width, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
