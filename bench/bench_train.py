@@ -5,6 +5,7 @@ on the same variable-length data, in one run.
     python bench/bench_train.py --workdir /tmp/bench --data my_rows.jsonl  # your own rows
     python bench/bench_train.py --workdir /tmp/bench --ours "nogc=--gradient_checkpointing false"  # variants of ours
     python bench/bench_train.py --workdir /tmp/bench --gpu_memory_gib 15 23   # as on a 16 GB and a 24 GB card
+    python bench/bench_train.py --workdir /tmp/bench --nproc 1 2 --stock ''   # 1 and 2 GPUs (torchrun), for scaling
 
 --gpu_memory_gib N: a second process holds all of the GPU but N GiB for the length of the runs, so every recipe, and
 torch.cuda.mem_get_info (which the toolkit's planner reads), sees a card of N GiB free. (set_per_process_memory_fraction
@@ -42,6 +43,8 @@ def parse():
     parser.add_argument("--stock", default="notebook,notebook+packing,blog", help="stock recipes to run ('' none)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--nproc", type=int, nargs="+", default=[1],
+                        help="run ours with each of these numbers of processes (GPUs), e.g. 1 2: tokens/s summed over them")
     parser.add_argument("--gpu_memory_gib", type=float, nargs="+", default=[None],
                         help="run every recipe with only this much GPU memory free (several sizes: one pass each)")
     return parser.parse_args()
@@ -109,12 +112,16 @@ def recipes(args, model: Path, data: Path, out: Path):
     """(name, command, metrics file) for every recipe on one data file."""
     ours = args.ours or ["ours (default)="]
     for spec in ours:
-        name, _, flags = spec.partition("=")
-        run_dir = out / name.replace(" ", "_").replace("(", "").replace(")", "")
-        yield name, [sys.executable, "train_unsloth.py", "--dataset", str(data), "--model_name", str(model),
-                     "--max_steps", str(args.steps), "--output_dir", str(run_dir), "--overwrite_output_dir",
-                     "--save_steps", "100000", "--eval_fraction", "0", "--logging_steps", "5",
-                     *shlex.split(flags)], run_dir / "metrics.json"
+        for processes in args.nproc:
+            name, _, flags = spec.partition("=")
+            if processes > 1:  # the same script under torchrun, one process a GPU (README: More than one GPU)
+                name = f"{name} x {processes} GPUs"
+            launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
+            run_dir = out / name.replace(" ", "_").replace("(", "").replace(")", "")
+            yield name, [sys.executable, *launcher, "train_unsloth.py", "--dataset", str(data), "--model_name",
+                         str(model), "--max_steps", str(args.steps), "--output_dir", str(run_dir),
+                         "--overwrite_output_dir", "--save_steps", "100000", "--eval_fraction", "0", "--logging_steps",
+                         "5", *shlex.split(flags)], run_dir / "metrics.json"
     for name in filter(None, args.stock.split(",")):
         run_dir = out / name.replace("+", "_")
         yield name, [sys.executable, "bench/stock_recipes.py", *STOCK[name], "--data", str(data), "--model",

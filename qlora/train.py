@@ -7,6 +7,7 @@ save the adapter, write the reports.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -240,16 +241,20 @@ class StopOnSignal:
 
 def plan_feeding(config: Config, backend: str, longest_row: int) -> tuple[Config, dict | None]:
     """Resolve `token_budget: auto` and `gradient_checkpointing: auto` from the free GPU memory (qlora.planner): the
-    returned config holds the concrete micro-batch, accumulation and checkpointing, so that --resume replays them."""
+    returned config holds the concrete micro-batch, accumulation and checkpointing, so that --resume replays them.
+    With N processes each plans for its share of `tokens_per_step`, so the effective batch stays the same."""
     import torch
 
     from . import planner
     from .model import local_device_index
 
     budget_auto, checkpointing_auto = config.token_budget == "auto", config.gradient_checkpointing == "auto"
+    share = max(longest_row, math.ceil(config.tokens_per_step / processes().num_processes))
     if backend == "cpu":
-        return dataclasses.replace(config, token_budget=config.tokens_per_step if budget_auto else config.token_budget,
-                                   gradient_checkpointing="false" if checkpointing_auto else
+        if budget_auto:
+            config = dataclasses.replace(config, token_budget=share, gradient_accumulation_steps=1,
+                                         keep_gradient_accumulation=True)
+        return dataclasses.replace(config, gradient_checkpointing="false" if checkpointing_auto else
                                    config.gradient_checkpointing), None
     if not (budget_auto or checkpointing_auto):
         return config, None
@@ -257,8 +262,9 @@ def plan_feeding(config: Config, backend: str, longest_row: int) -> tuple[Config
     # --backend hf has no offloading: its checkpointing recomputes
     checkpointing = "true" if backend == "hf" and config.gradient_checkpointing == "unsloth" else config.gradient_checkpointing
     if budget_auto:
-        chosen = planner.plan(free, config.tokens_per_step, longest_row, backend, checkpointing)
-        config = dataclasses.replace(config, token_budget=chosen.micro_tokens, gradient_accumulation_steps=chosen.accumulation)
+        chosen = planner.plan(free, share, longest_row, backend, checkpointing)
+        config = dataclasses.replace(config, token_budget=chosen.micro_tokens, keep_gradient_accumulation=True,
+                                     gradient_accumulation_steps=chosen.accumulation)
     else:  # a micro-batch size of the user's: only the checkpointing is chosen
         tokens = config.token_budget or config.per_device_train_batch_size * config.max_seq_length
         chosen = planner.plan(free, tokens, tokens, backend, checkpointing)
