@@ -1,7 +1,8 @@
 #!/bin/sh
 # llama.cpp's Hugging Face -> GGUF converters (convert_hf_to_gguf.py for models, convert_lora_to_gguf.py for PEFT
 # LoRA adapters, their conversion/ package and their own gguf-py), taken from llama-cpp-python's source distribution:
-# no git clone, no cmake, and the converters match the llama.cpp that llama-cpp-python runs. PyPI's gguf package lags behind the script (it lacks LazyChunkedTensor), hence gguf-py.
+# no git clone, no cmake, and the converters match the llama.cpp that llama-cpp-python runs. PyPI's gguf package lags
+# behind the scripts (it lacks LazyChunkedTensor), hence gguf-py.
 #
 #   sh scripts/get_llama_cpp_converter.sh [DEST]      # DEST defaults to .llama.cpp (git-ignored by its own .gitignore)
 #
