@@ -2,7 +2,9 @@
 
 The GGUF converter is llama.cpp's own `convert_hf_to_gguf.py`, taken from llama-cpp-python's source distribution by
 `scripts/get_llama_cpp_converter.sh` (no git, no cmake, nothing fetched at export time); quantization is llama.cpp's,
-called through llama-cpp-python. Every file is written under a temporary name and renamed when complete.
+called through llama-cpp-python. Every file is written under a temporary name and renamed when complete. llama.cpp
+reads each finished file in a child process (`isolate.run_isolated`): if it dies there (SIGILL where llama-cpp-python was
+built for another CPU), the files stay, the report says which check could not run, and the export ends with one line.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from . import atomic
+from . import atomic, isolate
 from .chat import MISTRAL_CHAT_TEMPLATE, Conversation, Message, PromptFormat, find_tokenizer_model
 from .config import Config, to_yaml
 
@@ -328,9 +330,13 @@ def rendered_text(prompt_format: PromptFormat, conversation: Conversation) -> st
     return text
 
 
-def llama_cpp_ids(llm, prompt_format: PromptFormat, conversation: Conversation) -> list[int]:
-    """llama.cpp's own tokenization of the rendered text, as Ollama does it: BOS added, not spelled out."""
-    text = rendered_text(prompt_format, conversation).removeprefix(prompt_format.sp.id_to_piece(prompt_format.bos))
+def ollama_text(prompt_format: PromptFormat, conversation: Conversation) -> str:
+    """The rendered prompt as Ollama hands it to llama.cpp: the text, BOS left for llama.cpp to add."""
+    return rendered_text(prompt_format, conversation).removeprefix(prompt_format.sp.id_to_piece(prompt_format.bos))
+
+
+def llama_cpp_tokenize(llm, text: str) -> list[int]:
+    """llama.cpp's own tokenization of a rendered text, as Ollama does it: BOS added, special tokens parsed."""
     return llm.tokenize(text.encode(), add_bos=True, special=True)
 
 
@@ -341,30 +347,53 @@ class Run:
     margins: list[float]  # HF only: top-2 logit margin at each greedy step
 
 
-def reference_runs(merged_dir: Path, prompts: list[list[int]], steps: int = GREEDY_STEPS) -> list[Run]:
-    """Greedy decoding of the merged HF model in float32 (on the GPU when there is one): the reference."""
+@dataclass
+class Reference:
+    """What every file is checked against: the merged model's greedy runs from the prompts' ids, and the prompts as
+    the text Ollama hands to llama.cpp (whose tokenization must give the same ids)."""
+    runs: list[Run]
+    ids: list[list[int]]
+    texts: list[str]
+
+
+def load_reference(merged_dir: Path):
+    """The merged HF model in float32 (on the GPU when there is one): the reference every file is checked against."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).to(reference_device()).eval()
+
+
+def reference_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(model, prompt_format: PromptFormat, prompts: list[Conversation], steps: int = GREEDY_STEPS) -> Reference:
+    """Greedy decoding of the reference model from each prompt's ids, with the top-2 logit margin at every step."""
+    import torch
+
+    ids = [prompt_format.prompt_ids(c) for c in prompts]
     runs = []
-    for ids in prompts:
+    for prompt in ids:
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids], device=device), max_new_tokens=steps, do_sample=False,
+            out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=steps, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True,
                                  pad_token_id=model.config.eos_token_id)
         logits = torch.cat(out.logits).float().cpu()
         top2 = logits.topk(2, dim=-1).values
-        runs.append(Run(out.sequences[0, len(ids):].tolist(), logits[0].numpy(), (top2[:, 0] - top2[:, 1]).tolist()))
-    return runs
+        runs.append(Run(out.sequences[0, len(prompt):].tolist(), logits[0].numpy(),
+                        (top2[:, 0] - top2[:, 1]).tolist()))
+    return Reference(runs, ids, [ollama_text(prompt_format, c) for c in prompts])
 
 
-def load_gguf(path: Path, n_ctx: int):
+def load_gguf(path: Path, n_ctx: int, lora: Path | None = None):
     """llama.cpp's default thread count: its spin-waiting threads crawl when every core is asked for and one is busy."""
     import llama_cpp
 
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, n_gpu_layers=-1, verbose=False)
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, n_gpu_layers=-1, verbose=False,
+                           lora_path=str(lora) if lora else None)
 
 
 def gguf_run(llm, ids: list[int], steps: int = GREEDY_STEPS) -> Run:
@@ -381,6 +410,18 @@ def gguf_run(llm, ids: list[int], steps: int = GREEDY_STEPS) -> Run:
             break
         llm.eval([tokens[-1]])
     return Run(tokens, first, [])
+
+
+def llama_cpp_facts(path: Path, ids: list[list[int]], texts: list[str], lora: Path | None = None) -> dict:
+    """Everything a check needs from llama.cpp (greedy runs from the ids, its tokenization of the texts, the file's
+    metadata), computed in a child process by `run_isolated`: llama.cpp dying there (SIGILL where it was built for
+    another CPU) is reported instead of ending the export."""
+    llm = load_gguf(path, n_ctx=max(map(len, ids)) + GREEDY_STEPS + 8, lora=lora)
+    return {"runs": [gguf_run(llm, i) for i in ids], "tokenized": [llama_cpp_tokenize(llm, t) for t in texts],
+            "metadata": {"tokenizer": llm.metadata.get("tokenizer.ggml.model"), "n_vocab": llm.n_vocab(),
+                         "add_bos_token": llm.metadata.get("tokenizer.ggml.add_bos_token"),
+                         "chat_template": llm.metadata.get("tokenizer.chat_template"),
+                         "file_type": llm.metadata.get("general.file_type")}}
 
 
 def compare(ref: Run, got: Run) -> dict:
@@ -408,34 +449,48 @@ def f16_failure(m: dict) -> str | None:
     return None
 
 
-def check_file(path: Path, gguf_type: str, refs: list[Run], prompts: list[Conversation], ids: list[list[int]],
-               prompt_format: PromptFormat, chat_template: str) -> dict:
-    """One GGUF against the reference runs: per-prompt figures, tokenizer and metadata, and its verdict."""
-    llm = load_gguf(path, n_ctx=max(map(len, ids)) + GREEDY_STEPS + 8)
-    per_prompt = [compare(ref, gguf_run(llm, i)) for ref, i in zip(refs, ids, strict=True)]
-    tokenizer_ok = all(llama_cpp_ids(llm, prompt_format, c) == i for c, i in zip(prompts, ids, strict=True))
-    meta = {"tokenizer": llm.metadata.get("tokenizer.ggml.model"), "n_vocab": llm.n_vocab(),
-            "add_bos_token": llm.metadata.get("tokenizer.ggml.add_bos_token"),
-            "chat_template_ok": llm.metadata.get("tokenizer.chat_template") == chat_template}
-    failures = [f16_failure(m) for m in per_prompt] if gguf_type == "f16" else []
+def llama_cpp_check(what: str, model: Path, ref: Reference, strict: bool, lora: Path | None = None) -> dict:
+    """llama.cpp's figures for `model` (with `lora` applied) against the reference, measured in a child process.
+    `strict`: the runs must match (f16); otherwise they are reported. If llama.cpp dies, the entry says why
+    (`not_checked`, `signal`) and the export goes on with the next file."""
+    try:
+        facts = isolate.run_isolated(f"llama.cpp's check of {what}", llama_cpp_facts, model, ref.ids, ref.texts, lora)
+    except isolate.ChildCrashed as crash:
+        return {"not_checked": str(crash), "signal": crash.signal, "problems": []}
+    except isolate.ChildFailed as err:
+        return {"not_checked": str(err), "problems": [f"llama.cpp could not run it ({err})"]}
+    per_prompt = [compare(r, g) for r, g in zip(ref.runs, facts["runs"], strict=True)]
+    failures = [f16_failure(m) for m in per_prompt] if strict else []
     problems = [f"prompt {n}: {why}" for n, why in enumerate(failures) if why]
+    tokenizer_ok = facts["tokenized"] == ref.ids
     if not tokenizer_ok:
         problems.append("llama.cpp's tokenizer does not give Mistral's ids for the rendered prompts")
-    if meta["tokenizer"] != "llama" or not meta["chat_template_ok"]:
-        problems.append("SentencePiece tokenizer or chat template missing from the GGUF metadata")
-    return {"file": path.name, "type": gguf_type, "bytes": path.stat().st_size, "prompts": per_prompt,
-            "tokenizer_ok": tokenizer_ok, "metadata": meta, "problems": problems}
+    return {"prompts": per_prompt, "tokenizer_ok": tokenizer_ok, "metadata": facts["metadata"], "problems": problems}
+
+
+def check_file(path: Path, gguf_type: str, ref: Reference, chat_template: str) -> dict:
+    """One GGUF of the full export against the reference: f16 must match, every file carries Mistral's tokenizer and
+    the chat template."""
+    entry = {"file": path.name, "type": gguf_type, "bytes": path.stat().st_size, "strict": gguf_type == "f16"}
+    entry |= llama_cpp_check(path.name, path, ref, entry["strict"])
+    if "metadata" in entry:
+        meta = entry["metadata"]
+        meta["chat_template_ok"] = meta.pop("chat_template") == chat_template
+        if meta["tokenizer"] != "llama" or not meta["chat_template_ok"]:
+            entry["problems"].append("SentencePiece tokenizer or chat template missing from the GGUF metadata")
+    return entry
 
 
 def check_exports(p: Plan, prompts: list[Conversation] = CHECK_PROMPTS) -> dict:
     """Every GGUF of the plan against the merged model; the report is written whatever the verdict."""
     from transformers import AutoTokenizer
 
-    prompt_format = PromptFormat(p.merged_dir / "tokenizer.model")
-    ids = [prompt_format.prompt_ids(c) for c in prompts]
-    refs = reference_runs(p.merged_dir, ids)
+    ref = reference(load_reference(p.merged_dir), PromptFormat(p.merged_dir / "tokenizer.model"), prompts)
     chat_template = AutoTokenizer.from_pretrained(p.merged_dir).chat_template
-    files = [check_file(p.gguf(t), t, refs, prompts, ids, prompt_format, chat_template) for t in p.gguf_types]
+    return write_report(p, [check_file(p.gguf(t), t, ref, chat_template) for t in p.gguf_types])
+
+
+def write_report(p: Plan, files: list[dict]) -> dict:
     report = {"base": p.base, "base_note": p.base_note, "adapter_dir": str(p.adapter_dir),
               "criteria": {"near_tie": NEAR_TIE, "min_cosine_f16": MIN_COSINE, "greedy_steps": GREEDY_STEPS},
               "files": files}
@@ -457,8 +512,12 @@ def table(report: dict) -> str:
     rows = ["| file | MiB | max abs diff | cosine | greedy agreement | first split | HF margin there | verdict |",
             "|---|---|---|---|---|---|---|---|"]
     for f in report["files"]:
+        if "prompts" not in f:
+            rows.append(f"| {f['file']} | {f['bytes'] / 2**20:.1f} | - | - | - | - | - | "
+                        f"not checked: {f['not_checked']} |")
+            continue
         s = summary(f)
-        verdict = "FAIL" if f["problems"] else "ok" if f["type"] == "f16" else "reported"
+        verdict = "FAIL" if f["problems"] else "ok" if f["strict"] else "reported"
         margin = "-" if s["margin"] is None else f"{s['margin']:.4f}"
         rows.append(f"| {f['file']} | {f['bytes'] / 2**20:.1f} | {s['max_abs_diff']:.4f} | {s['cosine']:.6f} | "
                     f"{s['agreement']:.1%} | {'-' if s['split'] is None else s['split']} | {margin} | {verdict} |")
@@ -466,8 +525,15 @@ def table(report: dict) -> str:
 
 
 def verdict(report: dict) -> None:
-    """Raise on an f16 file that disagrees with the merged model, or on any file with a tokenizer/metadata fault."""
+    """Raise when llama.cpp died in a check (the files stay; the message names them, the signal and the rebuild), on
+    an f16 file that disagrees with the merged model, or on any file with a tokenizer/metadata fault."""
+    crashed = [f for f in report["files"] if "signal" in f]
     problems = [f"{f['file']}: {why}" for f in report["files"] for why in f["problems"]]
+    also = f"; also {problems[0]} ({len(problems)} problem(s))" if problems else ""
+    if crashed:
+        raise ExportError(f"{', '.join(f['not_checked'] for f in crashed)}: the GGUF files are written, the checks "
+                          f"that could not run are marked in export_report.json{also}; rebuild llama-cpp-python for "
+                          f"this CPU with `{isolate.REBUILD_LLAMA_CPP}`")
     if problems:
         raise ExportError(f"{problems[0]} ({len(problems)} problem(s); see export_report.json)")
 

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT
-from qlora import atomic, export
+from qlora import atomic, export, isolate
 from qlora.chat import Message
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
@@ -141,7 +141,7 @@ def test_llama_cpp_tokenizer_gives_mistral_ids(exported, conversations, prompt_f
         llm = llama_cpp.Llama(str(plan.gguf(gguf_type)), vocab_only=True, verbose=False)
         for conversation in conversations + export.CHECK_PROMPTS:
             want = prompt_format.encode(conversation)[0]
-            assert export.llama_cpp_ids(llm, prompt_format, conversation) == want, conversation
+            assert export.llama_cpp_tokenize(llm, export.ollama_text(prompt_format, conversation)) == want, conversation
 
 
 # ---------------------------------------------------------------- Ollama
@@ -291,6 +291,37 @@ def test_missing_converter_is_one_line_naming_the_command(trained_adapter, tmp_p
         runpy.run_path(str(ROOT / "export_gguf.py"), run_name="__main__")
     message = str(exit_.value.code)
     assert message.startswith(f"error: {tmp_path}") and export.INSTALL_CONVERTER in message and "\n" not in message
+
+
+REAL_LLAMA_CPP_FACTS = export.llama_cpp_facts
+
+
+def llama_cpp_dies_on_q8_0(path, *args):
+    """llama.cpp as it dies on a CPU it was not built for (SIGILL), here when it evaluates the q8_0 file. It runs in
+    the check's child process, which finds it by importing this module."""
+    if Path(path).name == "model-q8_0.gguf":
+        os.kill(os.getpid(), signal.SIGILL)
+    return REAL_LLAMA_CPP_FACTS(path, *args)
+
+
+def test_llama_cpp_crash_in_a_check_is_one_line_and_the_files_stay(trained_adapter, tmp_path, monkeypatch):
+    """export_gguf.py when llama.cpp is killed by SIGILL checking one file: every GGUF stays, the report marks that
+    file unchecked with the signal, the files after it are still checked, and the script ends with one line."""
+    monkeypatch.setattr(export, "llama_cpp_facts", llama_cpp_dies_on_q8_0)
+    out = tmp_path / "e"
+    monkeypatch.setattr(sys, "argv", ["export_gguf.py", "--adapter_dir", str(trained_adapter), "--export_dir",
+                                      str(out), "--gguf_types", *TYPES])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "export_gguf.py"), run_name="__main__")
+    message = str(exit_.value.code)
+    assert message.startswith("error: llama.cpp's check of model-q8_0.gguf was killed by SIGILL: ")
+    assert "\n" not in message and "Traceback" not in message
+    assert message.endswith(f"`{isolate.REBUILD_LLAMA_CPP}`") and "f16.gguf" not in message
+    assert all((out / f"model-{t}.gguf").stat().st_size > 2**20 for t in TYPES) and (out / "Modelfile").is_file()
+    files = {f["type"]: f for f in json.loads((out / "export_report.json").read_text())["files"]}
+    assert files["q8_0"]["signal"] == "SIGILL" and "prompts" not in files["q8_0"]
+    assert files["f16"]["prompts"] and not files["f16"]["problems"]
+    assert files["q4_k_m"]["prompts"] and files["q4_k_m"]["tokenizer_ok"]  # checked after the crash
 
 
 def test_bad_settings_fail_before_work(trained_adapter, tmp_path):
