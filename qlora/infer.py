@@ -265,8 +265,9 @@ class LlamaCppEngine:
             self.llm = Llama(model_path=str(path), n_ctx=LLAMA_CPP_CONTEXT, seed=seed, n_gpu_layers=-1,
                              lora_path=str(lora) if lora else None, verbose=False)
         except ValueError as err:
-            what = f"{path} with the LoRA {lora}" if lora else f"{path}: this file"
-            raise InferError(f"{what}: llama.cpp cannot load it as a GGUF model ({err})") from None
+            what = (f"{path} with the LoRA {lora}: llama.cpp cannot load them" if lora
+                    else f"{path}: llama.cpp cannot load this file as a GGUF model")
+            raise InferError(f"{what} ({err})") from None
         self.eos, self.vocab_size, self.batch_size = self.llm.token_eos(), self.llm.n_vocab(), 1
 
     def generate(self, prompts: list[list[int]], config, on_token=None) -> list[list[int]]:
@@ -456,6 +457,23 @@ def check_vocabulary(engine, fmt: PromptFormat, tokenizer: Path) -> None:
                          f"tokenizer ({engine.vocab_size} tokens, EOS {engine.eos}); pass --tokenizer_name")
 
 
+def check_lora(lora: Path, kind: str) -> None:
+    """A LoRA adapter GGUF for a .gguf base, read with gguf-py first: llama.cpp accepts some files that are not
+    adapters and then crashes evaluating them."""
+    from gguf import GGUFReader
+
+    if kind != "gguf":
+        raise InferError("--lora goes with a .gguf MODEL, its base; an adapter folder is itself the MODEL")
+    if not lora.is_file():
+        raise InferError(f"--lora {lora}: no such file")
+    try:
+        adapter_type = GGUFReader(lora).fields.get("adapter.type")
+    except ValueError:  # not a GGUF at all ("GGUF magic invalid")
+        adapter_type = None
+    if adapter_type is None or adapter_type.contents() != "lora":
+        raise InferError(f"--lora {lora}: not a LoRA adapter GGUF (export_gguf.py --lora_only writes one)")
+
+
 def open_session(path: Path, config, template: str, backend: str = "auto", seed: int | None = None,
                  compare_base: bool = False, lora: Path | None = None) -> Session:
     """The model at `path` (with the LoRA GGUF `lora`) loaded on its backend, with the tokenizer its prompts are
@@ -463,9 +481,8 @@ def open_session(path: Path, config, template: str, backend: str = "auto", seed:
     kind = model_kind(path)
     if compare_base and kind != "adapter":
         raise InferError(f"--compare_base needs an adapter folder; {path} has no separate base model")
-    if lora and (kind != "gguf" or not lora.is_file()):
-        raise InferError(f"--lora {lora}: no such file" if kind == "gguf" else
-                         f"--lora goes with a .gguf MODEL, its base; an adapter folder is itself the MODEL")
+    if lora:
+        check_lora(lora, kind)
     tokenizer = tokenizer_model(path, kind, config, lora)
     fmt = PromptFormat(tokenizer, template)
     engine = load_engine(path, kind, "gguf" if kind == "gguf" else pick_backend(backend), fmt.eos,
