@@ -382,9 +382,8 @@ def write_base_config(base: str, folder: Path) -> None:
         try:
             source = Path(hf_hub_download(base, "config.json"))
         except (OSError, ValueError) as err:  # offline, no such repo, a malformed id
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ExportError(f"{base}: cannot get its config.json, which llama.cpp's LoRA converter needs "
-                              f"({reason})") from None
+                              f"({first_line(err)})") from None
     settings = json.loads(source.read_text(encoding="utf-8"))
     settings.pop("quantization_config", None)
     (folder / "config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
@@ -397,7 +396,16 @@ def base_checkout(base: str) -> Path:
         return Path(base)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+    try:
+        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+    except (OSError, ValueError) as err:  # offline, gated, no such repo
+        raise ExportError(f"--convert_base: cannot download {base} ({first_line(err)}); pass --base_gguf with a GGUF "
+                          f"of it instead") from None
+
+
+def first_line(err: Exception) -> str:
+    """The hub's errors span several lines; the first says what happened."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def quantize(f16_path: Path, target: Path, gguf_type: str) -> None:
@@ -584,8 +592,9 @@ def llama_cpp_check(what: str, model: Path, ref: Reference, lora: Path | None = 
 
 def mismatches(entry: dict) -> list[str]:
     """Where a strictly checked file's runs do not match the reference as an f16 file must."""
-    checked = entry["strict"] and "prompts" in entry
-    return [f"prompt {n}: {why}" for n, m in enumerate(entry["prompts"] if checked else []) if (why := f16_failure(m))]
+    if not entry["strict"] or "prompts" not in entry:
+        return []
+    return [f"prompt {n}: {why}" for n, m in enumerate(entry["prompts"]) if (why := f16_failure(m))]
 
 
 def check_file(path: Path, gguf_type: str, ref: Reference, chat_template: str) -> dict:
