@@ -1,8 +1,10 @@
-"""Answer prompts with a fine-tuned model: a training output / adapter folder, a merged model folder or a .gguf file.
+"""Answer prompts with a fine-tuned model: a training output / adapter folder, a merged model folder, a .gguf file, or
+a base .gguf with --lora adapter.gguf.
 
     python infer.py outputs/mistral-qlora --prompt "What is QLoRA?"
     python infer.py outputs/mistral-qlora --chat
     python infer.py outputs/mistral-qlora/export/model-f16.gguf --input prompts.jsonl --output answers.jsonl
+    python infer.py mistral-7b-instruct-v0.2.f16.gguf --lora outputs/mistral-qlora/export/adapter.gguf --chat
     python infer.py outputs/mistral-qlora --prompt "..." --compare_base --temperature 0
 """
 

@@ -1,7 +1,9 @@
 """Export speed at Mistral-7B-Instruct-v0.2's exact size: merge, f16 conversion and q4_k_m quantization, timed through
-the same qlora.export functions export_gguf.py runs, on a random bf16 stand-in with a random r=8 adapter.
+the same qlora.export functions export_gguf.py runs, on a random bf16 stand-in with a random r=8 adapter; or, with
+--adapter_route, the whole `export_gguf.py --lora_only` (adapter.gguf + Modelfile), which needs the base's config alone.
 
     python bench/bench_export.py                         # 7.24 B: about 50 GB of disk, 16 GB of RAM
+    python bench/bench_export.py --adapter_route         # 7.24 B adapter route: about 300 MB of disk, seconds
     python bench/bench_export.py --layers 2              # quick check of the bench itself
     python bench/bench_export.py --workdir /scratch/b    # keep the files there (default: a temporary folder)
 
@@ -24,12 +26,15 @@ sys.path.insert(0, str(ROOT))
 from qlora import export, fixtures  # noqa: E402  (after the path insert, like the scripts it benchmarks)
 from qlora.config import LORA_TARGETS  # noqa: E402
 from qlora.report import versions_line  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 
 def parse():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32, help="stand-in layers (32: the full 7.24 B model)")
     parser.add_argument("--workdir", help="folder for the stand-in and its exports (default: temporary, removed)")
+    parser.add_argument("--adapter_route", action="store_true",
+                        help="time export_gguf.py --lora_only instead of the merge route")
     return parser.parse_args()
 
 
@@ -49,6 +54,50 @@ def build_inputs(workdir: Path, layers: int) -> tuple[Path, Path]:
         get_peft_model(model, lora).save_pretrained(adapter)
         del model
     return base, adapter
+
+
+def build_adapter_alone(workdir: Path, layers: int) -> Path:
+    """The stand-in's config.json and a random r=8 adapter on all projections, made by PEFT on a model without weights
+    (meta device): the adapter route reads the base's config alone."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    base, adapter = workdir / "base-config", workdir / "adapter-alone"
+    config = MistralConfig(**fixtures.MISTRAL_7B_V02_CONFIG | {"num_hidden_layers": layers},
+                           architectures=["MistralForCausalLM"])  # as a checkout's config.json says
+    config.save_pretrained(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.name_or_path = str(base)  # what PEFT records as the adapter's base
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS,
+                                                  task_type="CAUSAL_LM"))
+    for name, module in peft_model.named_modules():
+        if name.endswith(("lora_A.default", "lora_B.default")):  # only these get memory and values
+            module.to_empty(device="cpu")
+            torch.nn.init.normal_(module.weight, std=0.02)
+    peft_model.save_pretrained(adapter)
+    return adapter
+
+
+def bench_adapter_route(workdir: Path, layers: int) -> None:
+    from qlora.config import Config
+
+    adapter = build_adapter_alone(workdir, layers)
+    out = workdir / "export-adapter"
+    config = Config(adapter_dir=str(adapter), export_dir=str(out), lora_only=True,
+                    ollama_base="mistral:7b-instruct-v0.2")
+    seconds = timed(export.run_export, config)
+    n = export.parameter_count(str(workdir / "base-config"))
+    lora = sum(t.numel() for t in load_file(adapter / "adapter_model.safetensors").values())
+    rss = [resource.getrusage(who).ru_maxrss / 2**20 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    print("\n| device | date | layers | params | LoRA params | export_gguf.py --lora_only (adapter.gguf + Modelfile) "
+          "| adapter.gguf | adapter_model.safetensors | peak RSS (bench / converter) | versions |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {device()} | {datetime.date.today()} | {layers} | {n / 1e9:.2f} B | {lora / 1e6:.1f} M | {seconds:.1f} s "
+          f"| {(out / export.ADAPTER_GGUF).stat().st_size / 2**20:.1f} MiB "
+          f"| {(adapter / 'adapter_model.safetensors').stat().st_size / 2**20:.1f} MiB "
+          f"| {rss[0]:.1f} / {rss[1]:.1f} GiB | {versions()} |")
 
 
 def timed(step, *args) -> float:
@@ -93,10 +142,11 @@ def bench(workdir: Path, layers: int) -> None:
 if __name__ == "__main__":
     args = parse()
     try:
+        run = bench_adapter_route if args.adapter_route else bench
         if args.workdir:
-            bench(Path(args.workdir), args.layers)
+            run(Path(args.workdir), args.layers)
         else:
             with tempfile.TemporaryDirectory(prefix="bench_export-") as tmp:
-                bench(Path(tmp), args.layers)
+                run(Path(tmp), args.layers)
     except export.ExportError as err:
         sys.exit(f"error: {err}")

@@ -87,7 +87,15 @@ class Config:
     base_model_16bit: str | None = _f(None, "export", "16-bit base to merge into (default: the known original of a -bnb-4bit repo)")
     gguf_types: list[str] = _f(["f16", "q8_0", "q4_k_m", "q5_k_m"], "export", "GGUF files to write (f16 is always written first)")
     merged_only: bool = _f(False, "export", "stop after the merged 16-bit safetensors")
-    lora_only: bool = _f(False, "export", "write just the adapter")
+    lora_only: bool = _f(False, "export", "no merge: write the adapter as adapter.gguf with a Modelfile that puts "
+                         "it on a base Ollama or llama.cpp already has")
+    ollama_base: str | None = _f(None, "export", "with --lora_only: the Modelfile's FROM, an Ollama model of the base "
+                                 "or the path of a GGUF of it (default: the Ollama tag of a known base, "
+                                 "mistral:7b-instruct-v0.2 for the default base)")
+    base_gguf: str | None = _f(None, "export", "with --lora_only: a GGUF of the base to check adapter.gguf on in "
+                               "llama.cpp (an f16 base must match the merged model, a quantized one is reported)")
+    convert_base: bool = _f(False, "export", "with --lora_only: convert the 16-bit base to base-f16.gguf and "
+                            "check adapter.gguf on it (downloads the base)")
     # infer
     max_new_tokens: int = _f(256, "infer", "tokens to generate at most")
     temperature: float = _f(0.7, "infer", "sampling temperature; 0 is greedy")

@@ -1,8 +1,12 @@
-"""Adapter -> merged 16-bit model -> GGUF files (f16, then quantized) -> Ollama Modelfile, each file checked.
+"""Adapter -> merged 16-bit model -> GGUF files (f16, then quantized) -> Ollama Modelfile, each file checked; or, with
+--lora_only, adapter -> adapter.gguf + a Modelfile that puts it on a base Ollama or llama.cpp already has.
 
-The GGUF converter is llama.cpp's own `convert_hf_to_gguf.py`, taken from llama-cpp-python's source distribution by
-`scripts/get_llama_cpp_converter.sh` (no git, no cmake, nothing fetched at export time); quantization is llama.cpp's,
-called through llama-cpp-python. Every file is written under a temporary name and renamed when complete.
+The GGUF converters are llama.cpp's own `convert_hf_to_gguf.py` and `convert_lora_to_gguf.py`, taken from
+llama-cpp-python's source distribution by `scripts/get_llama_cpp_converter.sh` (no git, no cmake); quantization is
+llama.cpp's, called through llama-cpp-python. Every file is written under a temporary name and renamed when complete.
+llama.cpp reads each finished file in a child process (`isolate.run_isolated`): if it dies there (SIGILL where
+llama-cpp-python was built for another CPU), the files stay, the report says which check could not run, and the export
+ends with one line.
 """
 
 from __future__ import annotations
@@ -13,17 +17,19 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from . import atomic
+from . import atomic, isolate
 from .chat import MISTRAL_CHAT_TEMPLATE, Conversation, Message, PromptFormat, find_tokenizer_model
 from .config import Config, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CONVERTER_ENV = "LLAMA_CPP_CONVERTER"  # a folder holding convert_hf_to_gguf.py, conversion/ and gguf-py/
+CONVERTER_ENV = "LLAMA_CPP_CONVERTER"  # a folder holding the converters, conversion/ and gguf-py/
+HF_CONVERTER, LORA_CONVERTER = "convert_hf_to_gguf.py", "convert_lora_to_gguf.py"
 CONVERTER_DIR = ROOT / ".llama.cpp"
 INSTALL_CONVERTER = "sh scripts/get_llama_cpp_converter.sh"
 
@@ -40,6 +46,20 @@ KNOWN_16BIT = {
 GGUF_BITS = {"f16": 16.0, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_k_s": 5.6, "q5_0": 5.5, "q4_k_m": 4.9,
              "q4_k_s": 4.6, "q4_0": 4.6, "q3_k_l": 4.3, "q3_k_m": 3.9, "q3_k_s": 3.5, "q2_k": 3.4}
 OLLAMA_PREFERRED = "q4_k_m"  # Ollama's own default quantization: the Modelfile's FROM when it was written
+
+ADAPTER_GGUF = "adapter.gguf"
+BASE_GGUF = "base-f16.gguf"  # --convert_base's output, the base adapter.gguf is checked on
+# f32, the adapter as trained (PEFT keeps LoRA weights in float32): llama.cpp multiplies f32 LoRA matrices in f32,
+# while with f16 ones it would also round the activations to f16 before each LoRA product (ggml's CPU matmul).
+LORA_OUTTYPE = "f32"
+# Ollama library models of known bases: the adapter's Modelfile FROM when --ollama_base is not given.
+OLLAMA_BASES = {"unsloth/mistral-7b-instruct-v0.2-bnb-4bit": "mistral:7b-instruct-v0.2",
+                "mistralai/Mistral-7B-Instruct-v0.2": "mistral:7b-instruct-v0.2"}
+# adapter_config.json settings that llama.cpp's LoRA (W + alpha / r * B @ A on each matrix) cannot express
+UNSUPPORTED_LORA = {"use_dora": "DoRA", "use_rslora": "rsLoRA's alpha / sqrt(r) scale",
+                    "alpha_pattern": "per-module alpha", "modules_to_save": "fully trained modules"}
+# llama.cpp file types (general.file_type) of bases an adapter is checked on strictly, as an f16 file is
+STRICT_BASE_TYPES = ("ALL_F32", "MOSTLY_F16")
 
 NEAR_TIE = 1e-2  # HF top-2 logit margin under which f16 rounding may legitimately flip the greedy choice
 MIN_COSINE = 0.9999  # f16 next-token logits must match the float32 reference at least this well
@@ -89,10 +109,19 @@ class Plan:
     dequantize: bool
     gguf_types: list[str]
     system_prompt: str | None  # the Modelfile's SYSTEM
+    # --lora_only
+    trained_on: str = ""  # the adapter's base: its config.json is all llama.cpp's LoRA converter reads of it
+    ollama_base: str = ""  # the Modelfile's FROM
+    base_gguf: Path | None = None  # the base GGUF adapter.gguf is checked on (None: not checked)
+    convert_base: bool = False  # base_gguf is to be converted from the 16-bit base
 
     @property
     def merged_dir(self) -> Path:
         return self.export_dir / "merged"
+
+    @property
+    def adapter_gguf(self) -> Path:
+        return self.export_dir / ADAPTER_GGUF
 
     def gguf(self, gguf_type: str) -> Path:
         return self.export_dir / f"model-{gguf_type}.gguf"
@@ -136,6 +165,8 @@ def plan(config: Config) -> Plan:
     export_dir = Path(config.export_dir or adapter_dir / "export")
     if config.merged_only and config.lora_only:
         raise ExportError("--merged_only and --lora_only exclude each other; pass one")
+    if not config.lora_only and (config.ollama_base or config.base_gguf or config.convert_base):
+        raise ExportError("--ollama_base, --base_gguf and --convert_base go with --lora_only; add it or drop them")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ExportError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter or training output folder)")
     system = config.system_prompt or trained_system_prompt(adapter_dir)
@@ -143,9 +174,54 @@ def plan(config: Config) -> Plan:
         raise ExportError('system_prompt: cannot contain """ (the quote of Ollama\'s Modelfile)')
     types = gguf_types(config.gguf_types)
     if config.lora_only:
-        return Plan(adapter_dir, export_dir, "", "writing the adapter alone", False, [], None)
+        return adapter_plan(config, adapter_dir, export_dir, system)
     base, dequantize, note = resolve_base(adapter_dir, config.base_model_16bit)
     return Plan(adapter_dir, export_dir, base, note, dequantize, [] if config.merged_only else types, system)
+
+
+def adapter_plan(config: Config, adapter_dir: Path, export_dir: Path, system: str | None) -> Plan:
+    """--lora_only: adapter.gguf and its Modelfile; checked in llama.cpp on a base GGUF given or converted. Without a
+    check the base's weights are neither read nor downloaded."""
+    from .model import adapter_base
+
+    check_convertible(adapter_dir)
+    trained_on = adapter_base(adapter_dir)
+    ollama = ollama_base(trained_on, config.ollama_base)
+    if config.base_gguf and config.convert_base:
+        raise ExportError("--base_gguf and --convert_base exclude each other; pass one")
+    if config.base_gguf and not Path(config.base_gguf).is_file():
+        raise ExportError(f"--base_gguf {config.base_gguf}: no such file")
+    check_on = Path(config.base_gguf) if config.base_gguf else export_dir / BASE_GGUF if config.convert_base else None
+    if check_on is None:
+        note = "writing the adapter as GGUF, unchecked (--base_gguf or --convert_base check it in llama.cpp)"
+        return Plan(adapter_dir, export_dir, trained_on, note, False, [], system, trained_on, ollama)
+    base, dequantize, note = resolve_base(adapter_dir, config.base_model_16bit)
+    if dequantize and config.convert_base:
+        raise ExportError(f"--convert_base: {base} is 4-bit with no known 16-bit original; pass --base_model_16bit "
+                          f"or --base_gguf")
+    return Plan(adapter_dir, export_dir, base, f"checking {ADAPTER_GGUF} on {check_on.name}; reference: {note}",
+                dequantize, [], system, trained_on, ollama, check_on, config.convert_base)
+
+
+def check_convertible(adapter_dir: Path) -> None:
+    settings = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    used = [what for key, what in UNSUPPORTED_LORA.items() if settings.get(key)]
+    if used:
+        raise ExportError(f"{adapter_dir}/adapter_config.json: {', '.join(used)} cannot be expressed as llama.cpp's "
+                          f"LoRA (W + alpha / r * B @ A); export the merged model instead (drop --lora_only)")
+
+
+def ollama_base(trained_on: str, given: str | None) -> str:
+    """The adapter Modelfile's FROM: an Ollama model, or a base GGUF by its absolute path (Ollama reads a relative one
+    from the Modelfile's folder)."""
+    if given and given.lower().endswith(".gguf"):
+        if not Path(given).is_file():
+            raise ExportError(f"--ollama_base {given}: no such file")
+        return str(Path(given).resolve())
+    if given or trained_on in OLLAMA_BASES:
+        return given or OLLAMA_BASES[trained_on]
+    raise ExportError(f"--ollama_base: no Ollama model known for the base {trained_on}; pass --ollama_base with an "
+                      f"Ollama model of that base (ollama pull ...) or the path of a GGUF of it")
 
 
 def trained_system_prompt(adapter_dir: Path) -> str | None:
@@ -169,7 +245,9 @@ def parameter_count(base: str) -> int:
 def estimated_bytes(p: Plan, lora_only: bool) -> dict[str, int]:
     """Final size of every file the export will write, by name."""
     if lora_only:
-        return {"adapter": sum(f.stat().st_size for f in p.adapter_dir.iterdir() if f.name in ADAPTER_FILES)}
+        adapter = sum(f.stat().st_size for f in p.adapter_dir.iterdir() if f.name in ADAPTER_FILES)
+        sizes = {"adapter": adapter, ADAPTER_GGUF: 2 * adapter}  # f32: at most twice a 16-bit adapter
+        return sizes | ({BASE_GGUF: 2 * parameter_count(p.base)} if p.convert_base else {})
     n = parameter_count(p.base)
     sizes = {"merged": 2 * n}
     sizes.update({p.gguf(t).name: int(n * GGUF_BITS[t] / 8) for t in p.gguf_types})
@@ -247,12 +325,12 @@ def copy_adapter(adapter_dir: Path, target: Path) -> None:
 # ---------------------------------------------------------------- GGUF
 
 
-def find_converter() -> Path:
-    """The folder with llama.cpp's converter: $LLAMA_CPP_CONVERTER, else .llama.cpp/ in the repository."""
+def find_converter(script: str = HF_CONVERTER) -> Path:
+    """The folder with llama.cpp's converters: $LLAMA_CPP_CONVERTER, else .llama.cpp/ in the repository."""
     folder = Path(os.environ.get(CONVERTER_ENV) or CONVERTER_DIR)
-    if not (folder / "convert_hf_to_gguf.py").is_file() or not (folder / "gguf-py" / "gguf").is_dir():
-        raise ExportError(f"{folder}: llama.cpp's converter is missing; run `{INSTALL_CONVERTER}` "
-                          f"(or set {CONVERTER_ENV} to a folder with convert_hf_to_gguf.py and gguf-py/)")
+    if not (folder / script).is_file() or not (folder / "gguf-py" / "gguf").is_dir():
+        raise ExportError(f"{folder}: llama.cpp's {script} is missing; run `{INSTALL_CONVERTER}` "
+                          f"(or set {CONVERTER_ENV} to a folder with {script}, conversion/ and gguf-py/)")
     _check_converter_version(folder)
     return folder
 
@@ -270,15 +348,64 @@ def _check_converter_version(folder: Path) -> None:
                           f"run `{INSTALL_CONVERTER}` again")
 
 
-def convert_f16(merged_dir: Path, target: Path, converter: Path) -> None:
-    """llama.cpp's convert_hf_to_gguf.py in a subprocess, its own gguf-py first on the path (PyPI's gguf lags)."""
+def run_converter(converter: Path, script: str, *args: str, target: Path) -> None:
+    """One of llama.cpp's converters in a subprocess writing `target`, its own gguf-py first on the path (PyPI's gguf
+    lags)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
         str(converter / "gguf-py"), os.environ.get("PYTHONPATH")])))
     with atomic.atomic_path(target) as tmp:
-        result = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(merged_dir),
-                                 "--outtype", "f16", "--outfile", str(tmp)], env=env)
+        result = subprocess.run([sys.executable, str(converter / script), *args, "--outfile", str(tmp)], env=env)
         if result.returncode != 0:
-            raise ExportError(f"{target}: llama.cpp's converter failed (exit {result.returncode}); see its log above")
+            raise ExportError(f"{target}: llama.cpp's {script} failed (exit {result.returncode}); see its log above")
+
+
+def convert_f16(merged_dir: Path, target: Path, converter: Path) -> None:
+    run_converter(converter, HF_CONVERTER, str(merged_dir), "--outtype", "f16", target=target)
+
+
+def convert_lora(adapter_dir: Path, base: str, target: Path, converter: Path) -> None:
+    """llama.cpp's convert_lora_to_gguf.py. Of the base it reads config.json alone, so a hub base costs one small
+    download, not the weights."""
+    with tempfile.TemporaryDirectory(prefix="base-config-") as config_dir:
+        write_base_config(base, Path(config_dir))
+        run_converter(converter, LORA_CONVERTER, str(adapter_dir), "--base", config_dir, "--outtype", LORA_OUTTYPE,
+                      target=target)
+
+
+def write_base_config(base: str, folder: Path) -> None:
+    """The base's config.json (its folder's, else the hub's) into `folder`, without a 4-bit checkout's
+    quantization_config: the converter would try to dequantize base weights it never reads."""
+    source = Path(base) / "config.json"
+    if not source.is_file():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            source = Path(hf_hub_download(base, "config.json"))
+        except (OSError, ValueError) as err:  # offline, no such repo, a malformed id
+            raise ExportError(f"{base}: cannot get its config.json, which llama.cpp's LoRA converter needs "
+                              f"({first_line(err)})") from None
+    settings = json.loads(source.read_text(encoding="utf-8"))
+    settings.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+
+
+def base_checkout(base: str) -> Path:
+    """The 16-bit base as a folder for llama.cpp's converter: its own, else its hub snapshot (safetensors weights,
+    configs and tokenizer.model, without which the converter would tokenize unlike Mistral)."""
+    if Path(base).is_dir():
+        return Path(base)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+    except (OSError, ValueError) as err:  # offline, gated, no such repo
+        raise ExportError(f"--convert_base: cannot download {base} ({first_line(err)}); pass --base_gguf with a GGUF "
+                          f"of it instead") from None
+
+
+def first_line(err: Exception) -> str:
+    """The hub's errors span several lines; the first says what happened."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def quantize(f16_path: Path, target: Path, gguf_type: str) -> None:
@@ -299,10 +426,11 @@ def quantize(f16_path: Path, target: Path, gguf_type: str) -> None:
         log.setLevel(level)
 
 
-def modelfile(gguf_name: str, system: str | None) -> str:
-    """Ollama Modelfile: Mistral-Instruct's prompt, stops on the next turn or end of answer, optional SYSTEM."""
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{OLLAMA_TEMPLATE}"""',
-             'PARAMETER stop "[INST]"', 'PARAMETER stop "</s>"']
+def modelfile(source: str, system: str | None, adapter: str | None = None) -> str:
+    """Ollama Modelfile: FROM a GGUF or an Ollama model, optionally with a LoRA ADAPTER beside the Modelfile;
+    Mistral-Instruct's prompt, stops on the next turn or end of answer, optional SYSTEM."""
+    lines = [f"FROM {source}"] + ([f"ADAPTER ./{adapter}"] if adapter else []) + [
+        f'TEMPLATE """{OLLAMA_TEMPLATE}"""', 'PARAMETER stop "[INST]"', 'PARAMETER stop "</s>"']
     if system:
         lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n"
@@ -328,9 +456,13 @@ def rendered_text(prompt_format: PromptFormat, conversation: Conversation) -> st
     return text
 
 
-def llama_cpp_ids(llm, prompt_format: PromptFormat, conversation: Conversation) -> list[int]:
-    """llama.cpp's own tokenization of the rendered text, as Ollama does it: BOS added, not spelled out."""
-    text = rendered_text(prompt_format, conversation).removeprefix(prompt_format.sp.id_to_piece(prompt_format.bos))
+def ollama_text(prompt_format: PromptFormat, conversation: Conversation) -> str:
+    """The rendered prompt as Ollama hands it to llama.cpp: the text, BOS left for llama.cpp to add."""
+    return rendered_text(prompt_format, conversation).removeprefix(prompt_format.sp.id_to_piece(prompt_format.bos))
+
+
+def llama_cpp_tokenize(llm, text: str) -> list[int]:
+    """llama.cpp's own tokenization of a rendered text, as Ollama does it: BOS added, special tokens parsed."""
     return llm.tokenize(text.encode(), add_bos=True, special=True)
 
 
@@ -341,30 +473,53 @@ class Run:
     margins: list[float]  # HF only: top-2 logit margin at each greedy step
 
 
-def reference_runs(merged_dir: Path, prompts: list[list[int]], steps: int = GREEDY_STEPS) -> list[Run]:
-    """Greedy decoding of the merged HF model in float32 (on the GPU when there is one): the reference."""
+@dataclass
+class Reference:
+    """What every file is checked against: the merged model's greedy runs from the prompts' ids, and the prompts as
+    the text Ollama hands to llama.cpp (whose tokenization must give the same ids)."""
+    runs: list[Run]
+    ids: list[list[int]]
+    texts: list[str]
+
+
+def load_reference(merged_dir: Path):
+    """The merged HF model in float32 (on the GPU when there is one): the reference every file is checked against."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).to(reference_device()).eval()
+
+
+def reference_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(model, prompt_format: PromptFormat, prompts: list[Conversation], steps: int = GREEDY_STEPS) -> Reference:
+    """Greedy decoding of the reference model from each prompt's ids, with the top-2 logit margin at every step."""
+    import torch
+
+    ids = [prompt_format.prompt_ids(c) for c in prompts]
     runs = []
-    for ids in prompts:
+    for prompt in ids:
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids], device=device), max_new_tokens=steps, do_sample=False,
+            out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=steps, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True,
                                  pad_token_id=model.config.eos_token_id)
         logits = torch.cat(out.logits).float().cpu()
         top2 = logits.topk(2, dim=-1).values
-        runs.append(Run(out.sequences[0, len(ids):].tolist(), logits[0].numpy(), (top2[:, 0] - top2[:, 1]).tolist()))
-    return runs
+        runs.append(Run(out.sequences[0, len(prompt):].tolist(), logits[0].numpy(),
+                        (top2[:, 0] - top2[:, 1]).tolist()))
+    return Reference(runs, ids, [ollama_text(prompt_format, c) for c in prompts])
 
 
-def load_gguf(path: Path, n_ctx: int):
+def load_gguf(path: Path, n_ctx: int, lora: Path | None = None):
     """llama.cpp's default thread count: its spin-waiting threads crawl when every core is asked for and one is busy."""
     import llama_cpp
 
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, n_gpu_layers=-1, verbose=False)
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, n_gpu_layers=-1, verbose=False,
+                           lora_path=str(lora) if lora else None)
 
 
 def gguf_run(llm, ids: list[int], steps: int = GREEDY_STEPS) -> Run:
@@ -381,6 +536,18 @@ def gguf_run(llm, ids: list[int], steps: int = GREEDY_STEPS) -> Run:
             break
         llm.eval([tokens[-1]])
     return Run(tokens, first, [])
+
+
+def llama_cpp_facts(path: Path, ids: list[list[int]], texts: list[str], lora: Path | None = None) -> dict:
+    """Everything a check needs from llama.cpp (greedy runs from the ids, its tokenization of the texts, the file's
+    metadata), computed in a child process by `run_isolated`: llama.cpp dying there (SIGILL where it was built for
+    another CPU) is reported instead of ending the export."""
+    llm = load_gguf(path, n_ctx=max(map(len, ids)) + GREEDY_STEPS + 8, lora=lora)
+    return {"runs": [gguf_run(llm, i) for i in ids], "tokenized": [llama_cpp_tokenize(llm, t) for t in texts],
+            "metadata": {"tokenizer": llm.metadata.get("tokenizer.ggml.model"), "n_vocab": llm.n_vocab(),
+                         "add_bos_token": llm.metadata.get("tokenizer.ggml.add_bos_token"),
+                         "chat_template": llm.metadata.get("tokenizer.chat_template"),
+                         "file_type": llm.metadata.get("general.file_type")}}
 
 
 def compare(ref: Run, got: Run) -> dict:
@@ -408,34 +575,76 @@ def f16_failure(m: dict) -> str | None:
     return None
 
 
-def check_file(path: Path, gguf_type: str, refs: list[Run], prompts: list[Conversation], ids: list[list[int]],
-               prompt_format: PromptFormat, chat_template: str) -> dict:
-    """One GGUF against the reference runs: per-prompt figures, tokenizer and metadata, and its verdict."""
-    llm = load_gguf(path, n_ctx=max(map(len, ids)) + GREEDY_STEPS + 8)
-    per_prompt = [compare(ref, gguf_run(llm, i)) for ref, i in zip(refs, ids, strict=True)]
-    tokenizer_ok = all(llama_cpp_ids(llm, prompt_format, c) == i for c, i in zip(prompts, ids, strict=True))
-    meta = {"tokenizer": llm.metadata.get("tokenizer.ggml.model"), "n_vocab": llm.n_vocab(),
-            "add_bos_token": llm.metadata.get("tokenizer.ggml.add_bos_token"),
-            "chat_template_ok": llm.metadata.get("tokenizer.chat_template") == chat_template}
-    failures = [f16_failure(m) for m in per_prompt] if gguf_type == "f16" else []
-    problems = [f"prompt {n}: {why}" for n, why in enumerate(failures) if why]
-    if not tokenizer_ok:
-        problems.append("llama.cpp's tokenizer does not give Mistral's ids for the rendered prompts")
-    if meta["tokenizer"] != "llama" or not meta["chat_template_ok"]:
-        problems.append("SentencePiece tokenizer or chat template missing from the GGUF metadata")
-    return {"file": path.name, "type": gguf_type, "bytes": path.stat().st_size, "prompts": per_prompt,
-            "tokenizer_ok": tokenizer_ok, "metadata": meta, "problems": problems}
+def llama_cpp_check(what: str, model: Path, ref: Reference, lora: Path | None = None) -> dict:
+    """llama.cpp's figures for `model` (with `lora` applied) against the reference, measured in a child process. If
+    llama.cpp dies there, the entry says why (`not_checked`, `signal`) and the export goes on with the next file."""
+    try:
+        facts = isolate.run_isolated(f"llama.cpp's check of {what}", llama_cpp_facts, model, ref.ids, ref.texts, lora)
+    except isolate.ChildCrashed as crash:
+        return {"not_checked": str(crash), "signal": crash.signal, "problems": []}
+    except isolate.ChildFailed as err:
+        return {"not_checked": str(err), "problems": [f"llama.cpp could not run it ({err})"]}
+    tokenizer_ok = facts["tokenized"] == ref.ids
+    problems = [] if tokenizer_ok else ["llama.cpp's tokenizer does not give Mistral's ids for the rendered prompts"]
+    return {"prompts": [compare(r, g) for r, g in zip(ref.runs, facts["runs"], strict=True)],
+            "tokenizer_ok": tokenizer_ok, "metadata": facts["metadata"], "problems": problems}
+
+
+def mismatches(entry: dict) -> list[str]:
+    """Where a strictly checked file's runs do not match the reference as an f16 file must."""
+    if not entry["strict"] or "prompts" not in entry:
+        return []
+    return [f"prompt {n}: {why}" for n, m in enumerate(entry["prompts"]) if (why := f16_failure(m))]
+
+
+def check_file(path: Path, gguf_type: str, ref: Reference, chat_template: str) -> dict:
+    """One GGUF of the full export against the reference: f16 must match, every file carries Mistral's tokenizer and
+    the chat template."""
+    entry = {"file": path.name, "type": gguf_type, "bytes": path.stat().st_size, "strict": gguf_type == "f16"}
+    entry |= llama_cpp_check(path.name, path, ref)
+    entry["problems"] += mismatches(entry)
+    if "metadata" in entry:
+        meta = entry["metadata"]
+        meta["chat_template_ok"] = meta.pop("chat_template") == chat_template
+        if meta["tokenizer"] != "llama" or not meta["chat_template_ok"]:
+            entry["problems"].append("SentencePiece tokenizer or chat template missing from the GGUF metadata")
+    return entry
+
+
+def check_adapter(p: Plan, prompts: list[Conversation]) -> dict:
+    """adapter.gguf on the base GGUF in llama.cpp against the merged model: on an f16 (or f32) base it must match as
+    an f16 file does; on a quantized base it is reported. Unchecked without a base GGUF."""
+    import torch
+    from gguf import LlamaFileType
+
+    entry = {"file": ADAPTER_GGUF, "type": f"lora {LORA_OUTTYPE}", "bytes": p.adapter_gguf.stat().st_size}
+    if p.base_gguf is None:
+        return entry | {"not_checked": "no base GGUF to apply it to (--base_gguf PATH or --convert_base)",
+                        "problems": []}
+    tokenizer = p.adapter_dir / "tokenizer.model"
+    merged = merge_adapter(_load_peft(p.adapter_dir, p.base, p.dequantize)).to(reference_device(), torch.float32)
+    ref = reference(merged, PromptFormat(tokenizer if tokenizer.is_file() else find_tokenizer_model(p.base)), prompts)
+    entry |= {"base_gguf": str(p.base_gguf)} | llama_cpp_check(f"{ADAPTER_GGUF} on {p.base_gguf.name}", p.base_gguf,
+                                                                 ref, p.adapter_gguf)
+    if "metadata" in entry:
+        entry["metadata"].pop("chat_template")  # the base's own: Ollama uses the Modelfile's TEMPLATE
+        file_type = entry["metadata"]["file_type"]
+        entry["base_type"] = LlamaFileType(int(file_type)).name if file_type is not None else "unknown"
+        entry["strict"] = entry["base_type"] in STRICT_BASE_TYPES
+        entry["problems"] += mismatches(entry)
+    return entry
 
 
 def check_exports(p: Plan, prompts: list[Conversation] = CHECK_PROMPTS) -> dict:
     """Every GGUF of the plan against the merged model; the report is written whatever the verdict."""
     from transformers import AutoTokenizer
 
-    prompt_format = PromptFormat(p.merged_dir / "tokenizer.model")
-    ids = [prompt_format.prompt_ids(c) for c in prompts]
-    refs = reference_runs(p.merged_dir, ids)
+    ref = reference(load_reference(p.merged_dir), PromptFormat(p.merged_dir / "tokenizer.model"), prompts)
     chat_template = AutoTokenizer.from_pretrained(p.merged_dir).chat_template
-    files = [check_file(p.gguf(t), t, refs, prompts, ids, prompt_format, chat_template) for t in p.gguf_types]
+    return write_report(p, [check_file(p.gguf(t), t, ref, chat_template) for t in p.gguf_types])
+
+
+def write_report(p: Plan, files: list[dict]) -> dict:
     report = {"base": p.base, "base_note": p.base_note, "adapter_dir": str(p.adapter_dir),
               "criteria": {"near_tie": NEAR_TIE, "min_cosine_f16": MIN_COSINE, "greedy_steps": GREEDY_STEPS},
               "files": files}
@@ -457,17 +666,28 @@ def table(report: dict) -> str:
     rows = ["| file | MiB | max abs diff | cosine | greedy agreement | first split | HF margin there | verdict |",
             "|---|---|---|---|---|---|---|---|"]
     for f in report["files"]:
+        name = f"{f['file']} on {Path(f['base_gguf']).name}" if "base_gguf" in f else f["file"]
+        if "prompts" not in f:
+            rows.append(f"| {name} | {f['bytes'] / 2**20:.1f} | - | - | - | - | - | not checked: {f['not_checked']} |")
+            continue
         s = summary(f)
-        verdict = "FAIL" if f["problems"] else "ok" if f["type"] == "f16" else "reported"
+        verdict = "FAIL" if f["problems"] else "ok" if f["strict"] else "reported"
         margin = "-" if s["margin"] is None else f"{s['margin']:.4f}"
-        rows.append(f"| {f['file']} | {f['bytes'] / 2**20:.1f} | {s['max_abs_diff']:.4f} | {s['cosine']:.6f} | "
+        rows.append(f"| {name} | {f['bytes'] / 2**20:.1f} | {s['max_abs_diff']:.4f} | {s['cosine']:.6f} | "
                     f"{s['agreement']:.1%} | {'-' if s['split'] is None else s['split']} | {margin} | {verdict} |")
     return "\n".join(rows)
 
 
 def verdict(report: dict) -> None:
-    """Raise on an f16 file that disagrees with the merged model, or on any file with a tokenizer/metadata fault."""
+    """Raise when llama.cpp died in a check (the files stay; the message names them, the signal and the rebuild), on
+    an f16 file that disagrees with the merged model, or on any file with a tokenizer/metadata fault."""
+    crashed = [f for f in report["files"] if "signal" in f]
     problems = [f"{f['file']}: {why}" for f in report["files"] for why in f["problems"]]
+    also = f"; also {problems[0]} ({len(problems)} problem(s))" if problems else ""
+    if crashed:
+        raise ExportError(f"{', '.join(f['not_checked'] for f in crashed)}: the GGUF files are written, the checks "
+                          f"that could not run are marked in export_report.json{also}; rebuild llama-cpp-python for "
+                          f"this CPU with `{isolate.REBUILD_LLAMA_CPP}`")
     if problems:
         raise ExportError(f"{problems[0]} ({len(problems)} problem(s); see export_report.json)")
 
@@ -477,13 +697,14 @@ def verdict(report: dict) -> None:
 
 def run_export(config: Config, prompts: list[Conversation] = CHECK_PROMPTS) -> Plan:
     p = plan(config)
-    converter = find_converter() if p.gguf_types else None
+    needed = LORA_CONVERTER if config.lora_only else HF_CONVERTER if p.gguf_types else None
+    converter = find_converter(needed) if needed else None
     print(p.base_note, flush=True)
     check_disk_space(p.export_dir, estimated_bytes(p, config.lora_only))
     atomic.remove_stale_temporaries(p.export_dir)
     atomic.write_text(p.export_dir / "config.yaml", to_yaml(config))
     if config.lora_only:
-        copy_adapter(p.adapter_dir, p.export_dir / "adapter")
+        export_adapter(p, converter, prompts)
         return p
     merge(p.adapter_dir, p.base, p.merged_dir, p.dequantize)
     if config.merged_only:
@@ -491,9 +712,21 @@ def run_export(config: Config, prompts: list[Conversation] = CHECK_PROMPTS) -> P
     convert_f16(p.merged_dir, p.gguf("f16"), converter)
     for t in p.gguf_types[1:]:
         quantize(p.gguf("f16"), p.gguf(t), t)
-    atomic.write_text(p.export_dir / "Modelfile", modelfile(p.gguf(modelfile_target(p.gguf_types)).name,
+    atomic.write_text(p.export_dir / "Modelfile", modelfile(f"./{p.gguf(modelfile_target(p.gguf_types)).name}",
                                                             p.system_prompt))
     report = check_exports(p, prompts)
     print(table(report), flush=True)
     verdict(report)
     return p
+
+
+def export_adapter(p: Plan, converter: Path, prompts: list[Conversation]) -> None:
+    """--lora_only: the PEFT adapter copied, adapter.gguf, its Modelfile, then (when asked) its check in llama.cpp."""
+    copy_adapter(p.adapter_dir, p.export_dir / "adapter")
+    convert_lora(p.adapter_dir, p.trained_on, p.adapter_gguf, converter)
+    atomic.write_text(p.export_dir / "Modelfile", modelfile(p.ollama_base, p.system_prompt, ADAPTER_GGUF))
+    if p.convert_base:
+        convert_f16(base_checkout(p.base), p.base_gguf, converter)
+    report = write_report(p, [check_adapter(p, prompts)])
+    print(table(report), flush=True)
+    verdict(report)

@@ -1,4 +1,5 @@
-"""Answers from a fine-tuned model: an adapter folder (base + LoRA), a merged model folder, or a GGUF file.
+"""Answers from a fine-tuned model: an adapter folder (base + LoRA), a merged model folder, or a GGUF file (with
+--lora, a base GGUF with the adapter.gguf that export_gguf.py --lora_only writes).
 
 Every backend is fed the same token ids, rendered by `PromptFormat` exactly as training rendered the prompt part of a
 row; llama.cpp gets them through `Llama.generate(tokens)`, never its own tokenizer. Backends: Unsloth on a CUDA GPU
@@ -6,8 +7,9 @@ row; llama.cpp gets them through `Llama.generate(tokens)`, never its own tokeniz
 that Unsloth can be imported before transformers and bad input fails before anything loads.
 
 The prompt's pieces come from where the model was made: tokenizer.model from --tokenizer_name, else the model's own
-(its folder; for a .gguf, beside it or in the merged/ folder that export_gguf.py writes next to it), else the adapter's
-base or --model_name; template and system prompt from the training run's config.yaml (see `run_settings`) unless
+(its folder; for a .gguf, beside it or in the merged/ folder that export_gguf.py writes next to it; with --lora, first
+beside the adapter GGUF or in the adapter/ folder next to it), else the adapter's base or --model_name; template and
+system prompt from the training run's config.yaml (see `run_settings`; near the --lora file when given) unless
 --system is given.
 """
 
@@ -42,6 +44,8 @@ def add_arguments(parser) -> None:
     mode.add_argument("--chat", action="store_true", help="multi-turn chat on stdin (/reset, /exit)")
     mode.add_argument("--input", help="JSONL file, one {\"prompt\": ..., \"system\"?: ...} a line")
     parser.add_argument("--output", help="JSONL answers for --input, one a line, in order")
+    parser.add_argument("--lora", help="LoRA adapter GGUF (export_gguf.py --lora_only's adapter.gguf) applied to "
+                        "MODEL, a .gguf of its base")
     parser.add_argument("--system", help="system message (default: the training run's system_prompt)")
     parser.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
     parser.add_argument("--compare_base", action="store_true",
@@ -80,11 +84,13 @@ def adapter_base(path: Path) -> str:
         raise InferError(f"{path}/adapter_config.json: no usable base_model_name_or_path ({err})") from None
 
 
-def tokenizer_model(path: Path, kind: str, config) -> Path:
+def tokenizer_model(path: Path, kind: str, config, lora: Path | None = None) -> Path:
     """--tokenizer_name if given; else the model's own tokenizer.model: in its folder, or for a .gguf beside it or in
-    the merged/ folder export_gguf.py writes next to it; else the adapter's base's, or --model_name's."""
+    the merged/ folder export_gguf.py writes next to it (with --lora, first beside the adapter GGUF or in the adapter/
+    folder export_gguf.py --lora_only writes next to it); else the adapter's base's, or --model_name's."""
     if kind == "gguf":
-        own = [path.with_name("tokenizer.model"), path.parent / "merged" / "tokenizer.model"]
+        folders = [lora.parent, lora.parent / "adapter"] if lora else []
+        own = [f / "tokenizer.model" for f in folders + [path.parent, path.parent / "merged"]]
     else:
         own = [path / "tokenizer.model"]
     found = [f for f in own if f.is_file()]
@@ -252,14 +258,16 @@ class _Callback:
 class LlamaCppEngine:
     """A GGUF file in llama.cpp; prompts go in as ids, one at a time (llama-cpp-python has no batched generate)."""
 
-    def __init__(self, path: Path, seed: int):
+    def __init__(self, path: Path, seed: int, lora: Path | None = None):
         from llama_cpp import Llama
 
         try:
             self.llm = Llama(model_path=str(path), n_ctx=LLAMA_CPP_CONTEXT, seed=seed, n_gpu_layers=-1,
-                             verbose=False)
+                             lora_path=str(lora) if lora else None, verbose=False)
         except ValueError as err:
-            raise InferError(f"{path}: llama.cpp cannot load this file as a GGUF model ({err})") from None
+            what = (f"{path} with the LoRA {lora}: llama.cpp cannot load them" if lora
+                    else f"{path}: llama.cpp cannot load this file as a GGUF model")
+            raise InferError(f"{what} ({err})") from None
         self.eos, self.vocab_size, self.batch_size = self.llm.token_eos(), self.llm.n_vocab(), 1
 
     def generate(self, prompts: list[list[int]], config, on_token=None) -> list[list[int]]:
@@ -298,10 +306,10 @@ def pick_backend(choice: str) -> str:
     return choice
 
 
-def load_engine(path: Path, kind: str, backend: str, eos: int, seed: int):
+def load_engine(path: Path, kind: str, backend: str, eos: int, seed: int, lora: Path | None = None):
     if kind == "gguf":
-        print(f"loading {path} with llama.cpp", file=sys.stderr)
-        return LlamaCppEngine(path, seed)
+        print(f"loading {path}{f' + {lora}' if lora else ''} with llama.cpp", file=sys.stderr)
+        return LlamaCppEngine(path, seed, lora)
     print(f"loading {path} ({kind}) with {'Unsloth' if backend == 'unsloth' else 'transformers'} on "
           f"{'cpu' if backend == 'cpu' else 'cuda'}", file=sys.stderr)
     if backend == "unsloth":
@@ -449,30 +457,50 @@ def check_vocabulary(engine, fmt: PromptFormat, tokenizer: Path) -> None:
                          f"tokenizer ({engine.vocab_size} tokens, EOS {engine.eos}); pass --tokenizer_name")
 
 
+def check_lora(lora: Path, kind: str) -> None:
+    """A LoRA adapter GGUF for a .gguf base, read with gguf-py first: llama.cpp accepts some files that are not
+    adapters and then crashes evaluating them."""
+    from gguf import GGUFReader
+
+    if kind != "gguf":
+        raise InferError("--lora goes with a .gguf MODEL, its base; an adapter folder is itself the MODEL")
+    if not lora.is_file():
+        raise InferError(f"--lora {lora}: no such file")
+    try:
+        adapter_type = GGUFReader(lora).fields.get("adapter.type")
+    except ValueError:  # not a GGUF at all ("GGUF magic invalid")
+        adapter_type = None
+    if adapter_type is None or adapter_type.contents() != "lora":
+        raise InferError(f"--lora {lora}: not a LoRA adapter GGUF (export_gguf.py --lora_only writes one)")
+
+
 def open_session(path: Path, config, template: str, backend: str = "auto", seed: int | None = None,
-                 compare_base: bool = False) -> Session:
-    """The model at `path` loaded on its backend, with the tokenizer its prompts are rendered with."""
+                 compare_base: bool = False, lora: Path | None = None) -> Session:
+    """The model at `path` (with the LoRA GGUF `lora`) loaded on its backend, with the tokenizer its prompts are
+    rendered with."""
     kind = model_kind(path)
     if compare_base and kind != "adapter":
         raise InferError(f"--compare_base needs an adapter folder; {path} has no separate base model")
-    tokenizer = tokenizer_model(path, kind, config)
+    if lora:
+        check_lora(lora, kind)
+    tokenizer = tokenizer_model(path, kind, config, lora)
     fmt = PromptFormat(tokenizer, template)
     engine = load_engine(path, kind, "gguf" if kind == "gguf" else pick_backend(backend), fmt.eos,
-                         config.seed if seed is None else seed)
+                         config.seed if seed is None else seed, lora)
     check_vocabulary(engine, fmt, tokenizer)
     return Session(engine, fmt, config, compare_base)
 
 
 def run(config, args) -> None:
     """Check the arguments, load the model, answer in the mode asked for."""
-    path = Path(args.model)
+    path, lora = Path(args.model), Path(args.lora) if args.lora else None
     if args.prompt is not None and not args.prompt.strip():
         raise InferError("--prompt is empty")
     if args.input and not args.output:
         raise InferError("--input needs --output")
-    template, system = prompt_settings(path, config, args.system)
+    template, system = prompt_settings(lora or path, config, args.system)  # the fine-tune's settings
     rows = read_prompts(Path(args.input), system) if args.input else None
-    session = open_session(path, config, template, args.backend, args.seed, args.compare_base)
+    session = open_session(path, config, template, args.backend, args.seed, args.compare_base, lora)
     if args.chat:
         chat(session, system)
     elif args.input:

@@ -1,7 +1,8 @@
 #!/bin/sh
-# llama.cpp's Hugging Face -> GGUF converter (convert_hf_to_gguf.py, its conversion/ package and its own gguf-py),
-# taken from llama-cpp-python's source distribution: no git clone, no cmake, and the converter matches the llama.cpp
-# that llama-cpp-python runs. PyPI's gguf package lags behind the script (it lacks LazyChunkedTensor), hence gguf-py.
+# llama.cpp's Hugging Face -> GGUF converters (convert_hf_to_gguf.py for models, convert_lora_to_gguf.py for PEFT
+# LoRA adapters, their conversion/ package and their own gguf-py), taken from llama-cpp-python's source distribution:
+# no git clone, no cmake, and the converters match the llama.cpp that llama-cpp-python runs. PyPI's gguf package lags
+# behind the scripts (it lacks LazyChunkedTensor), hence gguf-py.
 #
 #   sh scripts/get_llama_cpp_converter.sh [DEST]      # DEST defaults to .llama.cpp (git-ignored by its own .gitignore)
 #
@@ -19,7 +20,8 @@ trap 'rm -rf "$work"' EXIT
 
 "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work"
 tar -xzf "$work/llama_cpp_python-$VERSION.tar.gz" -C "$work" \
-    "$ROOT/convert_hf_to_gguf.py" "$ROOT/conversion" "$ROOT/gguf-py/gguf" "$ROOT/gguf-py/LICENSE" "$ROOT/LICENSE"
+    "$ROOT/convert_hf_to_gguf.py" "$ROOT/convert_lora_to_gguf.py" "$ROOT/conversion" \
+    "$ROOT/gguf-py/gguf" "$ROOT/gguf-py/LICENSE" "$ROOT/LICENSE"
 echo "$VERSION" > "$work/$ROOT/VERSION"
 echo '*' > "$work/$ROOT/.gitignore"
 

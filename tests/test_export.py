@@ -1,6 +1,7 @@
 """Export end to end on the tiny model's smoke fine-tune (conftest's trained_adapter): adapter -> merged 16-bit ->
-GGUF f16, q8_0, q4_k_m -> llama.cpp, checked against the merged Hugging Face model; the Ollama template rendered by
-Go's text/template; a kill in mid-write.
+GGUF f16, q8_0, q4_k_m -> llama.cpp, checked against the merged Hugging Face model; the adapter alone (--lora_only) ->
+adapter.gguf on the base's GGUF in llama.cpp; the Ollama template rendered by Go's text/template; a kill in mid-write;
+llama.cpp dying in a check.
 
 Needs llama.cpp's converter (`sh scripts/get_llama_cpp_converter.sh`); the template test needs `go` (golang-go).
 """
@@ -19,8 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT
-from qlora import atomic, export
+from conftest import ROOT, run_script
+from qlora import atomic, export, isolate
 from qlora.chat import Message
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
@@ -89,12 +90,9 @@ def test_known_4bit_bases_map_to_their_16bit_original(tmp_path):
     assert export.resolve_base(tmp_path, "my/16bit")[:2] == ("my/16bit", False)
 
 
-def test_merged_only_and_lora_only(trained_adapter, tmp_path):
+def test_merged_only(trained_adapter, tmp_path):
     export.run_export(Config(adapter_dir=str(trained_adapter), export_dir=str(tmp_path / "m"), merged_only=True))
     assert (tmp_path / "m/merged/model.safetensors").is_file() and not list((tmp_path / "m").glob("*.gguf"))
-    export.run_export(Config(adapter_dir=str(trained_adapter), export_dir=str(tmp_path / "l"), lora_only=True))
-    assert sorted(p.name for p in (tmp_path / "l").iterdir()) == ["adapter", "config.yaml"]
-    assert (tmp_path / "l/adapter/adapter_model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------- GGUF files
@@ -141,7 +139,143 @@ def test_llama_cpp_tokenizer_gives_mistral_ids(exported, conversations, prompt_f
         llm = llama_cpp.Llama(str(plan.gguf(gguf_type)), vocab_only=True, verbose=False)
         for conversation in conversations + export.CHECK_PROMPTS:
             want = prompt_format.encode(conversation)[0]
-            assert export.llama_cpp_ids(llm, prompt_format, conversation) == want, conversation
+            assert export.llama_cpp_tokenize(llm, export.ollama_text(prompt_format, conversation)) == want, conversation
+
+
+# ---------------------------------------------------------------- the adapter alone (--lora_only)
+
+TINY_OLLAMA_BASE = "tiny-mistral:f16"  # as a user would name the tiny base in Ollama
+
+
+@pytest.fixture(scope="module")
+def lora_exported(trained_adapter, tmp_path_factory, sample_prompts):
+    """export --lora_only --convert_base: adapter.gguf, checked in llama.cpp on the tiny base's f16 GGUF."""
+    config = Config(adapter_dir=str(trained_adapter), export_dir=str(tmp_path_factory.mktemp("lora")), lora_only=True,
+                    convert_base=True, ollama_base=TINY_OLLAMA_BASE, system_prompt=SYSTEM)
+    plan = export.run_export(config, prompts=sample_prompts + export.CHECK_PROMPTS)
+    return plan, json.loads((plan.export_dir / "export_report.json").read_text())
+
+
+def test_lora_only_writes_adapter_gguf_and_a_modelfile_with_adapter(lora_exported, exported, trained_adapter):
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    plan, _ = lora_exported
+    assert sorted(p.name for p in plan.export_dir.iterdir()) == [  # no merged/ and no model-*.gguf: nothing merged
+        "Modelfile", "adapter", "adapter.gguf", "base-f16.gguf", "config.yaml", "export_report.json"]
+    text = (plan.export_dir / "Modelfile").read_text()
+    assert text.startswith(f"FROM {TINY_OLLAMA_BASE}\nADAPTER ./adapter.gguf\nTEMPLATE")
+    full = (exported[0].export_dir / "Modelfile").read_text()
+    assert text.split("\n", 2)[2] == full.split("\n", 1)[1], "TEMPLATE, stops and SYSTEM as in the full export"
+    reader = GGUFReader(plan.adapter_gguf)
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == json.loads(
+        (trained_adapter / "adapter_config.json").read_text())["lora_alpha"]
+    with safe_open(trained_adapter / "adapter_model.safetensors", "pt") as peft:
+        assert len(reader.tensors) == len(list(peft.keys()))  # every lora_A and lora_B
+    assert {t.tensor_type.name for t in reader.tensors} == {"F32"}
+
+
+def test_adapter_on_the_f16_base_matches_the_merged_model(lora_exported, sample_prompts):
+    _, report = lora_exported
+    [entry] = report["files"]
+    assert entry["file"] == "adapter.gguf" and entry["base_type"] == "MOSTLY_F16" and entry["strict"]
+    assert not entry["problems"] and entry["tokenizer_ok"]
+    for m in entry["prompts"]:
+        assert m["cosine"] >= export.MIN_COSINE and export.f16_failure(m) is None
+    for m in entry["prompts"][: len(sample_prompts)]:  # the training distribution: no near-ties, identical tokens
+        assert m["split"] is None and m["agreement"] == 1.0, m
+
+
+def test_llama_cpp_base_plus_adapter_gives_the_merged_f16_gguf(lora_exported, exported, conversations, prompt_format):
+    """llama.cpp itself, both ways: the tiny base's f16 GGUF with adapter.gguf, and the merged f16 GGUF, on the
+    training prompts (each conversation cut before its last answer)."""
+    lora_plan, _ = lora_exported
+    ids = [prompt_format.prompt_ids(c[:-1]) for c in conversations]
+    n_ctx = max(map(len, ids)) + export.GREEDY_STEPS + 8
+    merged = export.load_gguf(exported[0].gguf("f16"), n_ctx)
+    with_adapter = export.load_gguf(lora_plan.export_dir / export.BASE_GGUF, n_ctx, lora=lora_plan.adapter_gguf)
+    runs = [(export.gguf_run(merged, i), export.gguf_run(with_adapter, i)) for i in ids]
+    cosines = [export.compare(want, got)["cosine"] for want, got in runs]
+    print(f"base f16 + adapter.gguf vs merged f16 GGUF: {sum(len(w.tokens) for w, _ in runs)} greedy tokens on "
+          f"{len(ids)} prompts, logits cosine >= {min(cosines):.6f}")
+    assert [got.tokens for _, got in runs] == [want.tokens for want, _ in runs]
+    assert min(cosines) >= export.MIN_COSINE
+
+
+def test_infer_with_lora_answers_as_the_merged_gguf(lora_exported, exported, sample_data, tmp_path):
+    """infer.py BASE.gguf --lora adapter.gguf gives what infer.py MERGED.gguf gives: the same answers to the training
+    prompts (--input), and the same printed answer (--prompt)."""
+    lora_plan, _ = lora_exported
+    models = {"adapter": (str(lora_plan.export_dir / export.BASE_GGUF), "--lora", str(lora_plan.adapter_gguf)),
+              "merged": (str(exported[0].gguf("f16")),)}
+    greedy = ("--system", "", "--temperature", "0", "--max_new_tokens", "24")
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [to_conversation(record, "auto", where) for where, record in itertools.islice(read_records(sample_data), 12)]
+    prompts.write_text("".join(json.dumps({"prompt": c[0].content}) + "\n" for c in rows if len(c) == 2))
+    answers = {}
+    for name, model in models.items():
+        run_script("infer.py", *model, "--input", str(prompts), "--output", str(tmp_path / name), *greedy)
+        answers[name] = [json.loads(line)["answer"] for line in (tmp_path / name).read_text().splitlines()]
+    assert answers["adapter"] == answers["merged"] and sum(map(bool, answers["merged"])) >= 2, answers
+    prompt = json.loads(prompts.read_text().splitlines()[[bool(a) for a in answers["merged"]].index(True)])["prompt"]
+    printed = {name: run_script("infer.py", *model, "--prompt", prompt, *greedy).stdout
+               for name, model in models.items()}
+    assert printed["adapter"] == printed["merged"] and printed["merged"].strip()
+
+
+def test_adapter_on_a_quantized_base_is_reported(lora_exported, trained_adapter, tmp_path):
+    base = tmp_path / "base-q4_k_m.gguf"
+    export.quantize(lora_exported[0].export_dir / export.BASE_GGUF, base, "q4_k_m")
+    out = tmp_path / "e"
+    export.run_export(Config(adapter_dir=str(trained_adapter), export_dir=str(out), lora_only=True,
+                             base_gguf=str(base), ollama_base=str(base)))
+    [entry] = json.loads((out / "export_report.json").read_text())["files"]
+    assert entry["base_type"] == "MOSTLY_Q4_K_M" and not entry["strict"] and not entry["problems"]
+    assert all(0.99 < m["cosine"] < 1 for m in entry["prompts"]), entry["prompts"]
+    assert (out / "Modelfile").read_text().startswith(f"FROM {base.resolve()}\nADAPTER ./adapter.gguf\n")
+
+
+def test_lora_only_reads_no_base_weights(lora_exported, trained_adapter, tiny_model, tmp_path):
+    """export_gguf.py --lora_only with a base folder holding config.json alone gives the same adapter.gguf tensors,
+    unchecked (no base GGUF)."""
+    from gguf import GGUFReader
+
+    (tmp_path / "base").mkdir()
+    shutil.copyfile(tiny_model / "config.json", tmp_path / "base" / "config.json")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_adapter, adapter, ignore=shutil.ignore_patterns("checkpoint-*", "data"))
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    settings["base_model_name_or_path"] = str(tmp_path / "base")
+    (adapter / "adapter_config.json").write_text(json.dumps(settings))
+    result = run_script("export_gguf.py", "--adapter_dir", str(adapter), "--lora_only", "--ollama_base", "tiny")
+    assert "not checked: no base GGUF" in result.stdout
+    got, want = (GGUFReader(p).tensors for p in (adapter / "export/adapter.gguf", lora_exported[0].adapter_gguf))
+    assert [(t.name, t.data.tobytes()) for t in got] == [(t.name, t.data.tobytes()) for t in want]
+
+
+def test_adapter_route_settings(tmp_path):
+    def plan(base: str, **settings):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base} | settings))
+        return lambda **flags: export.plan(Config(adapter_dir=str(tmp_path), **flags))
+
+    default = plan("unsloth/mistral-7b-instruct-v0.2-bnb-4bit")(lora_only=True)
+    assert (default.ollama_base, default.base_gguf) == ("mistral:7b-instruct-v0.2", None)
+    with pytest.raises(export.ExportError, match=r"^--ollama_base: no Ollama model known for the base some/model;"):
+        plan("some/model")(lora_only=True)
+    with pytest.raises(export.ExportError, match="--base_gguf nope.gguf: no such file"):
+        plan("some/model")(lora_only=True, ollama_base="m", base_gguf="nope.gguf")
+    with pytest.raises(export.ExportError, match="exclude each other"):
+        plan("some/model")(lora_only=True, ollama_base="m", base_gguf=__file__, convert_base=True)
+    with pytest.raises(export.ExportError, match="go with --lora_only"):
+        plan("some/model")(ollama_base="m")
+    with pytest.raises(export.ExportError, match="DoRA cannot be expressed as llama.cpp's LoRA"):
+        plan("some/model", use_dora=True)(lora_only=True, ollama_base="m")
+    plan("some/model")
+    result = run_script("export_gguf.py", "--adapter_dir", str(tmp_path), "--lora_only", check=False)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: --ollama_base: ")
+    assert "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------- Ollama
@@ -291,6 +425,37 @@ def test_missing_converter_is_one_line_naming_the_command(trained_adapter, tmp_p
         runpy.run_path(str(ROOT / "export_gguf.py"), run_name="__main__")
     message = str(exit_.value.code)
     assert message.startswith(f"error: {tmp_path}") and export.INSTALL_CONVERTER in message and "\n" not in message
+
+
+REAL_LLAMA_CPP_FACTS = export.llama_cpp_facts
+
+
+def llama_cpp_dies_on_q8_0(path, *args):
+    """llama.cpp as it dies on a CPU it was not built for (SIGILL), here when it evaluates the q8_0 file. It runs in
+    the check's child process, which finds it by importing this module."""
+    if Path(path).name == "model-q8_0.gguf":
+        os.kill(os.getpid(), signal.SIGILL)
+    return REAL_LLAMA_CPP_FACTS(path, *args)
+
+
+def test_llama_cpp_crash_in_a_check_is_one_line_and_the_files_stay(trained_adapter, tmp_path, monkeypatch):
+    """export_gguf.py when llama.cpp is killed by SIGILL checking one file: every GGUF stays, the report marks that
+    file unchecked with the signal, the files after it are still checked, and the script ends with one line."""
+    monkeypatch.setattr(export, "llama_cpp_facts", llama_cpp_dies_on_q8_0)
+    out = tmp_path / "e"
+    monkeypatch.setattr(sys, "argv", ["export_gguf.py", "--adapter_dir", str(trained_adapter), "--export_dir",
+                                      str(out), "--gguf_types", *TYPES])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "export_gguf.py"), run_name="__main__")
+    message = str(exit_.value.code)
+    assert message.startswith("error: llama.cpp's check of model-q8_0.gguf was killed by SIGILL: ")
+    assert "\n" not in message and "Traceback" not in message
+    assert message.endswith(f"`{isolate.REBUILD_LLAMA_CPP}`") and "f16.gguf" not in message
+    assert all((out / f"model-{t}.gguf").stat().st_size > 2**20 for t in TYPES) and (out / "Modelfile").is_file()
+    files = {f["type"]: f for f in json.loads((out / "export_report.json").read_text())["files"]}
+    assert files["q8_0"]["signal"] == "SIGILL" and "prompts" not in files["q8_0"]
+    assert files["f16"]["prompts"] and not files["f16"]["problems"]
+    assert files["q4_k_m"]["prompts"] and files["q4_k_m"]["tokenizer_ok"]  # checked after the crash
 
 
 def test_bad_settings_fail_before_work(trained_adapter, tmp_path):

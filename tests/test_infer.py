@@ -380,7 +380,7 @@ def test_chat_keeps_history_until_reset(merged, sessions):
 
 
 @pytest.mark.parametrize("case", ["missing", "neither", "not gguf", "no tokenizer", "empty prompt", "bad jsonl",
-                                  "no base"])
+                                  "no base", "lora on a folder", "no lora file"])
 def test_bad_input_is_one_clear_line(case, tmp_path, tiny_model):
     fake = tmp_path / "x.gguf"
     fake.write_text("not a model\n")
@@ -395,9 +395,22 @@ def test_bad_input_is_one_clear_line(case, tmp_path, tiny_model):
         "bad jsonl": ([str(tiny_model), "--input", str(bad_jsonl), "--output", str(tmp_path / "a.jsonl")],
                       f"{bad_jsonl}:2: malformed JSON"),
         "no base": ([str(tiny_model), "--prompt", "hi", "--compare_base"], "--compare_base needs an adapter folder"),
+        "lora on a folder": ([str(tiny_model), "--prompt", "hi", "--lora", str(fake)], "--lora goes with a .gguf"),
+        "no lora file": ([str(fake), "--prompt", "hi", "--lora", str(tmp_path / "a.gguf")], "a.gguf: no such file"),
     }[case]
     result = infer_cli(*args, check=False)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_lora_that_does_not_load_is_one_clear_line(gguf, tmp_path):
+    fake = tmp_path / "adapter.gguf"
+    fake.write_text("not an adapter\n")
+    result = infer_cli(str(gguf), "--prompt", "hi", "--lora", str(fake), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"error: --lora {fake}: not a LoRA adapter GGUF (export_gguf.py --lora_only writes one)"
+    result = infer_cli(str(gguf), "--prompt", "hi", "--lora", str(gguf), check=False)  # a model, not an adapter
+    assert result.returncode != 0 and "not a LoRA adapter GGUF" in result.stderr.strip().splitlines()[-1]
