@@ -166,7 +166,8 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build_parser(groups: tuple[str, ...], description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    # Raw description: the scripts' docstrings hold usage examples, one a line, that argparse would run together
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML preset; flags given here win over it")
     for name, f in FIELDS.items():
         if f.metadata["group"] not in groups:
@@ -174,7 +175,9 @@ def build_parser(groups: tuple[str, ...], description: str) -> argparse.Argument
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         tp, _ = _base_type(typing.get_type_hints(Config)[name])
         # SUPPRESS: a flag not given stays out of the namespace, so the YAML file's value is not overwritten
-        kwargs = {"help": f"{f.metadata['help']} (default: {default})", "default": argparse.SUPPRESS}
+        # argparse %-formats help texts: a literal % ("about 7%") must be doubled
+        help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
+        kwargs = {"help": help_text, "default": argparse.SUPPRESS}
         if tp is bool:  # `--packing` alone means true; `--packing false` is accepted too (TRL's convention)
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif typing.get_origin(tp) is list:
