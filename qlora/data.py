@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 from .chat import IGNORE, Conversation, Message, PromptFormat
 from .config import CHOICES
+from .hub import fetching
 
 FORMATS = tuple(f for f in CHOICES["dataset_format"] if f != "auto")
 ACCEPTED = (
@@ -120,7 +121,13 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
 def _read_hub(name: str, split: str) -> Iterator[tuple[str, object]]:
     from datasets import load_dataset
 
-    for number, row in enumerate(load_dataset(name, split=split), start=1):
+    with fetching(name, "data set", "pass --dataset PATH to a local .jsonl, .json, .csv or .parquet file",
+                  kind="dataset"):
+        try:
+            rows = load_dataset(name, split=split)
+        except ValueError as err:  # datasets' word for a split or configuration the data set does not have
+            raise DataError(f"{name}: {str(err).splitlines()[0]}") from None
+    for number, row in enumerate(rows, start=1):
         yield f"{name}:row {number}", row
 
 
