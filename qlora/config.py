@@ -32,7 +32,14 @@ class Config:
     # data
     dataset: str = _f("mlabonne/guanaco-llama2-1k", "data", "hub id, local .jsonl/.json/.csv/.parquet file, or a data_prep output folder")
     dataset_split: str = _f("train", "data", "split to read from a hub dataset")
-    dataset_format: str = _f("auto", "data", "auto, llama2, guanaco, alpaca, messages, sharegpt, prompt_completion")
+    dataset_format: str = _f("auto", "data", "auto, llama2, guanaco, alpaca, dolly, question_answer, messages, "
+                             "sharegpt, prompt_completion")
+    prompt_field: str | None = _f(None, "data", "column holding the prompt: with --response_field, reads rows of any "
+                                  "other shape by column names")
+    response_field: str | None = _f(None, "data", "column holding the answer (with --prompt_field)")
+    input_field: str | None = _f(None, "data", "column whose text goes after the prompt, after a blank line, as "
+                                 "Alpaca's input (optional)")
+    system_field: str | None = _f(None, "data", "column holding a system message for the row (optional)")
     template: str = _f("mistral", "data", "mistral ([INST] chat format, Mistral's own token ids) or instruction (### Instruction / ### Response)")
     system_prompt: str | None = _f(None, "data", "system message put before the first user turn (Mistral v1 style)")
     train_on_prompt: bool = _f(False, "data", "train on the whole text instead of on the responses only")
@@ -96,7 +103,8 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 CHOICES = {
-    "dataset_format": ("auto", "llama2", "guanaco", "alpaca", "messages", "sharegpt", "prompt_completion"),
+    "dataset_format": ("auto", "llama2", "guanaco", "alpaca", "dolly", "question_answer", "messages", "sharegpt",
+                       "prompt_completion"),
     "template": ("mistral", "instruction"),
     "backend": ("auto", "unsloth", "hf", "cpu"),
     "gradient_checkpointing": ("auto", "true", "false", "unsloth"),
