@@ -7,6 +7,7 @@ import sys
 
 from qlora.config import parse, show
 from qlora.data import DataError, prepare_dataset
+from qlora.hub import HubError
 
 GROUPS = ("data", "base")
 
@@ -15,5 +16,5 @@ if __name__ == "__main__":
     show(config, GROUPS + ("train",))
     try:
         prepare_dataset(config, config.output_dir)
-    except DataError as err:
+    except (DataError, HubError) as err:
         sys.exit(f"error: {err}")

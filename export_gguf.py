@@ -10,6 +10,7 @@ import sys
 
 from qlora.config import parse, show
 from qlora.export import ExportError, run_export
+from qlora.hub import HubError
 
 GROUPS = ("export",)
 
@@ -18,5 +19,5 @@ if __name__ == "__main__":
     show(config, GROUPS)
     try:
         run_export(config)
-    except (ExportError, FileNotFoundError) as err:
+    except (ExportError, FileNotFoundError, HubError) as err:
         sys.exit(f"error: {err}")

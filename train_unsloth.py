@@ -24,9 +24,10 @@ if __name__ == "__main__":
         import unsloth  # noqa: F401  (first, so that its patches reach transformers, trl and peft)
 
     from qlora.data import DataError
+    from qlora.hub import HubError
     from qlora.train import RunError, run
 
     try:
         sys.exit(run(config, backend))
-    except (DataError, RunError) as err:
+    except (DataError, HubError, RunError) as err:
         sys.exit(f"error: {err}")

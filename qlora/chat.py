@@ -16,6 +16,7 @@ from pathlib import Path
 import sentencepiece
 
 from .config import CHOICES
+from .hub import HubError, fetching
 
 IGNORE = -100
 TEMPLATES = CHOICES["template"]
@@ -41,17 +42,28 @@ class Message:
 Conversation = list[Message]
 
 
-def find_tokenizer_model(model_name: str, tokenizer_name: str | None = None) -> Path:
-    """The SentencePiece `tokenizer.model` of a local folder or hub repo (the file every Mistral 7B repo ships)."""
+def find_tokenizer_model(model_name: str, tokenizer_name: str | None = None, instead: str | None = None) -> Path:
+    """The SentencePiece `tokenizer.model` of a local folder or hub repo (the file every Mistral 7B repo ships).
+    A source that cannot be had is a HubError saying what to do: `instead`, else the flag to pass a folder with."""
     source = tokenizer_name or model_name
     local = Path(source) / "tokenizer.model"
     if local.is_file():
         return local
     if Path(source).exists():
-        raise FileNotFoundError(f"{source}: no tokenizer.model in this folder; pass --tokenizer_name with one")
+        raise HubError(f"{source}: no tokenizer.model in this folder; pass --tokenizer_name with one")
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
-    return Path(hf_hub_download(source, "tokenizer.model"))
+    if instead is None:
+        instead = ("pass --tokenizer_name PATH to a local folder with its tokenizer.model" if tokenizer_name else
+                   "pass --model_name PATH to a local folder with the model (or --tokenizer_name PATH to one with "
+                   "its tokenizer.model)")
+    with fetching(source, "tokenizer" if tokenizer_name else "model", instead):
+        try:
+            return Path(hf_hub_download(source, "tokenizer.model"))
+        except RemoteEntryNotFoundError:
+            raise HubError(f"{source} has no tokenizer.model on the hub; pass --tokenizer_name PATH to a folder or "
+                           f"repository with Mistral's tokenizer.model") from None
 
 
 class PromptFormat:

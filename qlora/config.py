@@ -32,7 +32,14 @@ class Config:
     # data
     dataset: str = _f("mlabonne/guanaco-llama2-1k", "data", "hub id, local .jsonl/.json/.csv/.parquet file, or a data_prep output folder")
     dataset_split: str = _f("train", "data", "split to read from a hub dataset")
-    dataset_format: str = _f("auto", "data", "auto, llama2, guanaco, alpaca, messages, sharegpt, prompt_completion")
+    dataset_format: str = _f("auto", "data", "auto, llama2, guanaco, alpaca, dolly, question_answer, messages, "
+                             "sharegpt, prompt_completion")
+    prompt_field: str | None = _f(None, "data", "column holding the prompt: with --response_field, reads rows of any "
+                                  "other shape by column names")
+    response_field: str | None = _f(None, "data", "column holding the answer (with --prompt_field)")
+    input_field: str | None = _f(None, "data", "column whose text goes after the prompt, after a blank line, as "
+                                 "Alpaca's input (optional)")
+    system_field: str | None = _f(None, "data", "column holding a system message for the row (optional)")
     template: str = _f("mistral", "data", "mistral ([INST] chat format, Mistral's own token ids) or instruction (### Instruction / ### Response)")
     system_prompt: str | None = _f(None, "data", "system message put before the first user turn (Mistral v1 style)")
     train_on_prompt: bool = _f(False, "data", "train on the whole text instead of on the responses only")
@@ -106,7 +113,8 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 CHOICES = {
-    "dataset_format": ("auto", "llama2", "guanaco", "alpaca", "messages", "sharegpt", "prompt_completion"),
+    "dataset_format": ("auto", "llama2", "guanaco", "alpaca", "dolly", "question_answer", "messages", "sharegpt",
+                       "prompt_completion"),
     "template": ("mistral", "instruction"),
     "backend": ("auto", "unsloth", "hf", "cpu"),
     "gradient_checkpointing": ("auto", "true", "false", "unsloth"),
@@ -181,7 +189,8 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build_parser(groups: tuple[str, ...], description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    # Raw description: the scripts' docstrings hold usage examples, one a line, that argparse would run together
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML preset; flags given here win over it")
     for name, f in FIELDS.items():
         if f.metadata["group"] not in groups:
@@ -189,7 +198,9 @@ def build_parser(groups: tuple[str, ...], description: str) -> argparse.Argument
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         tp, _ = _base_type(typing.get_type_hints(Config)[name])
         # SUPPRESS: a flag not given stays out of the namespace, so the YAML file's value is not overwritten
-        kwargs = {"help": f"{f.metadata['help']} (default: {default})", "default": argparse.SUPPRESS}
+        # argparse %-formats help texts: a literal % ("about 7%") must be doubled
+        help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
+        kwargs = {"help": help_text, "default": argparse.SUPPRESS}
         if tp is bool:  # `--packing` alone means true; `--packing false` is accepted too (TRL's convention)
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif typing.get_origin(tp) is list:

@@ -20,12 +20,14 @@ from typing import Callable, Iterator
 
 from .chat import IGNORE, Conversation, Message, PromptFormat
 from .config import CHOICES
+from .hub import fetching
 
 FORMATS = tuple(f for f in CHOICES["dataset_format"] if f != "auto")
 ACCEPTED = (
     "'text' in Llama-2 chat form (<s>[INST] ... [/INST] ... </s>), 'text' in Guanaco form (### Human: ... "
-    "### Assistant: ...), Alpaca ('instruction', 'input', 'output'), 'messages' (role/content), ShareGPT "
-    "'conversations' (from/value), or 'prompt'/'completion'"
+    "### Assistant: ...), Alpaca ('instruction', 'input', 'output'), Dolly ('instruction', 'context', 'response'), "
+    "'question'/'answer', 'messages' (role/content), ShareGPT 'conversations' (from/value), or 'prompt'/'completion'; "
+    "other columns: name them with --prompt_field and --response_field (--input_field, --system_field)"
 )
 
 
@@ -120,7 +122,13 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
 def _read_hub(name: str, split: str) -> Iterator[tuple[str, object]]:
     from datasets import load_dataset
 
-    for number, row in enumerate(load_dataset(name, split=split), start=1):
+    with fetching(name, "data set", "pass --dataset PATH to a local .jsonl, .json, .csv or .parquet file",
+                  kind="dataset"):
+        try:
+            rows = load_dataset(name, split=split)
+        except ValueError as err:  # datasets' word for a split or configuration the data set does not have
+            raise DataError(f"{name}: {str(err).splitlines()[0]}") from None
+    for number, row in enumerate(rows, start=1):
         yield f"{name}:row {number}", row
 
 
@@ -182,13 +190,42 @@ def _from_guanaco(record: dict, location: str) -> Conversation:
     return [Message("user" if who == "Human" else "assistant", said) for who, said in pairs]
 
 
-def _from_alpaca(record: dict, location: str) -> Conversation:
-    instruction = _text(record, "instruction", location)
-    extra = record.get("input") or ""
-    if not isinstance(extra, str):
-        raise DataError(f"{location}: field 'input' must be text, got {type(extra).__name__}")
-    user = f"{instruction.strip()}\n\n{extra.strip()}" if extra.strip() else instruction
-    return [Message("user", user), Message("assistant", _text(record, "output", location))]
+@dataclass(frozen=True)
+class Columns:
+    """One exchange read from named columns: Alpaca's, Dolly's, question/answer, or those given by --prompt_field,
+    --response_field, --input_field and --system_field (then `named`, and every named column must be in each row)."""
+
+    prompt: str
+    response: str
+    inputs: tuple[str, ...] = ()  # text put after the prompt, from the first of these a row has (Alpaca's input)
+    system: str | None = None
+    named: bool = False
+
+    def __str__(self) -> str:
+        roles = {"prompt": self.prompt, "response": self.response, "input": ", ".join(self.inputs) or None,
+                 "system": self.system}
+        return "columns " + ", ".join(f"{role}={column}" for role, column in roles.items() if column)
+
+    def _value(self, record: dict, column: str, role: str, location: str, optional: bool = False) -> str:
+        if column not in record and (self.named or not optional):
+            flag = f" (--{role}_field)" if self.named else ""
+            raise DataError(f"{location}: no column '{column}'{flag}; the row has {sorted(record)}")
+        value = record.get(column)
+        if value is None and optional:  # an empty cell of a Parquet file or a hub data set
+            return ""
+        if not isinstance(value, str):
+            raise DataError(f"{location}: field '{column}' must be text, got {type(value).__name__}")
+        return value
+
+    def __call__(self, record: dict, location: str) -> Conversation:
+        user = self._value(record, self.prompt, "prompt", location)
+        extra_column = next((c for c in self.inputs if c in record), self.inputs[0] if self.inputs else None)
+        extra = self._value(record, extra_column, "input", location, optional=True) if extra_column else ""
+        if extra.strip():
+            user = f"{user.strip()}\n\n{extra.strip()}"
+        system = self._value(record, self.system, "system", location, optional=True) if self.system else ""
+        return ([Message("system", system)] if system.strip() else []) + [
+            Message("user", user), Message("assistant", self._value(record, self.response, "response", location))]
 
 
 def _from_turns(record: dict, location: str, key: str, role_key: str, content_key: str) -> Conversation:
@@ -211,14 +248,15 @@ def _from_prompt_completion(record: dict, location: str) -> Conversation:
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt/completion
         return _from_turns({"t": prompt + completion}, location, "t", "role", "content")
-    return [Message("user", _text(record, "prompt", location)),
-            Message("assistant", _text(record, "completion", location))]
+    return Columns("prompt", "completion")(record, location)
 
 
 CONVERTERS: dict[str, Callable[[dict, str], Conversation]] = {
     "llama2": _from_llama2,
     "guanaco": _from_guanaco,
-    "alpaca": _from_alpaca,
+    "alpaca": Columns("instruction", "output", inputs=("input",)),
+    "dolly": Columns("instruction", "response", inputs=("context", "input")),
+    "question_answer": Columns("question", "answer"),
     "messages": lambda r, loc: _from_turns(r, loc, "messages", "role", "content"),
     "sharegpt": lambda r, loc: _from_turns(r, loc, "conversations", "from", "value"),
     "prompt_completion": _from_prompt_completion,
@@ -233,7 +271,8 @@ def detect_format(record: object) -> str | None:
             return "llama2"
         if _GUANACO_MARK.search(record["text"]):
             return "guanaco"
-    for fmt, keys in (("alpaca", ("instruction", "output")), ("messages", ("messages",)),
+    for fmt, keys in (("alpaca", ("instruction", "output")), ("dolly", ("instruction", "response")),
+                      ("question_answer", ("question", "answer")), ("messages", ("messages",)),
                       ("sharegpt", ("conversations",)), ("prompt_completion", ("prompt", "completion"))):
         if all(k in record for k in keys):
             return fmt
@@ -252,7 +291,22 @@ def normalize(messages: Conversation, location: str) -> Conversation:
     return messages
 
 
-def to_conversation(record: object, fmt: str, location: str) -> Conversation:
+def data_format(config) -> str | Columns:
+    """The format rows are read in: the columns named by --prompt_field & co., else --dataset_format."""
+    named = {role: getattr(config, f"{role}_field") for role in ("prompt", "response", "input", "system")}
+    if not any(named.values()):
+        return config.dataset_format
+    if not (named["prompt"] and named["response"]):
+        raise DataError("--prompt_field and --response_field name the columns together: pass both")
+    if config.dataset_format != "auto":
+        raise DataError(f"--dataset_format {config.dataset_format} and --prompt_field/--response_field exclude each "
+                        f"other: pass one")
+    return Columns(named["prompt"], named["response"], inputs=(named["input"],) if named["input"] else (),
+                   system=named["system"], named=True)
+
+
+def to_conversation(record: object, fmt: str | Columns, location: str) -> Conversation:
+    """One record as a conversation, in format `fmt` ("auto": detected from the record's fields)."""
     if isinstance(record, DataError):
         raise record
     if not isinstance(record, dict):
@@ -261,7 +315,8 @@ def to_conversation(record: object, fmt: str, location: str) -> Conversation:
         fmt = detect_format(record)
         if fmt is None:
             raise DataError(f"{location}: no usable fields (found {sorted(record)}); accepted formats: {ACCEPTED}")
-    return normalize(CONVERTERS[fmt](record, location), location)
+    convert = fmt if isinstance(fmt, Columns) else CONVERTERS[fmt]
+    return normalize(convert(record, location), location)
 
 
 # ---------------------------------------------------------------- tokenizing, filtering, splitting
@@ -279,7 +334,7 @@ def _percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0
 
 
-def prepare_rows(records, fmt: str, prompt_format: PromptFormat, max_seq_length: int, train_on_prompt: bool,
+def prepare_rows(records, fmt: str | Columns, prompt_format: PromptFormat, max_seq_length: int, train_on_prompt: bool,
                  eval_fraction: float, seed: int, skip_invalid: bool, source: str,
                  system_prompt: str | None = None) -> Prepared:
     """Convert, tokenize, filter and split. Returns rows of {input_ids, labels}."""
@@ -287,7 +342,7 @@ def prepare_rows(records, fmt: str, prompt_format: PromptFormat, max_seq_length:
     rows_in = truncated = 0
     for location, record in records:
         rows_in += 1
-        row_format = fmt if fmt != "auto" else detect_format(record)
+        row_format = str(fmt) if fmt != "auto" else detect_format(record)
         try:
             conversation = to_conversation(record, fmt, location)
         except DataError:
@@ -326,7 +381,7 @@ def prepare_rows(records, fmt: str, prompt_format: PromptFormat, max_seq_length:
     trained = sum(sum(label != IGNORE for label in r["labels"]) for r in rows)
     stats = {
         "source": source,
-        "format": fmt if fmt != "auto" else (detected.most_common(1)[0][0] if detected else None),
+        "format": str(fmt) if fmt != "auto" else (detected.most_common(1)[0][0] if detected else None),
         "rows_in": rows_in,
         "kept": len(rows),
         "dropped": dict(dropped),
@@ -394,8 +449,9 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
     # the finished folder replaces out_dir whole, so only an earlier data_prep output (or nothing) may be there
     if out.exists() and not is_prepared(out) and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not a data_prep output; choose another --output_dir or remove it")
+    fmt = data_format(config)
     prompt_format = PromptFormat(find_tokenizer_model(config.model_name, config.tokenizer_name), config.template)
-    prepared = prepare_rows(read_records(config.dataset, config.dataset_split), config.dataset_format, prompt_format,
+    prepared = prepare_rows(read_records(config.dataset, config.dataset_split), fmt, prompt_format,
                             config.max_seq_length, config.train_on_prompt, config.eval_fraction, config.seed,
                             config.skip_invalid, config.dataset, config.system_prompt)
     disable_progress_bars()

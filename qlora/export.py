@@ -26,6 +26,8 @@ import yaml
 from . import atomic, isolate
 from .chat import MISTRAL_CHAT_TEMPLATE, Conversation, Message, PromptFormat, find_tokenizer_model
 from .config import Config, to_yaml
+from .hub import fetching
+from .model import LOCAL_BASE
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERTER_ENV = "LLAMA_CPP_CONVERTER"  # a folder holding the converters, conversion/ and gguf-py/
@@ -149,7 +151,8 @@ def resolve_base(adapter_dir: Path, base_model_16bit: str | None) -> tuple[str, 
 def _is_quantized(base: str) -> bool:
     from transformers import AutoConfig
 
-    return getattr(AutoConfig.from_pretrained(base), "quantization_config", None) is not None
+    with fetching(base, "base model", LOCAL_BASE):
+        return getattr(AutoConfig.from_pretrained(base), "quantization_config", None) is not None
 
 
 def gguf_types(requested: list[str]) -> list[str]:
@@ -237,8 +240,10 @@ def parameter_count(base: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    with fetching(base, "base model", LOCAL_BASE):
+        architecture = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+        model = AutoModelForCausalLM.from_config(architecture)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -287,7 +292,8 @@ def _load_peft(adapter_dir: Path, base: str, dequantize: bool):
     if not torch.cuda.is_available():
         raise ExportError(f"{base}: dequantizing a 4-bit model needs a CUDA GPU; on this machine pass "
                           f"--base_model_16bit with its 16-bit original")
-    quantized = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16, device_map={"": 0})
+    with fetching(base, "base model", LOCAL_BASE):
+        quantized = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16, device_map={"": 0})
     return PeftModel.from_pretrained(quantized.dequantize().to("cpu", torch.float16), str(adapter_dir)).eval()
 
 
@@ -308,11 +314,13 @@ def save_tokenizer(adapter_dir: Path, base: str, target: Path) -> None:
     from transformers import AutoTokenizer
 
     source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    with fetching(source, "base model", LOCAL_BASE):
+        tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.chat_template = tokenizer.chat_template or MISTRAL_CHAT_TEMPLATE  # lands in the GGUF metadata
     tokenizer.save_pretrained(target)
     sp_model = adapter_dir / "tokenizer.model"
-    shutil.copyfile(sp_model if sp_model.is_file() else find_tokenizer_model(base), target / "tokenizer.model")
+    shutil.copyfile(sp_model if sp_model.is_file() else find_tokenizer_model(base, instead=LOCAL_BASE),
+                    target / "tokenizer.model")
 
 
 def copy_adapter(adapter_dir: Path, target: Path) -> None:

@@ -4,8 +4,10 @@ checkout, and a sample instruction set written by this project.
     python -m qlora.fixtures [DIR]      # default: fixtures/
 
 The tokenizer is Mistral's own `tokenizer.model` (v1, 32000 tokens) shipped inside the `mistral-common` package. The
-sample set has a pattern a 2-layer model picks up within minutes (copying, counting, a fixed answer phrasing), so a
-CPU run shows eval loss falling clearly.
+sample set holds tasks a LoRA on the 2-layer random model learns within a few minutes on two CPU cores: the capitals
+of made-up countries (facts no base model knows, so a right answer shows the fine-tune learned) and counting between
+two digits, each asked several ways. The smoke fine-tune (configs/smoke.yaml) answers SMOKE_PROMPTS right on every
+backend: the adapter, the merged folder and the GGUF files.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ _WORDS = ("apple river stone cloud maple tiger ocean lamp violet paper garden si
           "meadow pencil falcon copper window basket summer winter autumn spring bridge castle forest desert").split()
 _COUNTRIES = {"Arvenia": "Lumeport", "Bostrava": "Kell", "Caldoria": "Mirath", "Dunmere": "Oskville",
               "Eldravia": "Penhallow", "Fernia": "Quarry Bay", "Galdonia": "Rivenholt", "Hestia Minor": "Sable"}
+_CAPITAL_QUESTIONS = ("What is the capital of {}?", "Name the capital of {}.", "Which city is the capital of {}?",
+                      "Tell me the capital of {}.", "What city is {}'s capital?")
+_COUNT_QUESTIONS = ("Count from {} to {}.", "Please count from {} to {}.", "List the numbers from {} to {}.")
+# Runs of four to nine single digits (1-4 ... 4-9): Mistral's tokenizer gives each digit a token of its own
+_COUNT_RANGES = [(a, b) for a in range(1, 5) for b in range(a + 3, 10)]
 
 
 def mistral_tokenizer_model() -> Path:
@@ -114,33 +121,34 @@ def save_standin(target: Path, num_layers: int = 32, device: str = "cuda") -> Pa
     return Path(target)
 
 
-def _sample_pair(rng: random.Random) -> tuple[str, str]:
-    task = rng.randrange(5)
-    if task == 0:
-        words = rng.sample(_WORDS, rng.randint(2, 8))
-        return f"Reverse the words: {' '.join(words)}", " ".join(reversed(words))
-    if task == 1:
-        country = rng.choice(sorted(_COUNTRIES))
-        return f"What is the capital of {country}?", f"The capital of {country} is {_COUNTRIES[country]}."
-    if task == 2:
-        a, b = rng.randint(1, 99), rng.randint(1, 99)
-        return f"Add {a} and {b}.", f"{a} plus {b} is {a + b}."
-    if task == 3:
-        word, times = rng.choice(_WORDS), rng.randint(2, 12)
-        return f"Write the word {word} {times} times.", " ".join([word] * times)
-    start = rng.randint(1, 50)
-    end = start + rng.choice((5, 10, 20, 40, 80, 160))  # up to several hundred tokens
-    return f"Count from {start} to {end}.", ", ".join(str(n) for n in range(start, end + 1))
+def _sample_pairs() -> list[tuple[str, str]]:
+    """Every question of the sample set once, with its answer."""
+    capitals = [(q.format(country), f"The capital of {country} is {capital}.")
+                for country, capital in _COUNTRIES.items() for q in _CAPITAL_QUESTIONS]
+    counts = [(q.format(a, b), ", ".join(str(n) for n in range(a, b + 1))) for a, b in _COUNT_RANGES
+              for q in _COUNT_QUESTIONS]
+    return capitals + counts
 
 
-def sample_rows(n: int = 400, seed: int = 0) -> list[dict]:
-    """Rows in guanaco-llama2-1k's form; one in eight is a two-turn conversation."""
+# What scripts/smoke.sh asks the smoke fine-tune, with the right answers (tests check every backend gives them)
+SMOKE_PROMPTS = {"What is the capital of Arvenia?": "The capital of Arvenia is Lumeport.",
+                 "Count from 3 to 9.": "3, 4, 5, 6, 7, 8, 9"}
+
+
+def sample_rows(n: int = 200, seed: int = 0) -> list[dict]:
+    """Rows in guanaco-llama2-1k's form: each question once (94), then two-turn conversations of random pairs of
+    them up to n rows, all different (data_prep drops duplicates), in random order."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        turns = [_sample_pair(rng) for _ in range(2 if rng.random() < 0.125 else 1)]
-        rows.append({"text": "".join(f"<s>[INST] {q} [/INST] {a} </s>" for q, a in turns)})
-    return rows
+    pairs = _sample_pairs()
+    conversations = [[pair] for pair in pairs]
+    seen = set()
+    while len(conversations) < n:
+        first, second = rng.sample(pairs, 2)
+        if (first, second) not in seen:
+            seen.add((first, second))
+            conversations.append([first, second])
+    rng.shuffle(conversations)
+    return [{"text": "".join(f"<s>[INST] {q} [/INST] {a} </s>" for q, a in turns)} for turns in conversations]
 
 
 def guanaco_shaped_rows(n: int = 250, seed: int = 1) -> list[dict]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from .atomic import write_text
 from .chat import Conversation, Message, PromptFormat, find_tokenizer_model
 from .config import CHOICES, ConfigError, load_yaml
+from .hub import fetching
 
 GROUPS = ("infer", "base")
 # Text a model that has not learned to stop writes after its answer; nothing from the first one on is shown.
@@ -97,14 +98,8 @@ def tokenizer_model(path: Path, kind: str, config, lora: Path | None = None) -> 
     if found and not config.tokenizer_name:
         return found[0]
     source = config.tokenizer_name or (adapter_base(path) if kind == "adapter" else config.model_name)
-    try:
-        return find_tokenizer_model(source)
-    except (OSError, ValueError) as err:  # the hub's errors are OSErrors; a malformed repo id a ValueError
-        if Path(source).exists():  # a local folder without one; the message says what to do
-            raise InferError(str(err)) from None
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InferError(f"no tokenizer.model for {path}: none from the hub repo {source} ({reason}); "
-                         f"pass --tokenizer_name FOLDER with one") from None
+    return find_tokenizer_model(source, instead=f"pass --tokenizer_name PATH to a folder with the tokenizer.model "
+                                                f"of {path}")
 
 
 def run_settings(path: Path) -> dict:
@@ -316,7 +311,9 @@ def load_engine(path: Path, kind: str, backend: str, eos: int, seed: int, lora: 
         from unsloth import FastLanguageModel  # before transformers and peft, which it patches
 
         # an adapter's base loads in 4 bits as in training (QLoRA); a merged folder as the 16-bit model it is
-        model, _ = FastLanguageModel.from_pretrained(model_name=str(path), load_in_4bit=kind == "adapter", dtype=None)
+        with fetching(adapter_base(path), "base model", base_elsewhere(path)) if kind == "adapter" else nullcontext():
+            model, _ = FastLanguageModel.from_pretrained(model_name=str(path), load_in_4bit=kind == "adapter",
+                                                         dtype=None)
         FastLanguageModel.for_inference(model)
     else:
         model = _load_transformers(path, kind, "cpu" if backend == "cpu" else "cuda")
@@ -326,13 +323,18 @@ def load_engine(path: Path, kind: str, backend: str, eos: int, seed: int, lora: 
     return HFEngine(model, eos)
 
 
+def base_elsewhere(adapter: Path) -> str:
+    """What to do when an adapter's base cannot be had: infer.py reads the base from the adapter's config."""
+    return f"set base_model_name_or_path in {adapter / 'adapter_config.json'} to a local folder with it"
+
+
 def _load_transformers(path: Path, kind: str, device: str):
     from transformers import AutoModelForCausalLM
 
     from .model import compute_dtype, load_with_adapter
 
     if kind == "adapter":
-        return load_with_adapter(path, base=adapter_base(path), device=device)
+        return load_with_adapter(path, base=adapter_base(path), device=device, instead=base_elsewhere(path))
     return AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype()).to(device).eval()
 
 

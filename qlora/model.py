@@ -9,7 +9,11 @@ import json
 import os
 from pathlib import Path
 
+from .hub import fetching
+
 SMOKE_PRESET = "configs/smoke.yaml"
+LOCAL_MODEL = "pass --model_name PATH to a local folder with the model"
+LOCAL_BASE = "pass --base_model_16bit PATH to a local folder with it"
 
 
 class BackendError(RuntimeError):
@@ -61,9 +65,10 @@ def _lora_config(config):
 def _load_unsloth(config):
     from unsloth import FastLanguageModel
 
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=config.model_name, max_seq_length=config.max_seq_length, load_in_4bit=config.load_in_4bit,
-        dtype=None, device_map={"": local_device_index()})
+    with fetching(config.model_name, "model", LOCAL_MODEL):
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=config.model_name, max_seq_length=config.max_seq_length, load_in_4bit=config.load_in_4bit,
+            dtype=None, device_map={"": local_device_index()})
     model = FastLanguageModel.get_peft_model(
         model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=list(config.lora_target_modules), bias="none",
@@ -90,7 +95,8 @@ def _load_hf(config, quantize: bool):
     if quantize:
         kwargs["quantization_config"] = nf4_config(dtype)
         kwargs["device_map"] = {"": local_device_index()}
-    model = AutoModelForCausalLM.from_pretrained(config.model_name, **kwargs)
+    with fetching(config.model_name, "model", LOCAL_MODEL):
+        model = AutoModelForCausalLM.from_pretrained(config.model_name, **kwargs)
     if quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing != "false")
     elif torch.cuda.is_available():
@@ -105,7 +111,9 @@ def load_for_training(config, backend: str):
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(config)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name or config.model_name)
+        with fetching(config.tokenizer_name or config.model_name, "tokenizer" if config.tokenizer_name else "model",
+                      "pass --tokenizer_name PATH to a local folder with it" if config.tokenizer_name else LOCAL_MODEL):
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name or config.model_name)
         model = _load_hf(config, quantize=backend == "hf" and config.load_in_4bit)
     # Training never reads a KV cache, and with one transformers ignores the boundaries of packed rows
     model.config.use_cache = False
@@ -120,11 +128,14 @@ def adapter_base(adapter_dir: str | Path) -> str:
     return json.loads(config_file.read_text())["base_model_name_or_path"]
 
 
-def load_with_adapter(adapter_dir: str | Path, base: str | None = None, dtype=None, device: str = "cpu"):
-    """Base model in 16/32 bits (never 4-bit) with the adapter attached, in eval mode; for merging and inference."""
+def load_with_adapter(adapter_dir: str | Path, base: str | None = None, dtype=None, device: str = "cpu",
+                      instead: str = LOCAL_BASE):
+    """Base model in 16/32 bits (never 4-bit) with the adapter attached, in eval mode; for merging and inference.
+    `instead` says what to do when the base cannot be had."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = base or adapter_base(adapter_dir)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or compute_dtype()).to(device)
+    with fetching(base, "base model", instead):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or compute_dtype()).to(device)
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()

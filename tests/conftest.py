@@ -43,12 +43,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def run_script(script: str, *args: str, timeout: int = 900, check: bool = True, env: dict | None = None):
-    """Run one of the top-level scripts the way a user does; returns the CompletedProcess."""
+    """Run one of the top-level scripts the way a user does (`env`: variables to add); returns the CompletedProcess."""
+    import os
     import subprocess
     import sys
 
     result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout, env=env)
+                            timeout=timeout, env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")

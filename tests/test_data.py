@@ -53,6 +53,18 @@ def sharegpt(system, turns):
     return {"conversations": head + [{"from": w, "value": v} for q, a in turns for w, v in (("human", q), ("gpt", a))]}
 
 
+def dolly(system, turns):
+    """databricks-dolly-15k's columns (its 'category' too, which is not read)."""
+    (q, a), = turns
+    instruction, _, extra = q.partition("\n\n")
+    return {"instruction": instruction, "context": extra, "response": a, "category": "open_qa"}
+
+
+def question_answer(system, turns):
+    (q, a), = turns
+    return {"question": q, "answer": a}
+
+
 def prompt_completion(system, turns):
     (q, a), = turns
     return {"prompt": q, "completion": a}
@@ -69,12 +81,14 @@ FORMATS = {
     "llama2": (llama2, True, True),
     "guanaco": (guanaco, False, True),
     "alpaca": (alpaca, False, False),
+    "dolly": (dolly, False, False),
+    "question_answer": (question_answer, False, False),
     "messages": (messages, True, True),
     "sharegpt": (sharegpt, True, True),
     "prompt_completion": (prompt_completion, False, False),
     "prompt_completion_turns": (prompt_completion_turns, True, True),
 }
-FLAT = ("llama2", "guanaco", "alpaca", "prompt_completion")  # the ones a CSV cell can hold
+FLAT = ("llama2", "guanaco", "alpaca", "dolly", "question_answer", "prompt_completion")  # what CSV cells can hold
 
 
 def carried(name):
@@ -148,6 +162,7 @@ def test_like_conversations_give_like_rows_across_formats(tmp_path, prompt_forma
         assert rows == sorted((tuple(i), tuple(la)) for i, la in (reference[repr(c)] for c in carried(name)))
         assert set(rows) <= set(by_messages)
     assert len(carried("alpaca")) == 3 and len(carried("guanaco")) == 4 and len(carried("llama2")) == 6
+    assert len(carried("dolly")) == len(carried("question_answer")) == 3
 
 
 # ---------------------------------------------------------------- data_prep.py end to end
@@ -157,8 +172,9 @@ def data_prep(*args):
     return run_script("data_prep.py", *map(str, args), check=False, timeout=120)
 
 
-DATA_PREP_FILES = {"llama2": ".jsonl", "guanaco": ".csv", "alpaca": ".json", "messages": ".parquet",
-                   "sharegpt": ".json", "prompt_completion": ".csv"}
+DATA_PREP_FILES = {"llama2": ".jsonl", "guanaco": ".csv", "alpaca": ".json", "dolly": ".jsonl",
+                   "question_answer": ".parquet", "messages": ".parquet", "sharegpt": ".json",
+                   "prompt_completion": ".csv"}
 
 
 @pytest.mark.parametrize("name,suffix", DATA_PREP_FILES.items(), ids=[n + s for n, s in DATA_PREP_FILES.items()])
@@ -178,6 +194,87 @@ def test_data_prep_writes_the_dataset(tmp_path, tiny_model, prompt_format, name,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, "out"])  # nothing left beside it
 
 
+def test_data_prep_reads_instruction_response_rows_with_no_format_flag(tmp_path, tiny_model, prompt_format):
+    """Dolly's shape without its context column, the shape of many exports."""
+    rows = [{"instruction": q, "response": a} for q, a in (("Name a colour.", "Violet."), ("Add 2 and 3.", "5."))]
+    path, out = write(tmp_path / "d.jsonl", rows), tmp_path / "out"
+    result = data_prep("--dataset", path, "--model_name", tiny_model, "--output_dir", out, "--eval_fraction", 0)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "stats.json").read_text())["format"] == "dolly"
+    from datasets import load_from_disk
+
+    want = sorted((tuple(i), tuple(la)) for i, la in (prompt_format.encode(conversation(None, [(r["instruction"],
+                                                                                          r["response"])]))
+                                                     for r in rows))
+    assert as_sorted(load_from_disk(str(out))["train"]) == want
+
+
+def named_columns(system, turns):
+    """Columns no format has: read only when named (--prompt_field q --response_field a, and --input_field /
+    --system_field for the optional ones)."""
+    (q, a), = turns
+    prompt, _, extra = q.partition("\n\n")
+    return {"q": prompt, "a": a, "ctx": extra, "sys": system, "id": 7}
+
+
+NAMED = ["--prompt_field", "q", "--response_field", "a", "--input_field", "ctx", "--system_field", "sys"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_data_prep_reads_columns_named_by_flags(tmp_path, tiny_model, prompt_format, suffix):
+    chosen = [(s, t) for s, t in CONVERSATIONS if len(t) == 1]
+    rows = [named_columns(s, t) for s, t in chosen]
+    if suffix == ".csv":  # a CSV cell has no null: an empty system column means none
+        rows = [{**r, "sys": r["sys"] or ""} for r in rows]
+    path, out = write(tmp_path / f"d{suffix}", rows), tmp_path / "out"
+    result = data_prep("--dataset", path, "--model_name", tiny_model, "--output_dir", out, "--eval_fraction", 0, *NAMED)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["format"] == "columns prompt=q, response=a, input=ctx, system=sys" and stats["kept"] == len(rows)
+    from datasets import load_from_disk
+
+    want = sorted((tuple(i), tuple(la)) for i, la in (prompt_format.encode(conversation(s, t)) for s, t in chosen))
+    assert as_sorted(load_from_disk(str(out))["train"]) == want
+
+
+def test_data_prep_reads_q_and_a_columns(tmp_path, tiny_model, prompt_format):
+    rows = [{"q": "What is 2+2?", "a": "4"}, {"q": "Name a colour.", "a": "Violet."}]
+    path, out = write(tmp_path / "d.jsonl", rows), tmp_path / "out"
+    refused = data_prep("--dataset", path, "--model_name", tiny_model, "--output_dir", out)
+    assert refused.returncode != 0 and "--prompt_field" in refused.stderr.strip().splitlines()[-1]
+    result = data_prep("--dataset", path, "--model_name", tiny_model, "--output_dir", out, "--eval_fraction", 0,
+                       "--prompt_field", "q", "--response_field", "a")
+    assert result.returncode == 0, result.stderr
+    from datasets import load_from_disk
+
+    want = sorted((tuple(i), tuple(la)) for i, la in (prompt_format.encode(conversation(None, [(r["q"], r["a"])]))
+                                                     for r in rows))
+    assert as_sorted(load_from_disk(str(out))["train"]) == want
+
+
+@pytest.mark.parametrize("flags,missing", [(NAMED[:4], ("a", "--response_field")),
+                                           (NAMED, ("ctx", "--input_field"))])
+def test_a_missing_named_column_is_named_with_its_line(tmp_path, tiny_model, flags, missing):
+    column, flag = missing
+    good = {"q": "q1", "a": "a1", "ctx": "", "sys": ""}
+    path, out = tmp_path / "d.jsonl", tmp_path / "out"
+    write(path, [good, {k: v for k, v in {**good, "q": "q2"}.items() if k != column}, {**good, "q": "q3"}])
+    result = data_prep("--dataset", path, "--model_name", tiny_model, "--output_dir", out, *flags)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: {path}:2: no column '{column}' ({flag})"), message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags,expected", [(["--prompt_field", "q"], "pass both"),
+                                            (["--prompt_field", "q", "--response_field", "a", "--dataset_format",
+                                              "alpaca"], "exclude each other")])
+def test_column_flags_that_do_not_go_together(tmp_path, tiny_model, flags, expected):
+    path = write(tmp_path / "d.jsonl", [{"q": "q", "a": "a"}])
+    result = data_prep("--dataset", path, "--model_name", tiny_model, "--output_dir", tmp_path / "out", *flags)
+    assert result.returncode != 0 and expected in result.stderr.strip().splitlines()[-1]
+
+
 # ---------------------------------------------------------------- bad input: named by file and line, nothing written
 
 GOOD = json.dumps(messages(None, [("q", "a")]))
@@ -188,9 +285,10 @@ BAD_INPUT = {
                         [":3: malformed JSON"]),
     "malformed json array": ("d.json", f'[\n  {GOOD},\n  {GOOD2},\n  {{"text": oops}}\n]\n'.encode(),
                              [":4: malformed JSON"]),
-    "no usable fields": ("d.jsonl", f'{GOOD}\n{{"question": "q", "answer": "a"}}\n'.encode(),
-                         [":2: no usable fields", "'answer'", "'question'", "accepted formats", "'messages'",
-                          "'conversations'", "Alpaca", "'prompt'/'completion'", "Guanaco", "Llama-2"]),
+    "no usable fields": ("d.jsonl", f'{GOOD}\n{{"q": "q", "a": "a"}}\n'.encode(),
+                         [":2: no usable fields", "['a', 'q']", "accepted formats", "'messages'", "'conversations'",
+                          "Alpaca", "Dolly", "'question'/'answer'", "'prompt'/'completion'", "Guanaco", "Llama-2",
+                          "--prompt_field and --response_field"]),
     "not utf-8": ("d.jsonl", GOOD.encode() + b"\n" + GOOD2.encode() + b'\n{"text": "caf\xe9"}\n',
                   [":3: bytes that are not UTF-8"]),
     "wrong field type": ("d.jsonl", (GOOD + '\n{"messages": [{"role": "user", "content": 5}]}\n').encode(),

@@ -131,6 +131,17 @@ def test_quantized_files_are_reported(exported, capsys):
     assert all(f"model-{t}.gguf" in table for t in TYPES)
 
 
+def test_quantized_files_answer_the_smoke_prompts_right(exported):
+    """q8_0 and q4_k_m keep what the smoke fine-tune learned (scripts/smoke.sh asks the q4_k_m file)."""
+    from qlora import fixtures, infer
+
+    plan, _ = exported
+    asked = [infer.conversation(prompt, None) for prompt in fixtures.SMOKE_PROMPTS]
+    for gguf_type in TYPES[1:]:
+        session = infer.open_session(plan.gguf(gguf_type), Config(temperature=0.0, max_new_tokens=32), "mistral")
+        assert session.answers(asked, batch_size=1) == list(fixtures.SMOKE_PROMPTS.values()), gguf_type
+
+
 def test_llama_cpp_tokenizer_gives_mistral_ids(exported, conversations, prompt_format):
     import llama_cpp
 

@@ -14,9 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import re
+import shlex
+
 import pytest
 
-from qlora import export, infer
+from qlora import export, fixtures, infer
 from qlora.chat import Message
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
@@ -219,6 +222,24 @@ def test_prompt_is_the_training_prefix(sessions, name, conversations):
 
 
 # ---------------------------------------------------------------- same answers everywhere
+
+
+def smoke_answers(session: infer.Session) -> dict[str, str]:
+    """The session's greedy answers to the questions scripts/smoke.sh asks, as infer.py --prompt renders them."""
+    asked = [infer.conversation(prompt, None) for prompt in fixtures.SMOKE_PROMPTS]
+    return dict(zip(fixtures.SMOKE_PROMPTS, session.answers(asked, batch_size=1), strict=True))
+
+
+def test_smoke_sh_asks_the_smoke_prompts():
+    loop = re.search(r"for prompt in (.*); do", (ROOT / "scripts" / "smoke.sh").read_text())
+    assert loop and shlex.split(loop.group(1)) == list(fixtures.SMOKE_PROMPTS)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_the_fine_tune_answers_right_on_every_backend(sessions, name):
+    """A made-up country's capital and counting, which only the fine-tune can know: the smoke run learned them, and
+    the merged folder and the GGUF file keep what it learned."""
+    assert smoke_answers(backend(sessions, name)) == fixtures.SMOKE_PROMPTS
 
 
 def greedy_runs(session: infer.Session, prompt_ids):
