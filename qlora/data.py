@@ -450,8 +450,9 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
     if out.exists() and not is_prepared(out) and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not a data_prep output; choose another --output_dir or remove it")
     fmt = data_format(config)
+    records = read_records(config.dataset, config.dataset_split)  # a missing file is named before the model is fetched
     prompt_format = PromptFormat(find_tokenizer_model(config.model_name, config.tokenizer_name), config.template)
-    prepared = prepare_rows(read_records(config.dataset, config.dataset_split), fmt, prompt_format,
+    prepared = prepare_rows(records, fmt, prompt_format,
                             config.max_seq_length, config.train_on_prompt, config.eval_fraction, config.seed,
                             config.skip_invalid, config.dataset, config.system_prompt)
     disable_progress_bars()
