@@ -1,0 +1,95 @@
+"""notebooks/colab.ipynb runs to the end on the CPU: its own cells, in order, with the parameters cell overridden for
+the smoke preset the way papermill does it (a cell injected after the one tagged `parameters`)."""
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import ROOT
+from qlora.fixtures import SMOKE_PROMPTS as SMOKE_ANSWERS
+
+NOTEBOOK = ROOT / "notebooks" / "colab.ipynb"
+
+
+def stored():
+    return nbformat.read(NOTEBOOK, as_version=4)
+
+
+def parameters_cell(notebook) -> int:
+    tagged = [i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "one cell, tagged `parameters`, holds what a user changes"
+    return tagged[0]
+
+
+def test_stored_without_outputs():
+    notebook = stored()
+    nbformat.validate(notebook)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
+
+
+def test_the_readme_opens_this_notebook_in_colab():
+    """The README's badge and the notebook's own point at the same repository and file."""
+    badge = re.search(r"https://colab\.research\.google\.com/github/([^)\s]+)", (ROOT / "README.md").read_text())
+    assert badge and badge.group(1).endswith("/blob/main/notebooks/colab.ipynb")
+    repository = badge.group(1).split("/blob/")[0]
+    assert f'REPO = "https://github.com/{repository}"' in stored().cells[parameters_cell(stored())].source
+
+
+@pytest.fixture(scope="module")
+def executed(fixture_dir, tmp_path_factory):
+    """The notebook run on the CPU on the smoke preset: no install (CI has the CPU stack), the bundled stand-ins."""
+    out = tmp_path_factory.mktemp("notebook") / "run"
+    notebook = stored()
+    overrides = {"INSTALL": False, "CONFIG": "configs/smoke.yaml", "OUTPUT_DIR": str(out),
+                 "PROMPTS": list(SMOKE_ANSWERS), "GGUF_TYPES": "q4_k_m"}
+    injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in overrides.items()),
+                                         metadata={"tags": ["injected-parameters"]})
+    at = parameters_cell(notebook) + 1
+    notebook.cells.insert(at, injected)
+    with pytest.MonkeyPatch.context() as patch:
+        # this interpreter's environment first on PATH, as in Colab, where the cells' `python` is the kernel's own
+        patch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+        NotebookClient(notebook, timeout=1200, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT)}}).execute()
+    return notebook, at, out
+
+
+def text_of(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def test_runs_its_own_cells_to_the_end(executed):
+    notebook, at, out = executed
+    ran = notebook.cells[:at] + notebook.cells[at + 1:]
+    assert [c.source for c in ran] == [c.source for c in stored().cells]  # the cells a Colab user runs, unchanged
+    code = [c for c in ran if c.cell_type == "code"]
+    assert all(c.execution_count for c in code)
+    for name in ("adapter_model.safetensors", "loss.png", "metrics.json", "export/model-f16.gguf",
+                 "export/model-q4_k_m.gguf", "export/Modelfile"):
+        assert (out / name).is_file(), name
+
+
+def test_shows_the_loss_plot_inline(executed):
+    notebook, _, _ = executed
+    images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1
+
+
+def test_the_adapter_and_the_gguf_answer_right(executed):
+    """The chat step prints each prompt with the adapter's answer; the export step answers the first from the GGUF."""
+    notebook, _, out = executed
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert {a["prompt"]: a["answer"] for a in answers} == SMOKE_ANSWERS
+    shown = "\n".join(text_of(c) for c in notebook.cells if c.cell_type == "code")
+    for prompt, answer in SMOKE_ANSWERS.items():
+        assert f"> {prompt}\n{answer}\n" in shown
+    export_cell = next(c for c in notebook.cells if "export_gguf.py" in c.source and c.cell_type == "code")
+    assert text_of(export_cell).rstrip().endswith(next(iter(SMOKE_ANSWERS.values())))
