@@ -67,8 +67,21 @@ class TokenBudgetBatches(BatchRebalanceSampler):
         rng.shuffle(order)
         batches = [b for start in range(0, len(order), POOL) for b in self._pool_batches(order[start:start + POOL])]
         rng.shuffle(batches)
-        usable = len(batches) - len(batches) % self.world  # every process takes the same number of batches
-        return batches[self.rank:usable:self.world]
+        return self._even_out(batches)[self.rank::self.world]
+
+    def _even_out(self, batches: list[list[int]]) -> list[list[int]]:
+        """Make the number of batches a multiple of the number of processes, so that every process takes the same
+        number. The few left over are halved (fewer rows of the same lengths still fit the budget), the largest
+        first, rather than dropped: then N processes see an epoch's last step on the same rows as one process does.
+        Only when too few rows are left to go round are they dropped."""
+        full = len(batches) - len(batches) % self.world
+        tail = batches[full:]
+        while tail and len(tail) < self.world and max(map(len, tail)) > 1:
+            largest = max(tail, key=len)
+            tail.remove(largest)
+            half = len(largest) // 2
+            tail += [largest[:half], largest[half:]]
+        return batches[:full] + (tail if len(tail) == self.world else [])
 
     def __iter__(self):
         return iter(self.batches())
