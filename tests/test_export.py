@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, run_script
-from qlora import atomic, export, isolate
+from qlora import atomic, export, gguf_check, isolate, modelfile
 from qlora.chat import Message
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
@@ -51,7 +51,7 @@ def exported(trained_adapter, tmp_path_factory, sample_prompts):
     """One full export (f16, q8_0, q4_k_m) checked on the training-distribution prompts and on the generic ones."""
     config = Config(adapter_dir=str(trained_adapter), export_dir=str(tmp_path_factory.mktemp("export")),
                     gguf_types=TYPES, system_prompt=SYSTEM)
-    plan = export.run_export(config, prompts=sample_prompts + export.CHECK_PROMPTS)
+    plan = export.run_export(config, prompts=sample_prompts + gguf_check.CHECK_PROMPTS)
     report = json.loads((plan.export_dir / "export_report.json").read_text())
     return plan, report
 
@@ -72,7 +72,7 @@ def test_merged_folder_is_complete_and_equals_adapter_on_base(exported, trained_
         assert (merged / name).is_file(), name
     assert (merged / "tokenizer.model").read_bytes() == (trained_adapter / "tokenizer.model").read_bytes()
     assert json.loads((merged / "config.json").read_text())["dtype"] == "float16"
-    ids = torch.tensor([prompt_format.prompt_ids(export.CHECK_PROMPTS[0])])
+    ids = torch.tensor([prompt_format.prompt_ids(gguf_check.CHECK_PROMPTS[0])])
     with torch.no_grad():
         want = load_with_adapter(trained_adapter, dtype=torch.float32)(ids).logits
         got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
@@ -116,7 +116,7 @@ def test_f16_matches_merged_model(exported, sample_prompts):
     f16 = report["files"][0]
     assert f16["type"] == "f16" and not f16["problems"]
     for m in f16["prompts"]:
-        assert m["cosine"] >= export.MIN_COSINE and export.f16_failure(m) is None
+        assert m["cosine"] >= gguf_check.MIN_COSINE and gguf_check.f16_failure(m) is None
     for m in f16["prompts"][: len(sample_prompts)]:  # the training distribution: no near-ties, identical tokens
         assert m["split"] is None and m["agreement"] == 1.0, m
 
@@ -148,9 +148,10 @@ def test_llama_cpp_tokenizer_gives_mistral_ids(exported, conversations, prompt_f
     plan, _ = exported
     for gguf_type in TYPES:
         llm = llama_cpp.Llama(str(plan.gguf(gguf_type)), vocab_only=True, verbose=False)
-        for conversation in conversations + export.CHECK_PROMPTS:
+        for conversation in conversations + gguf_check.CHECK_PROMPTS:
             want = prompt_format.encode(conversation)[0]
-            assert export.llama_cpp_tokenize(llm, export.ollama_text(prompt_format, conversation)) == want, conversation
+            text = gguf_check.ollama_text(prompt_format, conversation)
+            assert gguf_check.llama_cpp_tokenize(llm, text) == want, conversation
 
 
 # ---------------------------------------------------------------- the adapter alone (--lora_only)
@@ -163,7 +164,7 @@ def lora_exported(trained_adapter, tmp_path_factory, sample_prompts):
     """export --lora_only --convert_base: adapter.gguf, checked in llama.cpp on the tiny base's f16 GGUF."""
     config = Config(adapter_dir=str(trained_adapter), export_dir=str(tmp_path_factory.mktemp("lora")), lora_only=True,
                     convert_base=True, ollama_base=TINY_OLLAMA_BASE, system_prompt=SYSTEM)
-    plan = export.run_export(config, prompts=sample_prompts + export.CHECK_PROMPTS)
+    plan = export.run_export(config, prompts=sample_prompts + gguf_check.CHECK_PROMPTS)
     return plan, json.loads((plan.export_dir / "export_report.json").read_text())
 
 
@@ -194,7 +195,7 @@ def test_adapter_on_the_f16_base_matches_the_merged_model(lora_exported, sample_
     assert entry["file"] == "adapter.gguf" and entry["base_type"] == "MOSTLY_F16" and entry["strict"]
     assert not entry["problems"] and entry["tokenizer_ok"]
     for m in entry["prompts"]:
-        assert m["cosine"] >= export.MIN_COSINE and export.f16_failure(m) is None
+        assert m["cosine"] >= gguf_check.MIN_COSINE and gguf_check.f16_failure(m) is None
     for m in entry["prompts"][: len(sample_prompts)]:  # the training distribution: no near-ties, identical tokens
         assert m["split"] is None and m["agreement"] == 1.0, m
 
@@ -204,15 +205,15 @@ def test_llama_cpp_base_plus_adapter_gives_the_merged_f16_gguf(lora_exported, ex
     training prompts (each conversation cut before its last answer)."""
     lora_plan, _ = lora_exported
     ids = [prompt_format.prompt_ids(c[:-1]) for c in conversations]
-    n_ctx = max(map(len, ids)) + export.GREEDY_STEPS + 8
-    merged = export.load_gguf(exported[0].gguf("f16"), n_ctx)
-    with_adapter = export.load_gguf(lora_plan.export_dir / export.BASE_GGUF, n_ctx, lora=lora_plan.adapter_gguf)
-    runs = [(export.gguf_run(merged, i), export.gguf_run(with_adapter, i)) for i in ids]
-    cosines = [export.compare(want, got)["cosine"] for want, got in runs]
+    n_ctx = max(map(len, ids)) + gguf_check.GREEDY_STEPS + 8
+    merged = gguf_check.load_gguf(exported[0].gguf("f16"), n_ctx)
+    with_adapter = gguf_check.load_gguf(lora_plan.export_dir / export.BASE_GGUF, n_ctx, lora=lora_plan.adapter_gguf)
+    runs = [(gguf_check.gguf_run(merged, i), gguf_check.gguf_run(with_adapter, i)) for i in ids]
+    cosines = [gguf_check.compare(want, got)["cosine"] for want, got in runs]
     print(f"base f16 + adapter.gguf vs merged f16 GGUF: {sum(len(w.tokens) for w, _ in runs)} greedy tokens on "
           f"{len(ids)} prompts, logits cosine >= {min(cosines):.6f}")
     assert [got.tokens for _, got in runs] == [want.tokens for want, _ in runs]
-    assert min(cosines) >= export.MIN_COSINE
+    assert min(cosines) >= gguf_check.MIN_COSINE
 
 
 def test_infer_with_lora_answers_as_the_merged_gguf(lora_exported, exported, sample_data, tmp_path):
@@ -391,19 +392,19 @@ def test_ollama_template_renders_the_training_text(conversations, prompt_format,
     shapes = conversations + [c[:-1] for c in conversations]
     cases = [{"messages": [{"role": m.role, "content": m.content} for m in c], "legacy": legacy}
              for legacy in (False, True) for c in shapes]
-    rendered = go_render(export.OLLAMA_TEMPLATE, cases, tmp_path)
+    rendered = go_render(modelfile.OLLAMA_TEMPLATE, cases, tmp_path)
     for case, text in zip(cases, rendered, strict=True):
         conversation = [Message(m["role"], m["content"]) for m in case["messages"]]
-        assert "<s>" + text == export.rendered_text(prompt_format, conversation), case
+        assert "<s>" + text == gguf_check.rendered_text(prompt_format, conversation), case
 
 
 def test_modelfile(exported):
     plan, _ = exported
     text = (plan.export_dir / "Modelfile").read_text()
     assert text.startswith("FROM ./model-q4_k_m.gguf\n") and (plan.export_dir / "model-q4_k_m.gguf").is_file()
-    assert f'TEMPLATE """{export.OLLAMA_TEMPLATE}"""' in text
+    assert f'TEMPLATE """{modelfile.OLLAMA_TEMPLATE}"""' in text
     assert 'PARAMETER stop "[INST]"\nPARAMETER stop "</s>"\n' in text and f'SYSTEM """{SYSTEM}"""' in text
-    assert "SYSTEM" not in export.modelfile("model-f16.gguf", None)
+    assert "SYSTEM" not in modelfile.modelfile("model-f16.gguf", None)
 
 
 def test_modelfile_system_defaults_to_the_training_runs(tmp_path):
@@ -415,7 +416,7 @@ def test_modelfile_system_defaults_to_the_training_runs(tmp_path):
 
 def test_rendered_text_spells_out_mistral_v1(prompt_format):
     conversation = [Message("system", "S"), Message("user", "U1"), Message("assistant", "A1"), Message("user", "U2")]
-    assert export.rendered_text(prompt_format, conversation) == "<s>[INST] S\n\nU1 [/INST] A1</s>[INST] U2 [/INST]"
+    assert gguf_check.rendered_text(prompt_format, conversation) == "<s>[INST] S\n\nU1 [/INST] A1</s>[INST] U2 [/INST]"
 
 
 # ---------------------------------------------------------------- failures and atomic writes
@@ -438,7 +439,7 @@ def test_missing_converter_is_one_line_naming_the_command(trained_adapter, tmp_p
     assert message.startswith(f"error: {tmp_path}") and export.INSTALL_CONVERTER in message and "\n" not in message
 
 
-REAL_LLAMA_CPP_FACTS = export.llama_cpp_facts
+REAL_LLAMA_CPP_FACTS = gguf_check.llama_cpp_facts
 
 
 def llama_cpp_dies_on_q8_0(path, *args):
@@ -452,7 +453,7 @@ def llama_cpp_dies_on_q8_0(path, *args):
 def test_llama_cpp_crash_in_a_check_is_one_line_and_the_files_stay(trained_adapter, tmp_path, monkeypatch):
     """export_gguf.py when llama.cpp is killed by SIGILL checking one file: every GGUF stays, the report marks that
     file unchecked with the signal, the files after it are still checked, and the script ends with one line."""
-    monkeypatch.setattr(export, "llama_cpp_facts", llama_cpp_dies_on_q8_0)
+    monkeypatch.setattr(gguf_check, "llama_cpp_facts", llama_cpp_dies_on_q8_0)
     out = tmp_path / "e"
     monkeypatch.setattr(sys, "argv", ["export_gguf.py", "--adapter_dir", str(trained_adapter), "--export_dir",
                                       str(out), "--gguf_types", *TYPES])

@@ -19,7 +19,7 @@ import shlex
 
 import pytest
 
-from qlora import export, fixtures, infer
+from qlora import export, fixtures, gguf_check, infer
 from qlora.chat import Message
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
@@ -150,7 +150,7 @@ def check_agreement(reference: infer.Session, prompt_ids: list[list[int]], ref_r
             continue
         margin = reference_margin(reference, ids + ref[:step])
         partings.append(f"prompt {n} step {step} margin {margin:.4f}")
-        if margin >= export.NEAR_TIE:
+        if margin >= gguf_check.NEAR_TIE:
             failures.append(partings[-1])
     figures = (f"{label}: {len(prompt_ids) - len(partings)}/{len(prompt_ids)} prompts identical, "
                f"{same_tokens}/{total} tokens before any parting; partings: {partings or 'none'}")
