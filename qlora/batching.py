@@ -25,7 +25,9 @@ class TokenBudgetBatches(BatchRebalanceSampler):
     batch sampler that is already split across processes: each process takes every `world`-th batch.
     """
 
-    def __init__(self, lengths: list[int], budget: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, lengths: list[int], budget: int, seed: int, rank: int = 0, world: int = 1, multiple: int = 1):
+        # the collator pads a batch to its longest row rounded up to `multiple`: plan with the padded lengths
+        lengths = [-(-length // multiple) * multiple for length in lengths]
         if max(lengths) > budget:
             raise ValueError(f"token_budget {budget} is smaller than the longest row ({max(lengths)} tokens); "
                              f"raise it to at least max_seq_length")

@@ -156,6 +156,7 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
         # The rows are already Mistral ids with -100 on the prompt (the `labels` column is used as is); dynamic
         # padding per batch. Packing goes padding-free, which needs max_length=None; rows are truncated already.
         max_length=None if config.packing else config.max_seq_length,
+        pad_to_multiple_of=config.pad_to_multiple_of,
         packing=config.packing,
         padding_free=config.packing,  # explicit: otherwise Unsloth turns padding-free on by itself
         dataset_kwargs={"skip_prepare_dataset": not config.packing},
@@ -174,7 +175,8 @@ def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulat
                 return super()._get_train_sampler(train_dataset)
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             return TokenBudgetBatches([len(ids) for ids in dataset["input_ids"]], config.token_budget, config.seed,
-                                      rank=self.args.process_index, world=self.args.world_size)
+                                      rank=self.args.process_index, world=self.args.world_size,
+                                      multiple=config.pad_to_multiple_of or 1)
 
         def get_train_dataloader(self):
             """Training batches go through the meter's counting collator (evaluation batches do not)."""

@@ -44,3 +44,21 @@ def test_one_process_steps_see_the_same_rows_as_two():
 def test_rows_too_few_to_go_round_are_dropped_rather_than_sent_empty():
     per_rank = _epoch([500, 500, 500], 1000, world=4)
     assert all(len(batches) == 0 for batches in per_rank)
+
+
+def test_lengths_rounded_to_a_multiple_fit_the_budget_and_repeat_shapes():
+    """With pad_to_multiple_of, TRL's collator pads each batch to a multiple of 64: the batches still fit the budget
+    once padded so, and far fewer distinct shapes reach the GPU (its attention plans are reused)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rng = random.Random(1)
+    lengths = [rng.randint(40, 2000) for _ in range(3000)]
+    rows = [{"input_ids": [5] * n, "labels": [5] * n} for n in lengths]
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, pad_to_multiple_of=64)
+    shapes = set()
+    for batch in TokenBudgetBatches(lengths, 12288, seed=3, multiple=64).batches():
+        padded = collate([rows[i] for i in batch])["input_ids"]
+        assert padded.shape[1] % 64 == 0 and padded.numel() <= 12288
+        shapes.add(tuple(padded.shape))
+    exact = {(len(b), max(lengths[i] for i in b)) for b in TokenBudgetBatches(lengths, 12288, seed=3).batches()}
+    assert len(shapes) < len(exact) / 2, (len(shapes), len(exact))
