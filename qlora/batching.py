@@ -18,6 +18,12 @@ POOL = 4096  # rows sorted by length together: large enough to batch well, small
 STEP_COST_TOKENS = 8192
 
 
+def padded(length: int, multiple: int | None) -> int:
+    """A row's length once the collator pads it up to a multiple (pad_to_multiple_of)."""
+    multiple = multiple or 1
+    return -(-length // multiple) * multiple
+
+
 class TokenBudgetBatches(BatchRebalanceSampler):
     """Yields lists of row indices, each list at most `budget` tokens once padded (rows x longest row).
 
@@ -27,7 +33,7 @@ class TokenBudgetBatches(BatchRebalanceSampler):
 
     def __init__(self, lengths: list[int], budget: int, seed: int, rank: int = 0, world: int = 1, multiple: int = 1):
         # the collator pads a batch to its longest row rounded up to `multiple`: plan with the padded lengths
-        lengths = [-(-length // multiple) * multiple for length in lengths]
+        lengths = [padded(length, multiple) for length in lengths]
         if max(lengths) > budget:
             raise ValueError(f"token_budget {budget} is smaller than the longest row ({max(lengths)} tokens); "
                              f"raise it to at least max_seq_length")

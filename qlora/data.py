@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .chat import IGNORE, Conversation, Message, PromptFormat
-from .config import CHOICES
 from .hub import fetching
 
-FORMATS = tuple(f for f in CHOICES["dataset_format"] if f != "auto")
 ACCEPTED = (
     "'text' in Llama-2 chat form (<s>[INST] ... [/INST] ... </s>), 'text' in Guanaco form (### Human: ... "
     "### Assistant: ...), Alpaca ('instruction', 'input', 'output'), Dolly ('instruction', 'context', 'response'), "

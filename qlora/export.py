@@ -29,7 +29,7 @@ from .config import Config, to_yaml
 from .gguf_check import (CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_file, llama_cpp_check,
                          load_reference, mismatches, reference, reference_device)
 from .hub import fetching
-from .model import LOCAL_BASE
+from .model import LOCAL_BASE, check_safetensors_adapter
 from .modelfile import modelfile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,11 @@ def plan(config: Config) -> Plan:
         raise ExportError("--ollama_base, --base_gguf and --convert_base go with --lora_only; add it or drop them")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ExportError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter or training output folder)")
-    system = config.system_prompt or trained_system_prompt(adapter_dir)
+    check_safetensors_adapter(adapter_dir)  # FileNotFoundError: a one-line error from export_gguf.py
+    if trained_setting(adapter_dir, "template") == "instruction" and not config.merged_only:
+        raise ExportError(f"{adapter_dir}: trained with template: instruction, but GGUF files and the Modelfile "
+                          f"use Mistral's [INST] prompt; pass --merged_only, or train with template: mistral")
+    system = config.system_prompt or trained_setting(adapter_dir, "system_prompt")  # Ollama's default: as trained
     if '"""' in (system or ""):
         raise ExportError('system_prompt: cannot contain """ (the quote of Ollama\'s Modelfile)')
     types = gguf_types(config.gguf_types)
@@ -202,12 +206,16 @@ def ollama_base(trained_on: str, given: str | None) -> str:
                       f"Ollama model of that base (ollama pull ...) or the path of a GGUF of it")
 
 
-def trained_system_prompt(adapter_dir: Path) -> str | None:
-    """The system prompt of the training run (its config.yaml), so that Ollama's default matches what was learnt."""
+def trained_setting(adapter_dir: Path, name: str):
+    """One setting of the training run (its config.yaml beside the adapter), or None without one."""
     saved = adapter_dir / "config.yaml"
     if not saved.is_file():
         return None
-    return (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("system_prompt")
+    try:
+        settings = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ExportError(f"{saved}: not valid YAML ({err}); fix or remove it") from None
+    return settings.get(name) if isinstance(settings, dict) else None
 
 
 def parameter_count(base: str) -> int:
@@ -268,7 +276,8 @@ def _load_peft(adapter_dir: Path, base: str, dequantize: bool):
         raise ExportError(f"{base}: dequantizing a 4-bit model needs a CUDA GPU; on this machine pass "
                           f"--base_model_16bit with its 16-bit original")
     with fetching(base, "base model", LOCAL_BASE):
-        quantized = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16, device_map={"": 0})
+        quantized = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16, device_map={"": 0},
+                                                         use_safetensors=True)
     return PeftModel.from_pretrained(quantized.dequantize().to("cpu", torch.float16), str(adapter_dir)).eval()
 
 
@@ -427,7 +436,8 @@ def check_adapter(p: Plan, prompts: list[Conversation]) -> dict:
         return entry | {"not_checked": "no base GGUF to apply it to (--base_gguf PATH or --convert_base)",
                         "problems": []}
     tokenizer = p.adapter_dir / "tokenizer.model"
-    merged = merge_adapter(_load_peft(p.adapter_dir, p.base, p.dequantize)).to(reference_device(), torch.float32)
+    merged = merge_adapter(_load_peft(p.adapter_dir, p.base, p.dequantize))
+    merged = merged.to(reference_device(merged), torch.float32)
     ref = reference(merged, PromptFormat(tokenizer if tokenizer.is_file() else find_tokenizer_model(p.base)), prompts)
     entry |= {"base_gguf": str(p.base_gguf)} | llama_cpp_check(f"{ADAPTER_GGUF} on {p.base_gguf.name}", p.base_gguf,
                                                                  ref, p.adapter_gguf)

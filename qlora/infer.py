@@ -53,8 +53,16 @@ def add_arguments(parser) -> None:
                         help="also answer with the adapter's base model, without the adapter")
     parser.add_argument("--backend", choices=CHOICES["backend"], default="auto",
                         help="auto: Unsloth on a CUDA GPU when installed, else transformers; ignored for .gguf")
-    parser.add_argument("--batch_size", type=int, help=f"prompts per generate call for --input, left-padded "
+    parser.add_argument("--batch_size", type=positive_int, help=f"prompts per generate call for --input, left-padded "
                         f"(default: {GPU_BATCH} on a GPU, 1 otherwise)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (argparse turns the ValueError into a one-line usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 # ---------------------------------------------------------------- what the model path is
@@ -69,6 +77,12 @@ def model_kind(path: Path) -> str:
             return "gguf"
         raise InferError(f"{path}: not a .gguf file; give a .gguf file, an adapter folder or a merged model folder")
     if (path / "adapter_config.json").is_file():
+        from .model import check_safetensors_adapter
+
+        try:
+            check_safetensors_adapter(path)
+        except FileNotFoundError as err:
+            raise InferError(str(err)) from None
         return "adapter"
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "merged"
@@ -335,7 +349,7 @@ def _load_transformers(path: Path, kind: str, device: str):
 
     if kind == "adapter":
         return load_with_adapter(path, base=adapter_base(path), device=device, instead=base_elsewhere(path))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype()).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype(), use_safetensors=True).to(device).eval()
 
 
 # ---------------------------------------------------------------- answering
@@ -423,8 +437,12 @@ def read_prompts(path: Path, system: str | None) -> list[tuple[dict, Conversatio
     """(record, conversation) for each non-blank line; every problem names file:line."""
     if not path.is_file():
         raise InferError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InferError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8 JSONL") from None
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -98,7 +98,7 @@ def _load_hf(config, quantize: bool):
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype()
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, "use_safetensors": True}
     if quantize:
         kwargs["quantization_config"] = nf4_config(dtype)
         kwargs["device_map"] = {"": local_device_index()}
@@ -135,6 +135,13 @@ def adapter_base(adapter_dir: str | Path) -> str:
     return json.loads(config_file.read_text())["base_model_name_or_path"]
 
 
+def check_safetensors_adapter(adapter_dir: str | Path) -> None:
+    """Adapters are read from safetensors only: a pickled adapter_model.bin could run code when loaded."""
+    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (pickled .bin adapters are not loaded; "
+                                f"save it again with save_pretrained(..., safe_serialization=True))")
+
+
 def load_with_adapter(adapter_dir: str | Path, base: str | None = None, dtype=None, device: str = "cpu",
                       instead: str = LOCAL_BASE):
     """Base model in 16/32 bits (never 4-bit) with the adapter attached, in eval mode; for merging and inference.
@@ -142,7 +149,9 @@ def load_with_adapter(adapter_dir: str | Path, base: str | None = None, dtype=No
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    check_safetensors_adapter(adapter_dir)
     base = base or adapter_base(adapter_dir)
     with fetching(base, "base model", instead):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or compute_dtype()).to(device)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or compute_dtype(), use_safetensors=True)
+    model = model.to(device)
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()

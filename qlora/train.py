@@ -15,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from . import atomic, report
 from .chat import find_tokenizer_model
-from .config import Config, to_yaml
+from .config import FIELDS, Config, to_yaml
 from .data import is_prepared, load_prepared, prepare_dataset
 
 GROUPS = ("data", "base", "model", "train")
@@ -91,12 +93,23 @@ def check_output_dir(config: Config) -> str | None:
 # ---------------------------------------------------------------- data
 
 
+def data_settings(config: Config | dict) -> dict:
+    """The settings that decide the prepared token ids: the data group and the base (its tokenizer)."""
+    values = dataclasses.asdict(config) if isinstance(config, Config) else config
+    return {name: values.get(name) for name, f in FIELDS.items() if f.metadata["group"] in ("data", "base")}
+
+
 def load_data(config: Config):
-    """A data_prep output folder as is, or the configured data set prepared into output_dir/data by the same code."""
+    """A data_prep output folder as is, or the configured data set prepared into output_dir/data by the same code
+    (again when a run left one there that was prepared with other data settings)."""
     if is_prepared(config.dataset):
         return load_prepared(config.dataset)
     data_dir = Path(config.output_dir) / "data"
-    if not is_prepared(data_dir) and is_main_process():
+    stale = is_prepared(data_dir) and data_settings(yaml.safe_load((data_dir / "config.yaml").read_text())) != \
+        data_settings(config)
+    if (stale or not is_prepared(data_dir)) and is_main_process():
+        if stale:
+            print(f"note: {data_dir} was prepared with other data settings; preparing it again")
         prepare_dataset(config, data_dir)
     wait_for_everyone()
     return load_prepared(data_dir)
@@ -241,6 +254,17 @@ class StopOnSignal:
         print(f"\n{self.received}: saving a checkpoint after this step, then stopping (again to abort)", flush=True)
 
 
+def check_settings(config: Config, longest_row: int, has_eval: bool) -> None:
+    """Settings that the trainer would refuse only after the model is loaded, refused before."""
+    if isinstance(config.token_budget, int) and config.token_budget < longest_row:
+        raise RunError(f"--token_budget {config.token_budget} is smaller than the longest training row ({longest_row} "
+                       f"tokens, padded); raise it, lower --max_seq_length, or use --token_budget auto")
+    eval_steps = config.eval_steps or config.save_steps
+    if config.early_stopping_patience is not None and has_eval and config.save_steps % eval_steps:
+        raise RunError(f"--early_stopping_patience keeps the best evaluated checkpoint, so --save_steps "
+                       f"({config.save_steps}) must be a multiple of --eval_steps ({eval_steps})")
+
+
 def plan_feeding(config: Config, backend: str, longest_row: int) -> tuple[Config, dict | None]:
     """Resolve `token_budget: auto` and `gradient_checkpointing: auto` from the free GPU memory (qlora.planner): the
     returned config holds the concrete micro-batch, accumulation and checkpointing, so that --resume replays them.
@@ -338,6 +362,7 @@ def run(config: Config, backend: str) -> int:
 
     from transformers import set_seed
 
+    from .batching import padded
     from .compat import patch_trl_without_triton
     from .model import load_for_training
 
@@ -348,7 +373,9 @@ def run(config: Config, backend: str) -> int:
         shutil.rmtree(out / STAGING, ignore_errors=True)  # what a killed checkpoint write left behind
     wait_for_everyone()
     data = load_data(config)
-    config, feeding = plan_feeding(config, backend, max(len(ids) for ids in data["train"]["input_ids"]))
+    longest_row = padded(max(len(ids) for ids in data["train"]["input_ids"]), config.pad_to_multiple_of)
+    check_settings(config, longest_row, "eval" in data)
+    config, feeding = plan_feeding(config, backend, longest_row)
     if is_main_process():
         atomic.write_text(out / "config.yaml", to_yaml(config))
     if patch_trl_without_triton():

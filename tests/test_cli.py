@@ -84,6 +84,7 @@ def test_export_with_an_unknown_base_offline_is_one_line(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": MADE_UP}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")  # the base fails first
     result = run_script("export_gguf.py", "--adapter_dir", str(adapter), "--gguf_types", "f16", check=False,
                         timeout=300, env=OFFLINE)
     one_line_error(result, f"base model {MADE_UP}", "--base_model_16bit PATH")
@@ -93,9 +94,21 @@ def test_infer_with_an_adapter_on_an_unknown_base_offline_is_one_line(tiny_model
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": MADE_UP}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")  # the base fails first
     shutil.copyfile(tiny_model / "tokenizer.model", adapter / "tokenizer.model")
     result = run_script("infer.py", str(adapter), "--prompt", "hi", check=False, timeout=300, env=OFFLINE)
     one_line_error(result, f"base model {MADE_UP}", "base_model_name_or_path", "adapter_config.json")
+
+
+@pytest.mark.parametrize("script,flag", [("infer.py", None), ("export_gguf.py", "--adapter_dir")])
+def test_a_pickled_adapter_is_refused_in_one_line(script, flag, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": MADE_UP}))
+    (adapter / "adapter_model.bin").write_bytes(b"not loaded")
+    args = [flag, str(adapter)] if flag else [str(adapter), "--prompt", "hi"]
+    result = run_script(script, *args, check=False, timeout=300, env=OFFLINE)
+    one_line_error(result, "no adapter_model.safetensors", "safe_serialization=True")
 
 
 @pytest.mark.parametrize("reason,parts", [

@@ -270,6 +270,7 @@ def test_lora_only_reads_no_base_weights(lora_exported, trained_adapter, tiny_mo
 def test_adapter_route_settings(tmp_path):
     def plan(base: str, **settings):
         (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base} | settings))
+        (tmp_path / "adapter_model.safetensors").write_bytes(b"")  # planning reads neither weights nor base
         return lambda **flags: export.plan(Config(adapter_dir=str(tmp_path), **flags))
 
     default = plan("unsloth/mistral-7b-instruct-v0.2-bnb-4bit")(lora_only=True)
@@ -409,6 +410,7 @@ def test_modelfile(exported):
 
 def test_modelfile_system_defaults_to_the_training_runs(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "any"}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     (tmp_path / "config.yaml").write_text("system_prompt: Be terse.\n")
     assert export.plan(Config(adapter_dir=str(tmp_path), base_model_16bit="b")).system_prompt == "Be terse."
     assert export.plan(Config(adapter_dir=str(tmp_path), base_model_16bit="b", system_prompt="S")).system_prompt == "S"
@@ -477,6 +479,20 @@ def test_bad_settings_fail_before_work(trained_adapter, tmp_path):
         export.run_export(Config(adapter_dir=str(trained_adapter), merged_only=True, lora_only=True))
     with pytest.raises(export.ExportError, match="no adapter_config.json"):
         export.run_export(Config(adapter_dir=str(tmp_path)))
+
+
+def test_an_adapter_trained_on_the_instruction_template_gets_no_inst_modelfile(trained_adapter, tmp_path):
+    """GGUF files and the Modelfile speak Mistral's [INST] prompt: an adapter trained on another prompt is refused
+    there (the merged folder alone is still written)."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(trained_adapter / name, adapter)
+    trained = (trained_adapter / "config.yaml").read_text()
+    (adapter / "config.yaml").write_text(trained.replace("template: mistral", "template: instruction"))
+    with pytest.raises(export.ExportError, match="trained with template: instruction.*--merged_only"):
+        export.plan(Config(adapter_dir=str(adapter)))
+    assert export.plan(Config(adapter_dir=str(adapter), merged_only=True)).gguf_types == []
 
 
 @pytest.mark.parametrize("stage", ["merged", "model-f16.gguf", "model-q8_0.gguf"])

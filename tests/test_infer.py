@@ -19,6 +19,7 @@ import shlex
 
 import pytest
 
+from conftest import run_script
 from qlora import export, fixtures, gguf_check, infer
 from qlora.chat import Message
 from qlora.config import Config
@@ -435,3 +436,14 @@ def test_a_lora_that_does_not_load_is_one_clear_line(gguf, tmp_path):
     assert last == f"error: --lora {fake}: not a LoRA adapter GGUF (export_gguf.py --lora_only writes one)"
     result = infer_cli(str(gguf), "--prompt", "hi", "--lora", str(gguf), check=False)  # a model, not an adapter
     assert result.returncode != 0 and "not a LoRA adapter GGUF" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_prompts_file_that_is_not_utf8_and_a_batch_size_of_zero_are_one_line_errors(tmp_path):
+    from qlora.infer import InferError, read_prompts
+
+    latin1 = tmp_path / "prompts.jsonl"
+    latin1.write_bytes('{"prompt": "Café?"}\n'.encode("latin-1"))
+    with pytest.raises(InferError, match=r"prompts.jsonl: not UTF-8 text \(byte 15\); save it as UTF-8 JSONL"):
+        read_prompts(latin1, None)
+    result = run_script("infer.py", str(tmp_path), "--input", str(latin1), "--batch_size", "0", check=False)
+    assert result.returncode == 2 and "--batch_size: invalid positive_int value: '0'" in result.stderr

@@ -98,3 +98,29 @@ def test_gpu_preset_without_cuda_names_the_smoke_preset(tmp_path):
     assert result.returncode != 0
     assert "no CUDA GPU" in result.stderr and "configs/smoke.yaml" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_data_left_in_the_output_folder_is_prepared_again_when_the_data_settings_change(tiny_model, sample_data,
+                                                                                       tmp_path):
+    """A run that died before its first checkpoint leaves output_dir/data; the next run with another data set or
+    max_seq_length must not train on it."""
+    from qlora.config import Config
+    from qlora.train import load_data
+
+    config = Config(dataset=str(sample_data), model_name=str(tiny_model), output_dir=str(tmp_path), eval_fraction=0.0)
+    first = len(load_data(config)["train"])
+    assert first > 7 and len(load_data(config)["train"]) == first  # the same settings: reused
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(open(sample_data).readlines()[:7]))
+    assert len(load_data(Config(**{**config.__dict__, "dataset": str(fewer)}))["train"]) == 7
+
+
+def test_settings_the_trainer_would_refuse_late_are_refused_before_loading():
+    from qlora.config import Config
+    from qlora.train import RunError, check_settings
+
+    with pytest.raises(RunError, match=r"--token_budget 512 is smaller than the longest training row \(704"):
+        check_settings(Config(token_budget=512), 704, has_eval=False)
+    with pytest.raises(RunError, match=r"--save_steps \(100\) must be a multiple of --eval_steps \(30\)"):
+        check_settings(Config(early_stopping_patience=2, eval_steps=30), 704, has_eval=True)
+    check_settings(Config(token_budget=1024, early_stopping_patience=2, eval_steps=50), 704, has_eval=True)
