@@ -38,6 +38,8 @@ def parse():
     parser.add_argument("--layers", type=int, default=32, help="stand-in layers (fewer for a quick check)")
     parser.add_argument("--data", action="append", help="instruction file, or 'sample' / 'guanaco_shaped' for the "
                         "generated sets (default: both generated sets)")
+    parser.add_argument("--rows", type=int, default=2000, help="rows of each generated set: enough that an epoch has "
+                        "many steps, as on Guanaco's 9,846 (250 rows make 14, one of them a part-filled remainder)")
     parser.add_argument("--ours", action="append", default=[], help='NAME="flags for train_unsloth.py"; '
                         'default: one run of the default recipe')
     parser.add_argument("--stock", default="notebook,notebook+packing,blog", help="stock recipes to run ('' none)")
@@ -60,7 +62,7 @@ def prepare_inputs(args, workdir: Path) -> tuple[Path, list[Path]]:
     files = []
     for name in args.data or list(generated):
         if name in generated:
-            name = fixtures.write_jsonl(workdir / f"{name}.jsonl", generated[name]())
+            name = fixtures.write_jsonl(workdir / f"{name}.jsonl", generated[name](args.rows))
         files.append(Path(name))
     return model, files
 
@@ -128,6 +130,11 @@ def recipes(args, model: Path, data: Path, out: Path):
                      str(model), "--steps", str(args.steps), "--out", str(run_dir)], run_dir / "metrics.json"
 
 
+def table_row(r: dict) -> str:
+    return (f"| {r['free_gib']} | {r['data']} | {r['recipe']} | {r['real_tok_s']:,.0f} | {r['s_per_step']:.2f} | "
+            f"{r['padding']:.0%} | {r['peak_gib']:.1f} |")
+
+
 def header() -> str:
     import torch
 
@@ -152,16 +159,18 @@ def main():
                 for name, command, metrics_file in recipes(args, model, data, out):
                     print(f"{size} / {data.name} / {name}: {' '.join(command[1:])}", flush=True)
                     metrics_file.parent.mkdir(parents=True, exist_ok=True)
+                    started = time.time()
                     if run(command, metrics_file.parent.parent / f"{metrics_file.parent.name}.log"):
                         rows.append({"free_gib": size, "data": data.name, "recipe": name,
                                      **summarize(metrics_file, args.warmup)})
-                        print(f"  {rows[-1]}", flush=True)
-    (workdir / "bench_train.json").write_text(json.dumps(rows, indent=2))
+                        # as each run ends, so that a run cut short by a time limit still leaves its rows
+                        print(f"  {time.time() - started:.0f} s: {table_row(rows[-1])}\n  plan: {rows[-1]['plan']}",
+                              flush=True)
+                        (workdir / "bench_train.json").write_text(json.dumps(rows, indent=2))
     print("\n" + header() + f"; {args.steps} steps, first {args.warmup} untimed\n")
     print("| free GiB | data | recipe | real tokens/s | s/step | padding | peak GiB |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['free_gib']} | {r['data']} | {r['recipe']} | {r['real_tok_s']:,.0f} | {r['s_per_step']:.2f} | "
-              f"{r['padding']:.0%} | {r['peak_gib']:.1f} |")
+        print(table_row(r))
     for r in rows:
         if r.get("plan"):
             print(f"plan, {r['free_gib']} / {r['data']} / {r['recipe']}: {r['plan']}")

@@ -60,6 +60,9 @@ class Config:
     gradient_checkpointing: str = _f("auto", "model", "recompute activations in the backward pass to save memory: "
                                      "true, false, unsloth (offload them to host memory instead) or auto (the planner "
                                      "picks the fastest that fits the free GPU memory)")
+    checkpoint_skip_layers: int | str = _f("auto", "model", "with gradient_checkpointing true on Unsloth: this many "
+                                           "of the decoder layers keep their activations instead of recomputing them "
+                                           "(faster, more memory); auto: as many as fit the free GPU memory")
     # train
     output_dir: str = _f("outputs/mistral-qlora", "train", "where data, checkpoints, adapter and reports go")
     per_device_train_batch_size: int = _f(1, "train", "rows per micro-batch (per device), when token_budget is unset")
@@ -67,7 +70,7 @@ class Config:
                                         "many padded tokens (none: per_device_train_batch_size rows); auto: the "
                                         "planner cuts tokens_per_step into micro-batches that fit the free GPU memory")
     tokens_per_step: int = _f(12288, "train", "padded tokens per optimizer step when token_budget is auto")
-    pad_to_multiple_of: int | None = _f(64, "train", "pad each micro-batch's length up to a multiple of this, so that "
+    pad_to_multiple_of: int | None = _f(8, "train", "pad each micro-batch's length up to a multiple of this, so that "
                                         "shapes repeat (none: to the longest row)")
     gradient_accumulation_steps: int = _f(1, "train", "micro-batches per optimizer step (one process)")
     keep_gradient_accumulation: bool = _f(False, "train", "with N processes keep the accumulation as given instead of "
@@ -123,7 +126,7 @@ CHOICES = {
 }
 
 
-AUTO_NUMBERS = ("token_budget",)  # numbers that also take "auto"
+AUTO_NUMBERS = ("token_budget", "checkpoint_skip_layers")  # numbers that also take "auto"
 
 
 class ConfigError(ValueError):
@@ -131,10 +134,10 @@ class ConfigError(ValueError):
 
 
 def _base_type(tp):
-    """`int | None` -> (int, True); `list[str]` -> (list, False)."""
+    """`int | None` -> (int, True); `int | str` (a number or auto) -> (int, False); `list[str]` -> (list, False)."""
     args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        return [a for a in args if a is not type(None)][0], True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [a for a in args if a is not type(None)][0], type(None) in args
     return tp, False
 
 

@@ -140,6 +140,8 @@ def sample_rows(n: int = 200, seed: int = 0) -> list[dict]:
     them up to n rows, all different (data_prep drops duplicates), in random order."""
     rng = random.Random(seed)
     pairs = _sample_pairs()
+    if n > len(pairs) ** 2:  # the questions alone, then every ordered pair of two different ones
+        raise ValueError(f"sample_rows makes at most {len(pairs) ** 2} different rows, not {n}")
     conversations = [[pair] for pair in pairs]
     seen = set()
     while len(conversations) < n:

@@ -80,7 +80,9 @@ def _load_unsloth(config):
         model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=list(config.lora_target_modules), bias="none",
         use_gradient_checkpointing={"unsloth": "unsloth", "true": True, "false": False}[config.gradient_checkpointing],
-        random_state=config.seed, max_seq_length=config.max_seq_length)
+        random_state=config.seed, max_seq_length=config.max_seq_length,
+        # with recompute, these decoder layers keep their activations (the planner fits as many as memory allows)
+        checkpoint_skip_layers=config.checkpoint_skip_layers if config.gradient_checkpointing == "true" else 0)
     return model, tokenizer
 
 

@@ -254,8 +254,11 @@ class StopOnSignal:
         print(f"\n{self.received}: saving a checkpoint after this step, then stopping (again to abort)", flush=True)
 
 
-def check_settings(config: Config, longest_row: int, has_eval: bool) -> None:
-    """Settings that the trainer would refuse only after the model is loaded, refused before."""
+def check_settings(config: Config, longest_row: int, has_eval: bool, backend: str = "unsloth") -> None:
+    """Settings that the trainer would refuse (or ignore) only after the model is loaded, refused before."""
+    if backend != "unsloth" and config.checkpoint_skip_layers not in ("auto", 0):
+        raise RunError(f"--checkpoint_skip_layers is Unsloth's (--backend unsloth); with --backend {backend} leave it "
+                       f"at auto")
     if isinstance(config.token_budget, int) and config.token_budget < longest_row:
         raise RunError(f"--token_budget {config.token_budget} is smaller than the longest training row ({longest_row} "
                        f"tokens, padded); raise it, lower --max_seq_length, or use --token_budget auto")
@@ -266,35 +269,41 @@ def check_settings(config: Config, longest_row: int, has_eval: bool) -> None:
 
 
 def plan_feeding(config: Config, backend: str, longest_row: int) -> tuple[Config, dict | None]:
-    """Resolve `token_budget: auto` and `gradient_checkpointing: auto` from the free GPU memory (qlora.planner): the
-    returned config holds the concrete micro-batch, accumulation and checkpointing, so that --resume replays them.
-    With N processes each plans for its share of `tokens_per_step`, so the effective batch stays the same."""
+    """Resolve `token_budget`, `gradient_checkpointing` and `checkpoint_skip_layers` set to auto from the free GPU
+    memory (qlora.planner): the returned config holds the concrete micro-batch, accumulation and checkpointing, so that
+    --resume replays them. With N processes each plans for its share of `tokens_per_step`, so the effective batch stays
+    the same."""
     import torch
 
     from . import planner
     from .model import local_device_index
 
     budget_auto, checkpointing_auto = config.token_budget == "auto", config.gradient_checkpointing == "auto"
+    skip_auto = config.checkpoint_skip_layers == "auto"
     share = max(longest_row, math.ceil(config.tokens_per_step / processes().num_processes))
     if backend == "cpu":
         if budget_auto:
             config = dataclasses.replace(config, token_budget=share, gradient_accumulation_steps=1,
                                          keep_gradient_accumulation=True)
-        return dataclasses.replace(config, gradient_checkpointing="false" if checkpointing_auto else
+        return dataclasses.replace(config, checkpoint_skip_layers=0 if skip_auto else config.checkpoint_skip_layers,
+                                   gradient_checkpointing="false" if checkpointing_auto else
                                    config.gradient_checkpointing), None
-    if not (budget_auto or checkpointing_auto):
+    if backend == "hf" and skip_auto:  # skipping layers is Unsloth's
+        config, skip_auto = dataclasses.replace(config, checkpoint_skip_layers=0), False
+    if not (budget_auto or checkpointing_auto or skip_auto):
         return config, None
     free = torch.cuda.mem_get_info(local_device_index())[0]
     # --backend hf has no offloading: its checkpointing recomputes
     checkpointing = "true" if backend == "hf" and config.gradient_checkpointing == "unsloth" else config.gradient_checkpointing
     if budget_auto:
-        chosen = planner.plan(free, share, longest_row, backend, checkpointing)
+        chosen = planner.plan(free, share, longest_row, backend, checkpointing, config.checkpoint_skip_layers)
         config = dataclasses.replace(config, token_budget=chosen.micro_tokens, keep_gradient_accumulation=True,
                                      gradient_accumulation_steps=chosen.accumulation)
     else:  # a micro-batch size of the user's: only the checkpointing is chosen
         tokens = config.token_budget or config.per_device_train_batch_size * config.max_seq_length
-        chosen = planner.plan(free, tokens, tokens, backend, checkpointing)
-    config = dataclasses.replace(config, gradient_checkpointing=chosen.checkpointing)
+        chosen = planner.plan(free, tokens, tokens, backend, checkpointing, config.checkpoint_skip_layers)
+    config = dataclasses.replace(config, gradient_checkpointing=chosen.checkpointing,
+                                 checkpoint_skip_layers=chosen.skip_layers)
     print(f"plan: {chosen.summary()}")
     return config, chosen.as_dict()
 
@@ -374,7 +383,7 @@ def run(config: Config, backend: str) -> int:
     wait_for_everyone()
     data = load_data(config)
     longest_row = padded(max(len(ids) for ids in data["train"]["input_ids"]), config.pad_to_multiple_of)
-    check_settings(config, longest_row, "eval" in data)
+    check_settings(config, longest_row, "eval" in data, backend)
     config, feeding = plan_feeding(config, backend, longest_row)
     if is_main_process():
         atomic.write_text(out / "config.yaml", to_yaml(config))

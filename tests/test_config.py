@@ -47,7 +47,7 @@ def test_defaults_are_the_fast_recipe():
     assert c == Config()
     assert (c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules) == (8, 32, 0.0, LORA_TARGETS)
     assert (c.token_budget, c.tokens_per_step, c.gradient_accumulation_steps, c.max_seq_length) == ("auto", 12288, 1, 2048)
-    assert (c.gradient_checkpointing, c.optim) == ("auto", "auto")
+    assert (c.gradient_checkpointing, c.checkpoint_skip_layers, c.optim) == ("auto", "auto", "auto")
     assert (c.learning_rate, c.num_train_epochs, c.logging_steps, c.save_steps) == (2e-4, 3, 10, 100)
     assert (c.model_name, c.dataset) == ("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "mlabonne/guanaco-llama2-1k")
 
@@ -103,9 +103,15 @@ def test_empty_yaml_file_means_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("argv,key", [(["--lora_r", "eight"], "lora_r"), (["--learning_rate", "fast"], "learning_rate"),
-                                      (["--packing", "maybe"], "packing")])
+                                      (["--packing", "maybe"], "packing"),
+                                      (["--checkpoint_skip_layers", "some"], "checkpoint_skip_layers")])
 def test_bad_flag_values_are_errors_naming_the_flag(capsys, argv, key):
     assert f"--{key}: '{key}' must be" in failure(capsys, *argv)
+
+
+def test_numbers_that_also_take_auto(tmp_path):
+    assert (run("--checkpoint_skip_layers", "6").checkpoint_skip_layers, run().checkpoint_skip_layers) == (6, "auto")
+    assert run("--config", preset(tmp_path, "checkpoint_skip_layers: 4\ntoken_budget: 8192\n")).checkpoint_skip_layers == 4
 
 
 @pytest.mark.parametrize("argv,expected", [([], False), (["--packing"], True), (["--packing", "true"], True),

@@ -8,15 +8,26 @@ GIB = 2**30
 STEP, LONGEST = 12288, 2048
 
 
-@pytest.mark.parametrize("free_gib, checkpointing, micro, accumulation", [
-    (15, "true", 12288, 1),   # a 16 GB card: recomputing beats accumulating six 2,048-token micro-batches
-    (23, "true", 12288, 1),   # a 24 GB card: three 4,096-token micro-batches without checkpointing are still slower
-    (78, "false", 12288, 1),  # an 80 GB card: the whole step's activations fit
+@pytest.mark.parametrize("free_gib, checkpointing, skip, micro, accumulation", [
+    (15, "true", 2, 12288, 1),    # a 16 GB card: recompute all but 2 layers, rather than accumulate 2,048-token batches
+    (23, "true", 8, 12288, 1),    # a 24 GB card: 8 layers keep their activations
+    (78, "false", 0, 12288, 1),   # an 80 GB card: the whole step's activations fit
 ])
-def test_choice_at_each_card_size(free_gib, checkpointing, micro, accumulation):
+def test_choice_at_each_card_size(free_gib, checkpointing, skip, micro, accumulation):
     chosen = planner.plan(free_gib * GIB, STEP, LONGEST, "unsloth")
-    assert (chosen.checkpointing, chosen.micro_tokens, chosen.accumulation) == (checkpointing, micro, accumulation)
+    assert (chosen.checkpointing, chosen.skip_layers, chosen.micro_tokens, chosen.accumulation) == \
+        (checkpointing, skip, micro, accumulation)
     assert chosen.micro_tokens * chosen.accumulation >= STEP and chosen.micro_tokens >= LONGEST
+
+
+def test_each_layer_kept_costs_memory_and_saves_time():
+    plans = [planner.plan(139 * GIB, STEP, LONGEST, "unsloth", "true", skip) for skip in (0, 8, 31)]
+    assert [p.skip_layers for p in plans] == [0, 8, 31]
+    assert plans[0].predicted_bytes < plans[1].predicted_bytes < plans[2].predicted_bytes
+    assert plans[0].predicted_tokens_per_second < plans[1].predicted_tokens_per_second < \
+        plans[2].predicted_tokens_per_second
+    full = planner.plan(139 * GIB, STEP, LONGEST, "unsloth", "false")
+    assert plans[2].predicted_bytes < full.predicted_bytes
 
 
 @pytest.mark.parametrize("free_gib", [8, 10, 12, 15, 20, 23, 30, 40, 60, 78, 139])
@@ -25,14 +36,14 @@ def test_a_choice_never_exceeds_the_memory_given_and_is_the_fastest_that_fits(fr
     free = free_gib * GIB
     chosen = planner.plan(free, STEP, LONGEST, backend)
     assert chosen.predicted_bytes <= planner.USABLE * free
-    fitting = [p for p in planner.candidates(free, STEP, LONGEST, planner.MODES[backend])
+    fitting = [p for p in planner.candidates(free, STEP, LONGEST, planner.modes_for(backend))
                if p.predicted_bytes <= planner.USABLE * free]
     assert chosen.predicted_tokens_per_second == max(p.predicted_tokens_per_second for p in fitting)
 
 
 def test_without_checkpointing_small_cards_accumulate_smaller_micro_batches():
     chosen = planner.plan(15 * GIB, STEP, LONGEST, "unsloth", checkpointing="false")
-    assert (chosen.checkpointing, chosen.micro_tokens, chosen.accumulation) == ("false", 2048, 6)
+    assert (chosen.checkpointing, chosen.micro_tokens, chosen.accumulation) == ("false", 2458, 5)
     assert chosen.predicted_bytes <= planner.USABLE * 15 * GIB
 
 
@@ -40,7 +51,7 @@ def test_nothing_fits_gives_the_plan_needing_least_memory():
     chosen = planner.plan(5 * GIB, STEP, LONGEST, "unsloth")
     assert chosen.checkpointing == "unsloth" and chosen.micro_tokens == LONGEST
     assert chosen.predicted_bytes == min(p.predicted_bytes for p in planner.candidates(
-        5 * GIB, STEP, LONGEST, planner.MODES["unsloth"]))
+        5 * GIB, STEP, LONGEST, planner.modes_for("unsloth")))
 
 
 def test_rows_longer_than_a_step_get_a_micro_batch_of_their_own():
@@ -49,6 +60,7 @@ def test_rows_longer_than_a_step_get_a_micro_batch_of_their_own():
 
 
 def test_offloading_is_not_offered_without_unsloth():
-    assert all(p.checkpointing != "unsloth" for p in planner.candidates(15 * GIB, STEP, LONGEST, planner.MODES["hf"]))
+    hf = planner.candidates(15 * GIB, STEP, LONGEST, planner.modes_for("hf"))
+    assert all(p.checkpointing != "unsloth" and p.skip_layers == 0 for p in hf)
     with pytest.raises(ValueError, match="not available with --backend hf"):
         planner.plan(15 * GIB, STEP, LONGEST, "hf", checkpointing="unsloth")

@@ -124,3 +124,5 @@ def test_settings_the_trainer_would_refuse_late_are_refused_before_loading():
     with pytest.raises(RunError, match=r"--save_steps \(100\) must be a multiple of --eval_steps \(30\)"):
         check_settings(Config(early_stopping_patience=2, eval_steps=30), 704, has_eval=True)
     check_settings(Config(token_budget=1024, early_stopping_patience=2, eval_steps=50), 704, has_eval=True)
+    with pytest.raises(RunError, match=r"--checkpoint_skip_layers is Unsloth's \(--backend unsloth\)"):
+        check_settings(Config(checkpoint_skip_layers=4), 704, has_eval=False, backend="hf")
