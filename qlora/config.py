@@ -70,8 +70,8 @@ class Config:
                                         "many padded tokens (none: per_device_train_batch_size rows); auto: the "
                                         "planner cuts tokens_per_step into micro-batches that fit the free GPU memory")
     tokens_per_step: int = _f(12288, "train", "padded tokens per optimizer step when token_budget is auto")
-    pad_to_multiple_of: int | None = _f(8, "train", "pad each micro-batch's length up to a multiple of this, so that "
-                                        "shapes repeat (none: to the longest row)")
+    pad_to_multiple_of: int | None = _f(8, "train", "pad each micro-batch's length up to a multiple of this (PyTorch's "
+                                        "memory-efficient attention wants 8; none: to the longest row)")
     gradient_accumulation_steps: int = _f(1, "train", "micro-batches per optimizer step (one process)")
     keep_gradient_accumulation: bool = _f(False, "train", "with N processes keep the accumulation as given instead of "
                                           "dividing it by N to keep the one-process effective batch")

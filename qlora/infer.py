@@ -21,9 +21,11 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import yaml
+
 from .atomic import write_text
 from .chat import Conversation, Message, PromptFormat, find_tokenizer_model
-from .config import CHOICES, ConfigError, load_yaml
+from .config import CHOICES, FIELDS, ConfigError, load_yaml
 from .hub import fetching
 
 GROUPS = ("infer", "base")
@@ -458,8 +460,14 @@ def read_prompts(path: Path, system: str | None) -> list[tuple[dict, Conversatio
     return rows
 
 
-def batch(session: Session, rows, output: Path, batch_size: int) -> None:
-    """Each input record with its "answer" (and "base_answer"), in input order, written whole or not at all."""
+def settings_path(output: Path) -> Path:
+    """Where the settings the answers came from go: answers.jsonl -> answers.config.yaml."""
+    return output.with_name(f"{output.stem}.config.yaml")
+
+
+def batch(session: Session, rows, output: Path, batch_size: int, settings: dict) -> None:
+    """Each input record with its "answer" (and "base_answer"), in input order, written whole or not at all; the
+    settings they came from beside them."""
     conversations = [c for _, c in rows]
     answers = session.answers(conversations, batch_size)
     base = session.answers(conversations, batch_size, base=True) if session.compare_base else None
@@ -467,8 +475,9 @@ def batch(session: Session, rows, output: Path, batch_size: int) -> None:
     for i, (record, _) in enumerate(rows):
         record = {**record, "answer": answers[i]} | ({"base_answer": base[i]} if base else {})
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    write_text(settings_path(output), yaml.safe_dump({**settings, "batch_size": batch_size}, sort_keys=False))
     write_text(output, "".join(lines))
-    print(f"wrote {len(lines)} answers to {output}", file=sys.stderr)
+    print(f"wrote {len(lines)} answers to {output} (settings in {settings_path(output)})", file=sys.stderr)
 
 
 def check_vocabulary(engine, fmt: PromptFormat, tokenizer: Path) -> None:
@@ -524,6 +533,9 @@ def run(config, args) -> None:
     if args.chat:
         chat(session, system)
     elif args.input:
-        batch(session, rows, Path(args.output), args.batch_size or session.engine.batch_size)
+        settings = {"model": args.model, "lora": args.lora, "template": template, "system": system,
+                    "seed": config.seed if args.seed is None else args.seed, "backend": args.backend,
+                    **{name: getattr(config, name) for name, f in FIELDS.items() if f.metadata["group"] in GROUPS}}
+        batch(session, rows, Path(args.output), args.batch_size or session.engine.batch_size, settings)
     else:
         session.reply(conversation(args.prompt, system), sys.stdout)

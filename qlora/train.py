@@ -323,6 +323,8 @@ def oom_advice(config: Config, error: Exception, step: int) -> str:
         batch = (f"--per_device_train_batch_size (now {config.per_device_train_batch_size}; raise "
                  f"--gradient_accumulation_steps to keep the effective batch)")
     lower = [batch, f"--max_seq_length (now {config.max_seq_length})"]
+    if config.gradient_checkpointing == "true" and config.checkpoint_skip_layers:
+        lower.append(f"--checkpoint_skip_layers (now {config.checkpoint_skip_layers})")
     if config.gradient_checkpointing == "false":
         lower.append("or turn on --gradient_checkpointing true (now false)")
     return (f"CUDA out of memory at step {step + 1}: peak {peak:.1f} GiB allocated of {total:.1f} GiB on this GPU.\n"

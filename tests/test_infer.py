@@ -18,6 +18,7 @@ import re
 import shlex
 
 import pytest
+import yaml
 
 from conftest import run_script
 from qlora import export, fixtures, gguf_check, infer
@@ -389,6 +390,9 @@ def test_batch_mode_writes_one_answer_per_line_in_order(adapter, sessions, promp
     conversations = [infer.conversation(r["prompt"], r.get("system")) for r in rows]
     assert [w["id"] for w in written] == list(range(len(rows)))
     assert [w["answer"] for w in written] == sessions["adapter"].answers(conversations, batch_size=3)
+    settings = yaml.safe_load((tmp_path / "answers.config.yaml").read_text())  # what the answers came from
+    assert (settings["model"], settings["template"], settings["batch_size"]) == (str(adapter), "mistral", 3)
+    assert (settings["temperature"], settings["max_new_tokens"]) == (0.0, MAX_NEW)  # infer_cli's flags, not defaults
     assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
 
 
