@@ -54,7 +54,8 @@ def epoch_shares(lengths: list[int], budget: int, multiple: int) -> dict:
 
 def main():
     args = parse()
-    print("| data | rows | pad multiple | micro-batches an epoch | budget filled | padding | real tokens a micro-batch |")
+    print("| data | rows | pad multiple | micro-batches an epoch | budget filled | padding "
+          "| real tokens a micro-batch |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -33,7 +33,8 @@ class Mode:
 # checkpointing, 1.02 s recomputing every layer).
 NONE, RECOMPUTE, OFFLOAD = (Mode("false", int(3.75 * MIB), 40e-6), Mode("true", int(0.5 * MIB), 67e-6),
                             Mode("unsloth", int(0.28 * MIB), 74e-6))
-MODES = {"unsloth": (NONE, RECOMPUTE, OFFLOAD), "hf": (Mode("false", 9 * MIB, 110e-6), Mode("true", int(0.6 * MIB), 100e-6))}
+MODES = {"unsloth": (NONE, RECOMPUTE, OFFLOAD),
+         "hf": (Mode("false", 9 * MIB, 110e-6), Mode("true", int(0.6 * MIB), 100e-6))}
 SECONDS_PER_MICRO_BATCH = 0.23  # launch, host and optimizer time that does not grow with the tokens
 FIXED_BYTES = 4 * GIB  # 4-bit weights, LoRA weights, gradients and optimizer states, the loss's chunk, workspace
 USABLE = 0.9  # share of the free memory a plan may fill: the allocator fragments, and the estimates are averages
@@ -43,9 +44,10 @@ MAX_ACCUMULATION = 16
 def keeping(layers: int) -> Mode:
     """Recompute with `layers` of the 32 decoder layers keeping their activations: memory and time in proportion."""
     share = layers / LAYERS
-    return replace(RECOMPUTE, skip_layers=layers,
-                   bytes_per_token=round(RECOMPUTE.bytes_per_token + share * (NONE.bytes_per_token - RECOMPUTE.bytes_per_token)),
-                   seconds_per_token=RECOMPUTE.seconds_per_token - share * (RECOMPUTE.seconds_per_token - NONE.seconds_per_token))
+    kept_bytes = share * (NONE.bytes_per_token - RECOMPUTE.bytes_per_token)
+    saved_seconds = share * (RECOMPUTE.seconds_per_token - NONE.seconds_per_token)
+    return replace(RECOMPUTE, skip_layers=layers, bytes_per_token=round(RECOMPUTE.bytes_per_token + kept_bytes),
+                   seconds_per_token=RECOMPUTE.seconds_per_token - saved_seconds)
 
 
 def modes_for(backend: str, checkpointing: str = "auto", skip_layers: int | str = "auto") -> list[Mode]:

@@ -111,7 +111,8 @@ def test_bad_flag_values_are_errors_naming_the_flag(capsys, argv, key):
 
 def test_numbers_that_also_take_auto(tmp_path):
     assert (run("--checkpoint_skip_layers", "6").checkpoint_skip_layers, run().checkpoint_skip_layers) == (6, "auto")
-    assert run("--config", preset(tmp_path, "checkpoint_skip_layers: 4\ntoken_budget: 8192\n")).checkpoint_skip_layers == 4
+    in_yaml = preset(tmp_path, "checkpoint_skip_layers: 4\ntoken_budget: 8192\n")
+    assert run("--config", in_yaml).checkpoint_skip_layers == 4
 
 
 @pytest.mark.parametrize("argv,expected", [([], False), (["--packing"], True), (["--packing", "true"], True),
