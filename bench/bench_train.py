@@ -151,6 +151,7 @@ def main():
     workdir.mkdir(parents=True, exist_ok=True)
     model, data_files = prepare_inputs(args, workdir)
     rows = []
+    (workdir / "bench_train.json").write_text("[]")  # no rows of an earlier run left to be mistaken for this one's
     for gib in args.gpu_memory_gib:
         size = "whole card" if gib is None else f"{gib:g}"
         with gpu_memory_free(gib):

@@ -520,6 +520,15 @@ def open_session(path: Path, config, template: str, backend: str = "auto", seed:
     return Session(engine, fmt, config, compare_base)
 
 
+def answer_settings(config, args, template: str, system: str | None) -> dict:
+    """The model, prompt and sampling settings that --input's answers come from, as they were resolved."""
+    path, kind = Path(args.model), model_kind(Path(args.model))
+    sampling = {name: getattr(config, name) for name, f in FIELDS.items() if f.metadata["group"] == "infer"}
+    return {"model": args.model, "base_model": adapter_base(path) if kind == "adapter" else None, "lora": args.lora,
+            "backend": "llama.cpp" if kind == "gguf" else pick_backend(args.backend), "template": template,
+            "system": system, "seed": config.seed if args.seed is None else args.seed, **sampling}
+
+
 def run(config, args) -> None:
     """Check the arguments, load the model, answer in the mode asked for."""
     path, lora = Path(args.model), Path(args.lora) if args.lora else None
@@ -533,9 +542,7 @@ def run(config, args) -> None:
     if args.chat:
         chat(session, system)
     elif args.input:
-        settings = {"model": args.model, "lora": args.lora, "template": template, "system": system,
-                    "seed": config.seed if args.seed is None else args.seed, "backend": args.backend,
-                    **{name: getattr(config, name) for name, f in FIELDS.items() if f.metadata["group"] in GROUPS}}
-        batch(session, rows, Path(args.output), args.batch_size or session.engine.batch_size, settings)
+        batch(session, rows, Path(args.output), args.batch_size or session.engine.batch_size,
+              answer_settings(config, args, template, system))
     else:
         session.reply(conversation(args.prompt, system), sys.stdout)

@@ -27,10 +27,11 @@ class Mode:
     skip_layers: int = 0  # with recompute: decoder layers that keep their activations instead (checkpoint_skip_layers)
 
 
-# Fitted to the peaks and step times measured on an H200 with the 7.24 B stand-in of Mistral-7B-Instruct-v0.2 in 4 bits
-# (bench/RESULTS.md, 2026-12-02: at up to 12,288 tokens a micro-batch, peaks of 9.8 GiB recomputing every layer,
-# 17.9 GiB keeping 8 layers and 45.9 GiB without checkpointing; steps of about 11,800 padded tokens in 0.70 s without
-# checkpointing, 1.02 s recomputing every layer).
+# From the peaks and step times measured on an H200 with the 7.24 B stand-in of Mistral-7B-Instruct-v0.2 in 4 bits
+# (bench/RESULTS.md, 2026-12-02). Memory is a bound, a little above what was measured at up to 12,288 tokens a
+# micro-batch: 10.0 GiB predicted for every layer recomputed (9.8 measured), 19.8 keeping 8 layers (17.9), 49.0 without
+# checkpointing (45.9). Time: steps of about 11,800 padded tokens took 0.70 s without checkpointing, 1.02 s
+# recomputing every layer.
 NONE, RECOMPUTE, OFFLOAD = (Mode("false", int(3.75 * MIB), 40e-6), Mode("true", int(0.5 * MIB), 67e-6),
                             Mode("unsloth", int(0.28 * MIB), 74e-6))
 MODES = {"unsloth": (NONE, RECOMPUTE, OFFLOAD),

@@ -21,6 +21,7 @@ from . import atomic, report
 from .chat import find_tokenizer_model
 from .config import FIELDS, Config, to_yaml
 from .data import is_prepared, load_prepared, prepare_dataset
+from .planner import LAYERS
 
 GROUPS = ("data", "base", "model", "train")
 STAGING = ".checkpoint-staging"
@@ -256,9 +257,15 @@ class StopOnSignal:
 
 def check_settings(config: Config, longest_row: int, has_eval: bool, backend: str = "unsloth") -> None:
     """Settings that the trainer would refuse (or ignore) only after the model is loaded, refused before."""
-    if backend != "unsloth" and config.checkpoint_skip_layers not in ("auto", 0):
+    skip = config.checkpoint_skip_layers
+    if skip != "auto" and not 0 <= skip <= LAYERS:
+        raise RunError(f"--checkpoint_skip_layers must be auto or 0 to {LAYERS} (Mistral-7B's layers), got {skip}")
+    if backend != "unsloth" and skip not in ("auto", 0):
         raise RunError(f"--checkpoint_skip_layers is Unsloth's (--backend unsloth); with --backend {backend} leave it "
                        f"at auto")
+    if config.gradient_checkpointing in ("false", "unsloth") and skip not in ("auto", 0):
+        raise RunError(f"--checkpoint_skip_layers keeps layers out of recomputation: it needs --gradient_checkpointing "
+                       f"true or auto, not {config.gradient_checkpointing}")
     if isinstance(config.token_budget, int) and config.token_budget < longest_row:
         raise RunError(f"--token_budget {config.token_budget} is smaller than the longest training row ({longest_row} "
                        f"tokens, padded); raise it, lower --max_seq_length, or use --token_budget auto")
@@ -268,15 +275,27 @@ def check_settings(config: Config, longest_row: int, has_eval: bool, backend: st
                        f"({config.save_steps}) must be a multiple of --eval_steps ({eval_steps})")
 
 
+def least_free_memory() -> int:
+    """The free memory of this process's GPU, or under torchrun the least free on any of the run's GPUs: every
+    process must plan the same micro-batches a step, or their gradient exchanges would not meet."""
+    import torch
+
+    from .model import local_device_index
+
+    free = torch.cuda.mem_get_info(local_device_index())[0]
+    if processes().num_processes == 1:
+        return free
+    least = torch.tensor([free], device=processes().device)
+    torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+    return int(least.item())
+
+
 def plan_feeding(config: Config, backend: str, longest_row: int) -> tuple[Config, dict | None]:
     """Resolve `token_budget`, `gradient_checkpointing` and `checkpoint_skip_layers` set to auto from the free GPU
     memory (qlora.planner): the returned config holds the concrete micro-batch, accumulation and checkpointing, so that
-    --resume replays them. With N processes each plans for its share of `tokens_per_step`, so the effective batch stays
-    the same."""
-    import torch
-
+    --resume replays them. With N processes each plans for its share of `tokens_per_step` in the least free memory
+    among them, so the effective batch stays the same and every process cuts its steps alike."""
     from . import planner
-    from .model import local_device_index
 
     budget_auto, checkpointing_auto = config.token_budget == "auto", config.gradient_checkpointing == "auto"
     skip_auto = config.checkpoint_skip_layers == "auto"
@@ -288,11 +307,12 @@ def plan_feeding(config: Config, backend: str, longest_row: int) -> tuple[Config
         return dataclasses.replace(config, checkpoint_skip_layers=0 if skip_auto else config.checkpoint_skip_layers,
                                    gradient_checkpointing="false" if checkpointing_auto else
                                    config.gradient_checkpointing), None
-    if backend == "hf" and skip_auto:  # skipping layers is Unsloth's
+    if skip_auto and (backend == "hf" or config.gradient_checkpointing in ("false", "unsloth")):
+        # skipping layers is Unsloth's, and only where layers are recomputed
         config, skip_auto = dataclasses.replace(config, checkpoint_skip_layers=0), False
     if not (budget_auto or checkpointing_auto or skip_auto):
         return config, None
-    free = torch.cuda.mem_get_info(local_device_index())[0]
+    free = least_free_memory()
     # --backend hf has no offloading: its checkpointing recomputes
     checkpointing = "true" if backend == "hf" and config.gradient_checkpointing == "unsloth" else config.gradient_checkpointing
     if budget_auto:
@@ -328,7 +348,8 @@ def oom_advice(config: Config, error: Exception, step: int) -> str:
     if config.gradient_checkpointing == "false":
         lower.append("or turn on --gradient_checkpointing true (now false)")
     return (f"CUDA out of memory at step {step + 1}: peak {peak:.1f} GiB allocated of {total:.1f} GiB on this GPU.\n"
-            f"Lower {', '.join(lower)}, or let the planner choose (--token_budget auto --gradient_checkpointing auto, "
+            f"Lower {', '.join(lower)}, or let the planner choose (--token_budget auto --gradient_checkpointing auto "
+            f"--checkpoint_skip_layers auto, "
             f"the defaults), with other programs on this GPU closed.\n({str(error).splitlines()[0]})")
 
 

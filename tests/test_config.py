@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from qlora.config import LORA_TARGETS, Config, ConfigError, load_yaml, parse
+from qlora.config import LORA_TARGETS, Config, ConfigError, load_yaml, parse, to_yaml
 
 ALL = ("data", "base", "model", "train", "export", "infer")
 
@@ -112,7 +112,11 @@ def test_bad_flag_values_are_errors_naming_the_flag(capsys, argv, key):
 def test_numbers_that_also_take_auto(tmp_path):
     assert (run("--checkpoint_skip_layers", "6").checkpoint_skip_layers, run().checkpoint_skip_layers) == (6, "auto")
     in_yaml = preset(tmp_path, "checkpoint_skip_layers: 4\ntoken_budget: 8192\n")
-    assert run("--config", in_yaml).checkpoint_skip_layers == 4
+    assert (run("--config", in_yaml).checkpoint_skip_layers, run("--config", in_yaml).token_budget) == (4, 8192)
+    for resolved in (Config(checkpoint_skip_layers=8, token_budget=12288), Config()):  # config.yaml, as --resume reads it
+        saved = preset(tmp_path, to_yaml(resolved))
+        assert (run("--config", saved).checkpoint_skip_layers, run("--config", saved).token_budget) == \
+            (resolved.checkpoint_skip_layers, resolved.token_budget)
 
 
 @pytest.mark.parametrize("argv,expected", [([], False), (["--packing"], True), (["--packing", "true"], True),

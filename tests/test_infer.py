@@ -392,6 +392,7 @@ def test_batch_mode_writes_one_answer_per_line_in_order(adapter, sessions, promp
     assert [w["answer"] for w in written] == sessions["adapter"].answers(conversations, batch_size=3)
     settings = yaml.safe_load((tmp_path / "answers.config.yaml").read_text())  # what the answers came from
     assert (settings["model"], settings["template"], settings["batch_size"]) == (str(adapter), "mistral", 3)
+    assert (settings["backend"], settings["base_model"]) == ("cpu", infer.adapter_base(adapter))
     assert (settings["temperature"], settings["max_new_tokens"]) == (0.0, MAX_NEW)  # infer_cli's flags, not defaults
     assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
 

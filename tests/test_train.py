@@ -126,3 +126,19 @@ def test_settings_the_trainer_would_refuse_late_are_refused_before_loading():
     check_settings(Config(token_budget=1024, early_stopping_patience=2, eval_steps=50), 704, has_eval=True)
     with pytest.raises(RunError, match=r"--checkpoint_skip_layers is Unsloth's \(--backend unsloth\)"):
         check_settings(Config(checkpoint_skip_layers=4), 704, has_eval=False, backend="hf")
+    for skip in (-1, 33):
+        with pytest.raises(RunError, match=rf"--checkpoint_skip_layers must be auto or 0 to 32 .*got {skip}"):
+            check_settings(Config(checkpoint_skip_layers=skip), 704, has_eval=False)
+    with pytest.raises(RunError, match=r"needs --gradient_checkpointing true or auto, not false"):
+        check_settings(Config(checkpoint_skip_layers=4, gradient_checkpointing="false"), 704, has_eval=False)
+    check_settings(Config(checkpoint_skip_layers=32, gradient_checkpointing="true"), 704, has_eval=False)
+
+
+def test_on_a_cpu_the_plan_keeps_every_setting_concrete():
+    """config.yaml holds numbers, not auto, so that --resume replays the run; nothing is recomputed on a CPU."""
+    from qlora.config import Config
+    from qlora.train import plan_feeding
+
+    config, plan = plan_feeding(Config(), "cpu", longest_row=704)
+    assert plan is None
+    assert (config.token_budget, config.gradient_checkpointing, config.checkpoint_skip_layers) == (12288, "false", 0)
