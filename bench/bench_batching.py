@@ -4,7 +4,7 @@ generated sets bench_train.py trains on. The GPU's time grows with the padded to
 real ones, so these shares carry over to real tokens/s.
 
     python bench/bench_batching.py                        # 250 and 2,000 rows, multiples 1, 8, 16, 64
-    python bench/bench_batching.py --rows 9846 --multiple 8
+    python bench/bench_batching.py --rows 8000 --multiple 8   # sample_rows makes at most 8,836 different rows
 
 Prints a markdown table for bench/RESULTS.md.
 """

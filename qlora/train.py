@@ -300,16 +300,15 @@ def plan_feeding(config: Config, backend: str, longest_row: int) -> tuple[Config
     budget_auto, checkpointing_auto = config.token_budget == "auto", config.gradient_checkpointing == "auto"
     skip_auto = config.checkpoint_skip_layers == "auto"
     share = max(longest_row, math.ceil(config.tokens_per_step / processes().num_processes))
+    if skip_auto and (backend != "unsloth" or config.gradient_checkpointing in ("false", "unsloth")):
+        # skipping layers is Unsloth's, and only where layers are recomputed
+        config, skip_auto = dataclasses.replace(config, checkpoint_skip_layers=0), False
     if backend == "cpu":
         if budget_auto:
             config = dataclasses.replace(config, token_budget=share, gradient_accumulation_steps=1,
                                          keep_gradient_accumulation=True)
-        return dataclasses.replace(config, checkpoint_skip_layers=0 if skip_auto else config.checkpoint_skip_layers,
-                                   gradient_checkpointing="false" if checkpointing_auto else
+        return dataclasses.replace(config, gradient_checkpointing="false" if checkpointing_auto else
                                    config.gradient_checkpointing), None
-    if skip_auto and (backend == "hf" or config.gradient_checkpointing in ("false", "unsloth")):
-        # skipping layers is Unsloth's, and only where layers are recomputed
-        config, skip_auto = dataclasses.replace(config, checkpoint_skip_layers=0), False
     if not (budget_auto or checkpointing_auto or skip_auto):
         return config, None
     free = least_free_memory()
