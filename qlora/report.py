@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import time
@@ -105,7 +106,8 @@ class StepProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self.profiler = torch.profiler.profile(activities=activities)
+        # with Python stacks, so that the trace names the code behind every host synchronisation
+        self.profiler = torch.profiler.profile(activities=activities, with_stack=True)
         self.profiler.__enter__()
         self.started = time.perf_counter()
 
@@ -124,10 +126,15 @@ class StepProfiler:
         sections = [f"{self.steps} optimizer steps after {self.skip}; totals over those steps",
                     f"wall {wall:.3f} s, {wall / self.steps:.3f} s a step; GPU busy {busy:.1%} of it"]
         for key in ("self_device_time_total", "self_cpu_time_total"):
-            sections.append(f"\n== sorted by {key}\n" + table.table(sort_by=key, row_limit=25, max_name_column_width=70))
+            listing = table.table(sort_by=key, row_limit=25, max_name_column_width=70)
+            sections.append(f"\n== sorted by {key}\n{listing}")
         atomic.write_text(self.path, "\n".join(sections))
+        trace = self.path.with_suffix(".trace.json.gz")  # for ui.perfetto.dev, or bench/trace_gaps.py
+        with atomic.atomic_path(trace) as tmp:
+            self.profiler.export_chrome_trace(f"{tmp}.gz")  # torch gzips a path that ends in .gz
+            os.replace(f"{tmp}.gz", tmp)
         self.profiler = None
-        print(f"profile of {self.steps} steps written to {self.path}: {sections[1]}")
+        print(f"profile of {self.steps} steps: {self.path}, {trace.name}; {sections[1]}")
 
 
 def data_fingerprint(data) -> str:
