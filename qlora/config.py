@@ -89,7 +89,8 @@ class Config:
     eval_steps: int | None = _f(None, "train", "evaluate every N steps (default: as save_steps)")
     early_stopping_patience: int | None = _f(None, "train", "stop after N evaluations without a better eval loss")
     report_to: str = _f("none", "train", "none, tensorboard or wandb")
-    profile_steps: int = _f(0, "train", "profile this many steps after 3 warm-up ones into output_dir/profile.txt")
+    profile_steps: int = _f(0, "train", "profile this many steps after 3 warm-up ones into output_dir/profile.txt and "
+                           "profile.trace.json.gz")
     resume: bool = _f(False, "train", "continue from the last complete checkpoint in output_dir")
     resume_from_checkpoint: str | None = _f(None, "train", "continue from this checkpoint folder")
     overwrite_output_dir: bool = _f(False, "train", "replace a finished run in output_dir")
