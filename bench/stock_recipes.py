@@ -27,7 +27,8 @@ def parse():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--out", required=True, help="folder for metrics.json")
-    parser.add_argument("--profile_steps", type=int, default=0, help="write profile.txt and profile.trace.json.gz over this many steps")
+    parser.add_argument("--profile_steps", type=int, default=0,
+                        help="write profile.txt and profile.trace.json.gz over this many steps")
     return parser.parse_args()
 
 
