@@ -76,7 +76,8 @@ def test_merged_folder_is_complete_and_equals_adapter_on_base(exported, trained_
     with torch.no_grad():
         want = load_with_adapter(trained_adapter, dtype=torch.float32)(ids).logits
         got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
-    assert torch.allclose(got, want, atol=2e-2), (got - want).abs().max()
+    # float16 weights: about 3 significant digits, so the bound grows with the logits (up to about 14 here)
+    assert torch.allclose(got, want, atol=2e-2, rtol=5e-3), (got - want).abs().max()
 
 
 def test_known_4bit_bases_map_to_their_16bit_original(tmp_path):
