@@ -63,6 +63,28 @@ class Frames:
         return names
 
 
+def idle_by_code(events: list[dict], kernels: list[dict], busy, frames: Frames, min_ms: float, depth: int):
+    """Idle microseconds of every gap of at least `min_ms`, summed by the host code that ran until the launch of the
+    kernel that ended the gap (the innermost frame covering most of that time, with its callers)."""
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    first_kernel_at = {}
+    for e in sorted(kernels, key=lambda e: e["ts"]):
+        first_kernel_at.setdefault(e["ts"], e)
+    starts = sorted(first_kernel_at)
+    by_code = collections.Counter()
+    for (_, gap_start), (gap_end, _) in itertools.pairwise(busy):
+        if gap_end - gap_start < min_ms * 1e3:
+            continue
+        kernel = first_kernel_at[starts[bisect.bisect_left(starts, gap_end)]]
+        launch = launches.get(kernel["args"].get("correlation"))
+        host_end = launch["ts"] if launch and launch["ts"] > gap_start else gap_end
+        frame = frames.covering(gap_start, host_end)
+        key = " <- ".join(frames.stack(frame, depth)) if frame else f"(no Python frame) before {kernel['name'][:60]}"
+        by_code[key] += gap_end - gap_start
+    return by_code
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace", help="profile.trace.json(.gz) from --profile_steps")
@@ -74,34 +96,14 @@ def main():
     kernels = [e for e in events if e.get("cat") in GPU]
     if not kernels:
         sys.exit(f"{args.trace}: no GPU kernels in this trace (a run on the CPU has no idle GPU to explain)")
-    launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    busy = busy_intervals(kernels)
+    busy, frames = busy_intervals(kernels), Frames(events)
     span = busy[-1][1] - busy[0][0]
     work = sum(b - a for a, b in busy)
-    print(f"GPU span {span / 1e3:.1f} ms, busy {work / 1e3:.1f} ms ({work / span:.1%}), "
-          f"{len(kernels)} kernels")
+    print(f"GPU span {span / 1e3:.1f} ms, busy {work / 1e3:.1f} ms ({work / span:.1%}), {len(kernels)} kernels")
 
-    first_kernel_at = {}
-    for e in sorted(kernels, key=lambda e: e["ts"]):
-        first_kernel_at.setdefault(e["ts"], e)
-    starts = sorted(first_kernel_at)
-    frames = Frames(events)
-    by_code = collections.Counter()
-    for (_, gap_start), (gap_end, _) in itertools.pairwise(busy):
-        if gap_end - gap_start < args.min_ms * 1e3:
-            continue
-        kernel = first_kernel_at[starts[bisect.bisect_left(starts, gap_end)]]
-        launch = launches.get(kernel["args"].get("correlation"))
-        host_end = launch["ts"] if launch and launch["ts"] > gap_start else gap_end
-        frame = frames.covering(gap_start, host_end)
-        if frame:
-            key = " <- ".join(frames.stack(frame, args.depth))
-        else:
-            key = f"(no Python frame) before {kernel['name'][:60]}"
-        by_code[key] += gap_end - gap_start
-    idle = span - work
-    print(f"idle {idle / 1e3:.1f} ms; in gaps of {args.min_ms} ms or more: {sum(by_code.values()) / 1e3:.1f} ms\n")
+    by_code = idle_by_code(events, kernels, busy, frames, args.min_ms, args.depth)
+    print(f"idle {(span - work) / 1e3:.1f} ms; in gaps of {args.min_ms} ms or more: "
+          f"{sum(by_code.values()) / 1e3:.1f} ms\n")
     print("idle ms | host code running while the GPU waited (innermost frame first)")
     for key, total in by_code.most_common(25):
         print(f"{total / 1e3:7.1f} | {key}")
