@@ -68,15 +68,13 @@ def idle_by_code(events: list[dict], kernels: list[dict], busy, frames: Frames, 
     kernel that ended the gap (the innermost frame covering most of that time, with its callers)."""
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    first_kernel_at = {}
-    for e in sorted(kernels, key=lambda e: e["ts"]):
-        first_kernel_at.setdefault(e["ts"], e)
-    starts = sorted(first_kernel_at)
+    kernels = sorted(kernels, key=lambda e: e["ts"])
+    starts = [e["ts"] for e in kernels]
     by_code = collections.Counter()
     for (_, gap_start), (gap_end, _) in itertools.pairwise(busy):
         if gap_end - gap_start < min_ms * 1e3:
             continue
-        kernel = first_kernel_at[starts[bisect.bisect_left(starts, gap_end)]]
+        kernel = kernels[bisect.bisect_left(starts, gap_end)]  # the kernel that ended the gap
         launch = launches.get(kernel["args"].get("correlation"))
         host_end = launch["ts"] if launch and launch["ts"] > gap_start else gap_end
         frame = frames.covering(gap_start, host_end)
