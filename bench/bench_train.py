@@ -6,10 +6,15 @@ on the same variable-length data, in one run.
     python bench/bench_train.py --workdir /tmp/bench --ours "nogc=--gradient_checkpointing false"  # variants of ours
     python bench/bench_train.py --workdir /tmp/bench --gpu_memory_gib 15 23   # as on a 16 GB and a 24 GB card
     python bench/bench_train.py --workdir /tmp/bench --nproc 1 2 --stock ''   # 1 and 2 GPUs (torchrun), for scaling
+    python bench/bench_train.py --workdir /tmp/bench --gpu_sm_percent 8 --gpu_memory_gib 15   # as on a T4
 
 --gpu_memory_gib N: a second process holds all of the GPU but N GiB for the length of the runs, so every recipe, and
 torch.cuda.mem_get_info (which the toolkit's planner reads), sees a card of N GiB free. (set_per_process_memory_fraction
 would cap the allocator without changing what mem_get_info reports, so the planner would not see it.)
+
+--gpu_sm_percent P: every recipe runs with P% of the GPU's SMs, as on a slower card: the bench starts the CUDA
+multi-process service (MPS; pipe and log folders under /tmp), runs every process with
+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=P, and stops the service at the end, also after an error. No GPU setting changes.
 
 Each recipe runs in its own process (Unsloth patches libraries on import). Real tokens are the non-padding ones;
 throughput is taken over the optimizer steps after the warm-up ones. Prints a markdown table for bench/RESULTS.md.
@@ -18,8 +23,10 @@ throughput is taken over the optimizer steps after the warm-up ones. Prints a ma
 import argparse
 import contextlib
 import json
+import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +56,8 @@ def parse():
                         help="run ours with each of these numbers of processes (GPUs), e.g. 1 2: tokens/s summed over them")
     parser.add_argument("--gpu_memory_gib", type=float, nargs="+", default=[None],
                         help="run every recipe with only this much GPU memory free (several sizes: one pass each)")
+    parser.add_argument("--gpu_sm_percent", type=int, help="run every recipe with only this share of the GPU's SMs "
+                        "(MPS; with --gpu_memory_gib, a slower and smaller card)")
     return parser.parse_args()
 
 
@@ -56,8 +65,9 @@ def prepare_inputs(args, workdir: Path) -> tuple[Path, list[Path]]:
     from qlora import fixtures
 
     model = Path(args.model) if args.model else workdir / "mistral-7b-v0.2-standin"
-    if not (model / "config.json").exists():
-        fixtures.save_standin(model, num_layers=args.layers)
+    if not (model / "config.json").exists():  # in another process: this one stays off the GPU (and out of MPS)
+        subprocess.run([sys.executable, "-c", f"from qlora import fixtures; fixtures.save_standin({str(model)!r}, "
+                        f"num_layers={args.layers})"], cwd=ROOT, check=True)
     generated = {"sample": fixtures.sample_rows, "guanaco_shaped": fixtures.guanaco_shaped_rows}
     files = []
     for name in args.data or list(generated):
@@ -90,6 +100,36 @@ def gpu_memory_free(gib: float | None):
     finally:
         holder.kill()
         holder.wait()
+
+
+MPS_FOLDERS = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/qlora-bench-mps-pipe",
+               "CUDA_MPS_LOG_DIRECTORY": "/tmp/qlora-bench-mps-log"}
+
+
+@contextlib.contextmanager
+def gpu_sm_share(percent: int | None):
+    """Every CUDA process started in the block gets `percent`% of the SMs: the MPS daemon runs for the block (nothing
+    for None). This process never touches CUDA itself, so that stopping the daemon waits for no client of it."""
+    if percent is None:
+        yield
+        return
+    for folder in MPS_FOLDERS.values():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    os.environ.update(MPS_FOLDERS)
+    for _ in range(3):  # a daemon told to quit just before may still be on its way out
+        if subprocess.run(["nvidia-cuda-mps-control", "-d"]).returncode == 0:
+            break
+        time.sleep(3)
+    else:
+        sys.exit("error: nvidia-cuda-mps-control -d could not start the MPS daemon")
+    os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(percent)
+    print(f"MPS: every process gets {percent}% of the SMs", flush=True)
+    try:
+        yield
+    finally:
+        del os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"]
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, timeout=120)
+        print("MPS: stopped", flush=True)
 
 
 def run(command: list[str], log: Path) -> bool:
@@ -131,50 +171,73 @@ def recipes(args, model: Path, data: Path, out: Path):
 
 
 def table_row(r: dict) -> str:
-    return (f"| {r['free_gib']} | {r['data']} | {r['recipe']} | {r['real_tok_s']:,.0f} | {r['s_per_step']:.2f} | "
-            f"{r['padding']:.0%} | {r['peak_gib']:.1f} |")
+    return (f"| {r['sms']} | {r['free_gib']} | {r['data']} | {r['recipe']} | {r['real_tok_s']:,.0f} | "
+            f"{r['s_per_step']:.2f} | {r['padding']:.0%} | {r['peak_gib']:.1f} |")
+
+
+def plan_line(r: dict) -> str:
+    """What the planner chose and predicted, against what was measured, and where its figures came from."""
+    plan = r["plan"]
+    measured = r["real_tok_s"] / (1 - r["padding"])  # padded tokens/s, as the planner predicts
+    calibration = plan.get("calibration")
+    if not calibration:
+        figures = f"figures: {plan['figures']['source']}"
+    elif calibration.get("cached"):
+        figures = f"figures cached ({calibration['cached']})"
+    else:
+        figures = (f"calibration {calibration['seconds']:.1f} s (+ {calibration['first_pass_seconds']:.1f} s first "
+                   f"pass, compiling)")
+    ratio = plan["predicted_tokens_per_second"] / measured
+    return (f"plan, {r['sms']} / {r['free_gib']} / {r['data']} / {r['recipe']}: {plan['summary']}; measured "
+            f"{measured:,.0f} padded tokens/s, predicted / measured {ratio:.2f}; {figures}")
 
 
 def header() -> str:
-    import torch
-
+    from qlora.calibrate import driver_version
     from qlora.report import versions_line
 
+    name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                          text=True).stdout.splitlines()[:1]  # not torch: this process stays off the GPU
     versions = versions_line(("torch", "transformers", "trl", "peft", "unsloth", "bitsandbytes"))
-    return (f"device: {torch.cuda.get_device_name(0)}; date: {time.strftime('%Y-%m-%d')}; python "
-            f"{platform.python_version()}; {versions}")
+    return (f"device: {' '.join(name) or 'unknown'} (driver {driver_version()}); date: {time.strftime('%Y-%m-%d')}; "
+            f"python {platform.python_version()}; {versions}")
 
 
 def main():
     args = parse()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a time limit's kill still stops MPS and the holder
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model, data_files = prepare_inputs(args, workdir)
     rows = []
     (workdir / "bench_train.json").write_text("[]")  # no rows of an earlier run left to be mistaken for this one's
-    for gib in args.gpu_memory_gib:
-        size = "whole card" if gib is None else f"{gib:g}"
-        with gpu_memory_free(gib):
-            for data in data_files:
-                out = workdir / "runs" / size.replace(" ", "_") / data.stem
-                for name, command, metrics_file in recipes(args, model, data, out):
-                    print(f"{size} / {data.name} / {name}: {' '.join(command[1:])}", flush=True)
-                    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-                    started = time.time()
-                    if run(command, metrics_file.parent.parent / f"{metrics_file.parent.name}.log"):
-                        rows.append({"free_gib": size, "data": data.name, "recipe": name,
-                                     **summarize(metrics_file, args.warmup)})
-                        # as each run ends, so that a run cut short by a time limit still leaves its rows
-                        print(f"  {time.time() - started:.0f} s: {table_row(rows[-1])}\n  plan: {rows[-1]['plan']}",
-                              flush=True)
-                        (workdir / "bench_train.json").write_text(json.dumps(rows, indent=2))
+    sms = f"{args.gpu_sm_percent or 100}%"
+    with gpu_sm_share(args.gpu_sm_percent):
+        for gib in args.gpu_memory_gib:
+            size = "whole card" if gib is None else f"{gib:g}"
+            with gpu_memory_free(gib):
+                for data in data_files:
+                    out = workdir / "runs" / f"{sms[:-1]}sm_{size.replace(' ', '_')}" / data.stem
+                    for name, command, metrics_file in recipes(args, model, data, out):
+                        print(f"{sms} / {size} / {data.name} / {name}: {' '.join(command[1:])}", flush=True)
+                        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+                        started = time.time()
+                        if run(command, metrics_file.parent.parent / f"{metrics_file.parent.name}.log"):
+                            rows.append({"sms": sms, "free_gib": size, "data": data.name, "recipe": name,
+                                         **summarize(metrics_file, args.warmup)})
+                            # as each run ends, so that a run cut short by a time limit still leaves its rows
+                            print(f"  {time.time() - started:.0f} s: {table_row(rows[-1])}", flush=True)
+                            if rows[-1]["plan"]:
+                                print(f"  {plan_line(rows[-1])}", flush=True)
+                            (workdir / "bench_train.json").write_text(json.dumps(rows, indent=2))
     print("\n" + header() + f"; {args.steps} steps, first {args.warmup} untimed\n")
-    print("| free GiB | data | recipe | real tokens/s | s/step | padding | peak GiB |\n|---|---|---|---|---|---|---|")
+    print("| SMs | free GiB | data | recipe | real tokens/s | s/step | padding | peak GiB |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(table_row(r))
     for r in rows:
         if r.get("plan"):
-            print(f"plan, {r['free_gib']} / {r['data']} / {r['recipe']}: {r['plan']}")
+            print(plan_line(r))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,9 @@ class Config:
                                         "many padded tokens (none: per_device_train_batch_size rows); auto: the "
                                         "planner cuts tokens_per_step into micro-batches that fit the free GPU memory")
     tokens_per_step: int = _f(12288, "train", "padded tokens per optimizer step when token_budget is auto")
+    calibrate: bool = _f(True, "train", "with the planner on Unsloth: measure this GPU's speed at the start (a few "
+                         "seconds, once per card: cached in ~/.cache/qlora-mistral) and plan from it; false: plan "
+                         "from built-in figures")
     pad_to_multiple_of: int | None = _f(8, "train", "pad each micro-batch's length up to a multiple of this (PyTorch's "
                                         "memory-efficient attention wants 8; none: to the longest row)")
     gradient_accumulation_steps: int = _f(1, "train", "micro-batches per optimizer step (one process)")

@@ -290,9 +290,11 @@ def least_free_memory() -> int:
     return int(least.item())
 
 
-def plan_feeding(config: Config, backend: str, longest_row: int) -> tuple[Config, dict | None]:
+def plan_feeding(config: Config, backend: str, longest_row: int, figures=None,
+                 free: int | None = None) -> tuple[Config, dict | None]:
     """Resolve `token_budget`, `gradient_checkpointing` and `checkpoint_skip_layers` set to auto from the free GPU
-    memory (qlora.planner): the returned config holds the concrete micro-batch, accumulation and checkpointing, so that
+    memory before the model is loaded (`free`, or read now) and the card's `figures` (qlora.planner; None: the
+    built-in ones): the returned config holds the concrete micro-batch, accumulation and checkpointing, so that
     --resume replays them. With N processes each plans for its share of `tokens_per_step` in the least free memory
     among them, so the effective batch stays the same and every process cuts its steps alike."""
     from . import planner
@@ -311,20 +313,90 @@ def plan_feeding(config: Config, backend: str, longest_row: int) -> tuple[Config
                                    config.gradient_checkpointing), None
     if not (budget_auto or checkpointing_auto or skip_auto):
         return config, None
-    free = least_free_memory()
+    free = least_free_memory() if free is None else free
     # --backend hf has no offloading: its checkpointing recomputes
     checkpointing = "true" if backend == "hf" and config.gradient_checkpointing == "unsloth" else config.gradient_checkpointing
     if budget_auto:
-        chosen = planner.plan(free, share, longest_row, backend, checkpointing, config.checkpoint_skip_layers)
+        chosen = planner.plan(free, share, longest_row, backend, checkpointing, config.checkpoint_skip_layers, figures)
         config = dataclasses.replace(config, token_budget=chosen.micro_tokens, keep_gradient_accumulation=True,
                                      gradient_accumulation_steps=chosen.accumulation)
     else:  # a micro-batch size of the user's: only the checkpointing is chosen
         tokens = config.token_budget or config.per_device_train_batch_size * config.max_seq_length
-        chosen = planner.plan(free, tokens, tokens, backend, checkpointing, config.checkpoint_skip_layers)
+        chosen = planner.plan(free, tokens, tokens, backend, checkpointing, config.checkpoint_skip_layers, figures)
     config = dataclasses.replace(config, gradient_checkpointing=chosen.checkpointing,
                                  checkpoint_skip_layers=chosen.skip_layers)
-    print(f"plan: {chosen.summary()}")
-    return config, chosen.as_dict()
+    return config, {**chosen.as_dict(), "figures": (figures or planner.DEFAULT_FIGURES[backend]).as_dict()}
+
+
+def cached_calibration(config: Config, backend: str) -> tuple[dict | None, bool]:
+    """(this card's cached calibration record or None, whether to measure the card once the model is loaded). Measured
+    are Unsloth runs of one process whose checkpointing is left to the planner (the model is then loaded
+    checkpointed, and set to the plan after measuring); other runs take a cached record where there is one."""
+    from . import calibrate
+
+    planned = "auto" in (config.token_budget, config.gradient_checkpointing, config.checkpoint_skip_layers)
+    if backend != "unsloth" or not config.calibrate or not planned:
+        return None, False
+    record = calibrate.load_cached(calibrate.card_key(config))
+    measure = record is None and config.gradient_checkpointing == "auto" and processes().num_processes == 1
+    return record, measure
+
+
+def calibrated_feeding(model, config: Config, planned: Config, backend: str, longest_row: int, free: int):
+    """Measure the card on the model (loaded checkpointed like `planned`), cache the figures, plan again from them for
+    the `free` memory there was before loading, and set the model's layers to the plan. Returns (config, plan) as
+    plan_feeding does."""
+    import torch
+
+    from . import calibrate
+    from .planner import BYTES_PER_TOKEN, Figures
+
+    record, failed = None, None
+    try:
+        record = calibrate.measure(model, planned.gradient_checkpointing, config.tokens_per_step,
+                                   BYTES_PER_TOKEN[backend])
+    except Exception as error:  # out of memory, or an Unsloth that changed: the run goes on with the built-in figures
+        failed = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    if record is None:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        print(f"note: measuring this GPU failed ({failed}); planning from the built-in figures")
+        config, feeding = plan_feeding(config, backend, longest_row, free=free)
+    else:
+        record["cached"] = None
+        print(calibrate.describe(record))
+        try:
+            print(f"  kept in {calibrate.save(calibrate.card_key(config), record)}")
+        except OSError as error:
+            print(f"note: the calibration could not be cached ({error}); the next run measures again")
+        config, feeding = plan_feeding(config, backend, longest_row, Figures.from_dict(record["figures"]), free)
+        feeding["calibration"] = record
+    calibrate.apply_plan(model, config.gradient_checkpointing, config.checkpoint_skip_layers)
+    return config, feeding
+
+
+def plan_and_load(config: Config, backend: str, longest_row: int):
+    """Plan the feeding from this card's cached figures (or the built-in ones) and load the model; where the card has
+    not been measured yet, measure it on the loaded model and plan again. Returns (config, plan, model, tokenizer)."""
+    from . import calibrate
+    from .model import load_for_training
+    from .planner import Figures
+
+    calibration, measure = cached_calibration(config, backend)
+    planned, feeding = plan_feeding(config, backend, longest_row,
+                                    Figures.from_dict(calibration["figures"]) if calibration else None)
+    if feeding and calibration:
+        print(calibrate.describe(calibration))
+        feeding["calibration"] = calibration
+    if measure:  # loaded with every layer checkpointed, recomputed or offloaded as the built-in figures planned
+        loading = "unsloth" if planned.gradient_checkpointing == "unsloth" else "true"
+        planned = dataclasses.replace(planned, gradient_checkpointing=loading, checkpoint_skip_layers=0)
+    model, tokenizer = load_for_training(planned, backend)
+    if measure:
+        planned, feeding = calibrated_feeding(model, config, planned, backend, longest_row, feeding["free_bytes"])
+    if feeding:
+        print(f"plan: {feeding['summary']}")
+    return planned, feeding, model, tokenizer
 
 
 def oom_advice(config: Config, error: Exception, step: int) -> str:
@@ -395,7 +467,6 @@ def run(config: Config, backend: str) -> int:
 
     from .batching import padded
     from .compat import patch_trl_without_triton
-    from .model import load_for_training
 
     resume_from = check_output_dir(config)
     out = Path(config.output_dir)
@@ -406,13 +477,12 @@ def run(config: Config, backend: str) -> int:
     data = load_data(config)
     longest_row = padded(max(len(ids) for ids in data["train"]["input_ids"]), config.pad_to_multiple_of)
     check_settings(config, longest_row, "eval" in data, backend)
-    config, feeding = plan_feeding(config, backend, longest_row)
-    if is_main_process():
-        atomic.write_text(out / "config.yaml", to_yaml(config))
     if patch_trl_without_triton():
         print("note: no Triton here; TRL's fused loss runs in plain PyTorch (qlora/compat.py)")
     set_seed(config.seed)  # the LoRA weights start the same in every run and in every process
-    model, tokenizer = load_for_training(config, backend)
+    config, feeding, model, tokenizer = plan_and_load(config, backend, longest_row)
+    if is_main_process():
+        atomic.write_text(out / "config.yaml", to_yaml(config))
     count = processes().num_processes
     accumulation = accumulation_for(config, count)
     if is_main_process():

@@ -235,3 +235,31 @@ def test_fp16_on_a_card_without_bf16_trains_in_15_gib(standin, tmp_path):
     assert "precision: fp16" in result.stdout
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0] - 1.0, losses
     assert metrics["peak_gpu_memory_gib"] < 15 and metrics["plan"]["predicted_bytes"] < 15 * 2**30
+
+
+def test_calibrates_caches_and_trains_10_steps(standin, tmp_path):
+    """A first run measures the card (qlora/calibrate.py), keeps the figures in the cache and in metrics.json, plans
+    from them and trains 10 steps; a second run on the same card reads them from the cache and measures nothing."""
+    import math
+
+    cache = tmp_path / "cache"
+    data = fixtures.write_jsonl(tmp_path / "guanaco_shaped.jsonl", fixtures.guanaco_shaped_rows())
+    args = ["--model_name", str(standin), "--dataset", str(data), "--eval_fraction", "0", "--logging_steps", "2"]
+    first = run_script("train_unsloth.py", *args, "--max_steps", "10", "--output_dir", str(tmp_path / "first"),
+                       env={"QLORA_MISTRAL_CACHE": str(cache)})
+    metrics = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    calibration = metrics["plan"]["calibration"]
+    print("\n" + "\n".join(line for line in first.stdout.splitlines() if line.startswith(("calibration", "plan:")))
+          + f"\n  {metrics['throughput_after_warmup']}, peak {metrics['peak_gpu_memory_gib']:.1f} GiB")
+    assert "calibration, measured in" in first.stdout and calibration["cached"] is None
+    assert len(list(cache.glob("calibration-*.json"))) == 1
+    per_token = calibration["figures"]["seconds_per_token"]
+    assert 0 < per_token["false"] <= per_token["true"] <= per_token["unsloth"] < 0.01, per_token
+    assert metrics["plan"]["figures"] == calibration["figures"]
+    assert metrics["global_step"] == 10 and all(math.isfinite(p["loss"]) for p in metrics["train_loss"])
+
+    second = run_script("train_unsloth.py", *args, "--max_steps", "2", "--output_dir", str(tmp_path / "second"),
+                        env={"QLORA_MISTRAL_CACHE": str(cache)})
+    again = json.loads((tmp_path / "second" / "metrics.json").read_text())["plan"]
+    assert "calibration, cached" in second.stdout and "measured in" not in second.stdout
+    assert again["figures"] == calibration["figures"] and again["calibration"]["cached"]

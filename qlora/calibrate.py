@@ -1,0 +1,265 @@
+"""Measuring the card for the planner (qlora/planner.py), in a few seconds at the start of a run, on the loaded model.
+
+- GPU time of a forward and backward pass with every decoder layer keeping its activations (gradient_checkpointing
+  false) and with every layer recomputed (true), at two micro-batch sizes each: the slope is the time a padded token
+  costs, the intercept the fixed time of a micro-batch. The sizes grow with the card's speed (a pass takes at most
+  about PASS_SECONDS) and stop where the free memory does; a fast card is measured near the sizes it will train at,
+  where the host's work per micro-batch hides under the GPU's.
+- Offloading (unsloth) recomputes too and moves each layer's input to host memory and back: the host link's speed is
+  measured, and the moves are added to recomputing (or taken off offloading, where the model was loaded with it).
+- The optimizer step, on copies of the LoRA weights.
+- The allocator's slack at the largest pass (memory reserved but not allocated): a plan leaves at least that, and
+  half a GiB more, unused (a run at 13.8 of 15 GiB thrashed).
+
+The model is loaded once, checkpointed; switching layers between keeping and recomputing is Unsloth's
+checkpoint_skip_layers, which may change between steps (its own `auto` does so after the first one), so the plan is
+then applied to the same model. The figures are cached per GPU, driver, torch and Unsloth version, share of the SMs
+(MPS), precision, model and LoRA shape, under ~/.cache/qlora-mistral (QLORA_MISTRAL_CACHE): a second run on the same
+card measures nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from . import atomic
+from .planner import DEFAULT_FIGURES, GIB, MIB, USABLE, Figures
+
+CACHE_ENV = "QLORA_MISTRAL_CACHE"
+PASS_SECONDS = 2.0  # the larger timed pass of a mode takes about this long at most
+ROW = 1024  # tokens a row in the measured micro-batches, about the middle of the 2,048 a row may have
+SLACK_EXTRA = MIB * 512
+BUILT_IN = DEFAULT_FIGURES["unsloth"].seconds_per_token
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qlora-mistral")
+
+
+def driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.split()
+        return out[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        import torch
+
+        return f"CUDA driver API {torch._C._cuda_getDriverVersion()}"
+
+
+def card_key(config) -> dict:
+    """What the figures depend on besides the code: the card (and the share of it MPS gives this process), the
+    software, the precision, the model and the LoRA."""
+    import torch
+
+    from .model import compute_dtype, local_device_index
+    from .report import package_version
+
+    props = torch.cuda.get_device_properties(local_device_index())
+    return {"gpu": props.name, "sms": props.multi_processor_count, "memory": props.total_memory,
+            "mps_sm_percent": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"), "driver": driver_version(),
+            "torch": torch.__version__, "unsloth": package_version("unsloth"),
+            "unsloth_zoo": package_version("unsloth_zoo"), "dtype": str(compute_dtype()).removeprefix("torch."),
+            "model": config.model_name, "load_in_4bit": config.load_in_4bit, "max_seq_length": config.max_seq_length,
+            "lora": [config.lora_r, config.lora_dropout, sorted(config.lora_target_modules)]}
+
+
+def cache_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"calibration-{digest}.json"
+
+
+def load_cached(key: dict) -> dict | None:
+    """The calibration record for `key`, or None where there is none (or one unreadable, which is measured again)."""
+    path = cache_path(key)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        Figures.from_dict(record["figures"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"note: {path}: unreadable calibration ({err}); measuring again")
+        return None
+    return {**record, "cached": str(path)} if record.get("key") == key else None
+
+
+def save(key: dict, record: dict) -> Path:
+    path = cache_path(key)
+    atomic.write_text(path, json.dumps({**record, "key": key}, indent=2))
+    return path
+
+
+# ---------------------------------------------------------------- the measurements
+
+
+def decoder_layers(model):
+    from unsloth_zoo.block_swap import find_decoder_layers
+
+    return find_decoder_layers(model)
+
+
+def keep_activations(model, layers: int) -> None:
+    """`layers` decoder layers (evenly spaced) keep their activations, the others are checkpointed."""
+    from unsloth.models._utils import skip_checkpointing
+
+    for layer in decoder_layers(model):
+        layer.__dict__.pop("_unsloth_skip_checkpoint", None)  # how Unsloth itself puts a layer back to checkpointing
+    skip_checkpointing(model, layers)
+
+
+def apply_plan(model, checkpointing: str, skip_layers: int) -> None:
+    """Set a model loaded checkpointed to a plan: without checkpointing every layer keeps its activations. (A model
+    loaded offloading runs a recompute plan offloading: the planner picks offloading only where recomputing does not
+    fit, which depends on the memory alone, so measuring does not change that choice.)"""
+    keep_activations(model, len(decoder_layers(model)) if checkpointing == "false" else skip_layers)
+
+
+def one_pass(model, rows: int, length: int) -> tuple[float, int, int]:
+    """Seconds, peak allocated bytes above the start, and allocator slack (reserved less allocated at the peaks) of
+    one forward and backward pass over `rows` random rows of `length` tokens."""
+    import torch
+
+    device = model.get_input_embeddings().weight.device
+    ids = torch.randint(3, model.config.vocab_size, (rows, length), device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    started = time.perf_counter()
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated(device)
+    slack = torch.cuda.max_memory_reserved(device) - peak
+    model.zero_grad(set_to_none=True)
+    return seconds, peak - base, slack
+
+
+def timed(model, rows: int, length: int) -> tuple[float, int, int, int]:
+    """(seconds, peak bytes, slack bytes, tokens) of the faster of two passes, each at a shape not seen before, as
+    training's micro-batches mostly are (the host then chooses kernels for it)."""
+    return min((*one_pass(model, rows, n), rows * n) for n in (length, length - 8))
+
+
+def fit_mode(model, mode: str, length: int, cap_tokens: int, passes: list) -> tuple[float, float]:
+    """(seconds a token, seconds a micro-batch) of the mode the model is set to, from passes of one row and of as
+    many rows as PASS_SECONDS and `cap_tokens` allow."""
+    small = timed(model, 1, length)
+    rows = max(2, min(cap_tokens // length, int(PASS_SECONDS / (small[0] / length)) // length))
+    large = timed(model, rows, length - 16)
+    for seconds, peak, slack, tokens in (small, large):
+        passes.append({"mode": mode, "tokens": tokens, "seconds": seconds, "peak_bytes": peak, "slack_bytes": slack})
+    per_token = max((large[0] - small[0]) / (large[3] - small[3]), 1e-7)
+    return per_token, max(0.0, small[0] - per_token * small[3])
+
+
+def host_link_bytes_per_second() -> float:
+    """Device to host and back through pinned memory, as offloaded checkpointing moves activations."""
+    import torch
+
+    size = 256 * MIB
+    gpu = torch.empty(size, dtype=torch.uint8, device="cuda")
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    host.copy_(gpu, non_blocking=True)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(2):
+        host.copy_(gpu, non_blocking=True)
+        gpu.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return 4 * size / (time.perf_counter() - started)
+
+
+def optimizer_seconds(model) -> float:
+    """One fused AdamW step over copies of the trainable (LoRA) weights, as the trainer's default optimizer."""
+    import torch
+
+    params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    optimizer.step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(3):
+        optimizer.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / 3
+
+
+def measure(model, loaded: str, tokens_per_step: int, bytes_per_token: dict) -> dict:
+    """The calibration record of the loaded model (checkpointed as `loaded`: true or unsloth): figures, the passes
+    they come from, and how long measuring took."""
+    import torch
+
+    layers = len(decoder_layers(model))
+    length = max(64, min(ROW, tokens_per_step // 2) // 8 * 8)
+    model.train()
+    keep_activations(model, 0)
+    first = one_pass(model, 1, length + 8)[0]  # the first pass compiles Unsloth's decoder blocks (training would)
+    measuring = time.perf_counter()
+    # what the passes may fill: the free memory and what the allocator holds unused, less the planner's margin
+    room = USABLE * (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
+    room -= SLACK_EXTRA
+    passes, per_token, per_micro = [], {}, []
+    for mode, kept in ((loaded, 0), ("false", layers)):
+        keep_activations(model, kept)
+        cap = min(tokens_per_step, int(room // bytes_per_token[mode]))
+        if cap < 128 and mode != loaded:  # not even two short rows fit: no plan could use it, so it is not measured
+            per_token[mode] = per_token[loaded] * BUILT_IN[mode] / BUILT_IN[loaded]
+            continue
+        # every mode at other lengths, so that none of its shapes was seen before
+        mode_length = max(64, min(length, cap // 2) // 8 * 8) - 32 * len(per_micro)
+        per_token[mode], fixed = fit_mode(model, mode, mode_length, cap, passes)
+        per_micro.append(fixed)
+        torch.cuda.empty_cache()  # so that the next mode's slack is its own, not this mode's cached blocks
+    keep_activations(model, 0)
+    link = host_link_bytes_per_second()
+    # each layer's input, to host memory and back
+    moved = 2 * layers * model.config.hidden_size * model.get_input_embeddings().weight.element_size() / link
+    if loaded == "unsloth":
+        per_token["true"] = max(per_token["false"], per_token["unsloth"] - moved)
+    else:
+        per_token["true"] = max(per_token["false"], per_token["true"])
+        per_token["unsloth"] = per_token["true"] + moved
+    step = optimizer_seconds(model)
+    slack = max(passes, key=lambda p: p["peak_bytes"])["slack_bytes"]  # at the pass nearest the memory's end
+    gc.collect()
+    torch.cuda.empty_cache()
+    seconds = time.perf_counter() - measuring
+    share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    figures = Figures(per_token, sum(per_micro) / len(per_micro), step, slack + SLACK_EXTRA,
+                      source=f"measured on {torch.cuda.get_device_name()}" + (f" ({share}% of SMs)" if share else ""))
+    return {"figures": figures.as_dict(), "seconds": seconds, "first_pass_seconds": first,
+            "host_link_gb_per_s": link / 1e9, "row_length": length, "passes": passes}
+
+
+def describe(record: dict) -> str:
+    f = Figures.from_dict(record["figures"])
+    us = {name: f"{seconds * 1e6:,.0f}" for name, seconds in f.seconds_per_token.items()}
+    how = (f"cached ({record['cached']})" if record.get("cached") else
+           f"measured in {record['seconds']:.1f} s, after a first pass of {record['first_pass_seconds']:.1f} s "
+           f"that compiles the model")
+    return (f"calibration, {how}: {f.source}; per padded token {us['false']} us keeping activations, {us['true']} us "
+            f"recomputing, {us['unsloth']} us offloading; {f.seconds_per_micro_batch:.3f} s a micro-batch, "
+            f"{f.seconds_per_step:.3f} s an optimizer step; at least {f.reserve_bytes / GIB:.1f} GiB left free")
+
+
+def main() -> None:
+    """python -m qlora.calibrate [train_unsloth.py flags]: whether this card's figures are cached, and what they are."""
+    from .config import parse
+    from .train import GROUPS
+
+    config, _ = parse(GROUPS, main.__doc__)
+    record = load_cached(card_key(config))
+    print(describe(record) if record else f"calibration: nothing cached for this card in {cache_dir()}; the next "
+          f"run measures it")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The calibration cache (qlora/calibrate.py): a card's figures kept under its key and read back by the next run."""
+
+from qlora import calibrate, planner
+from qlora.config import Config
+from qlora.train import cached_calibration
+
+KEY = {"gpu": "NVIDIA H200", "sms": 132, "memory": 150754820096, "mps_sm_percent": "8", "driver": "580.159.04",
+       "torch": "2.11.0+cu130", "unsloth": "2026.10.9", "unsloth_zoo": "2026.10.9", "dtype": "bfloat16",
+       "model": "unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "load_in_4bit": True, "max_seq_length": 2048,
+       "lora": [8, 0.0, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]]}
+FIGURES = planner.Figures({"false": 6e-4, "true": 8.1e-4, "unsloth": 8.3e-4}, 0.03, 0.02, 2**29, "measured on a card")
+
+
+def test_figures_round_trip_through_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(calibrate.CACHE_ENV, str(tmp_path / "cache"))
+    assert calibrate.load_cached(KEY) is None
+    path = calibrate.save(KEY, {"figures": FIGURES.as_dict(), "seconds": 12.5, "first_pass_seconds": 40.0})
+    assert path.parent == tmp_path / "cache" and [p.name for p in path.parent.iterdir()] == [path.name]
+    record = calibrate.load_cached(KEY)
+    assert planner.Figures.from_dict(record["figures"]) == FIGURES and record["cached"] == str(path)
+    assert "calibration, cached" in calibrate.describe(record) and "600 us keeping" in calibrate.describe(record)
+    # another share of the SMs, or another Unsloth, is another card to the planner
+    assert calibrate.load_cached({**KEY, "mps_sm_percent": "20"}) is None
+    assert calibrate.load_cached({**KEY, "unsloth": "2026.11.1"}) is None
+
+
+def test_an_unreadable_cache_file_is_measured_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(calibrate.CACHE_ENV, str(tmp_path))
+    calibrate.cache_path(KEY).write_text('{"figures": {"seconds_per_token": ', encoding="utf-8")
+    assert calibrate.load_cached(KEY) is None
+    assert "unreadable calibration" in capsys.readouterr().out
+    calibrate.cache_path(KEY).write_text('{"figures": {"speed": 1}}', encoding="utf-8")  # fields of another version
+    assert calibrate.load_cached(KEY) is None
+
+
+def test_only_planned_unsloth_runs_calibrate():
+    assert cached_calibration(Config(), "cpu") == (None, False)
+    assert cached_calibration(Config(calibrate=False), "unsloth") == (None, False)
+    fixed = Config(token_budget=4096, gradient_checkpointing="true", checkpoint_skip_layers=0)
+    assert cached_calibration(fixed, "unsloth") == (None, False)
