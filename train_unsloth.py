@@ -7,7 +7,8 @@
 
 import sys
 
-from qlora.config import parse, show
+from qlora.config import ConfigError, parse, show
+from qlora.errors import one_line_errors
 from qlora.train import GROUPS
 
 if __name__ == "__main__":
@@ -16,10 +17,8 @@ if __name__ == "__main__":
 
     from qlora.model import BackendError, pick_backend
 
-    try:
+    with one_line_errors(BackendError):
         backend = pick_backend(config)
-    except BackendError as err:
-        sys.exit(f"error: {err}")
     if backend == "unsloth":
         import unsloth  # noqa: F401  (first, so that its patches reach transformers, trl and peft)
 
@@ -27,7 +26,5 @@ if __name__ == "__main__":
     from qlora.hub import HubError
     from qlora.train import RunError, run
 
-    try:
+    with one_line_errors(ConfigError, DataError, HubError, RunError):
         sys.exit(run(config, backend))
-    except (DataError, HubError, RunError) as err:
-        sys.exit(f"error: {err}")

@@ -152,7 +152,10 @@ def read_records(dataset: str, split: str = "train") -> Iterator[tuple[str, obje
 
 # ---------------------------------------------------------------- formats -> conversations
 
-_LLAMA2_TURN = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?:</s>|(?=<s>)|(?=\[INST\])|$)", re.S)
+# An answer ends at </s>, <s>, the end, or an [INST] that opens a turn (is closed by [/INST] before any other [INST]):
+# an [INST] in an answer's own text stays in the answer
+_LLAMA2_TURN = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?:</s>|(?=<s>)|(?=\[INST\](?:(?!\[INST\]).)*?\[/INST\])|$)",
+                          re.S)
 _LLAMA2_SYS = re.compile(r"<<SYS>>(.*?)<</SYS>>", re.S)
 _GUANACO_MARK = re.compile(r"###\s*(Human|Assistant)\s*:")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -447,6 +450,7 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
     # the finished folder replaces out_dir whole, so only an earlier data_prep output (or nothing) may be there
     if out.exists() and not is_prepared(out) and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not a data_prep output; choose another --output_dir or remove it")
+    atomic.check_writable(out.parent)
     fmt = data_format(config)
     records = read_records(config.dataset, config.dataset_split)  # a missing file is named before the model is fetched
     prompt_format = PromptFormat(find_tokenizer_model(config.model_name, config.tokenizer_name), config.template)
@@ -471,4 +475,8 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
 def load_prepared(path: str | Path):
     from datasets import load_from_disk
 
-    return load_from_disk(str(path))
+    try:
+        return load_from_disk(str(path))
+    except (OSError, ValueError) as err:  # pyarrow's word for a file cut short; a damaged .json
+        raise DataError(f"{path}: damaged prepared data ({str(err).splitlines()[0]}); prepare it again with "
+                        f"data_prep.py") from None

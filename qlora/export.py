@@ -515,6 +515,7 @@ def run_export(config: Config, prompts: list[Conversation] = CHECK_PROMPTS) -> P
     needed = LORA_CONVERTER if config.lora_only else HF_CONVERTER if p.gguf_types else None
     converter = find_converter(needed) if needed else None
     print(p.base_note, flush=True)
+    atomic.check_writable(p.export_dir)
     check_disk_space(p.export_dir, estimated_bytes(p, config.lora_only))
     atomic.remove_stale_temporaries(p.export_dir)
     atomic.write_text(p.export_dir / "config.yaml", to_yaml(config))

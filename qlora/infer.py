@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import write_text
+from .atomic import check_writable, write_text
 from .chat import Conversation, Message, PromptFormat, find_tokenizer_model
 from .config import CHOICES, FIELDS, ConfigError, load_yaml
 from .hub import fetching
@@ -79,11 +79,11 @@ def model_kind(path: Path) -> str:
             return "gguf"
         raise InferError(f"{path}: not a .gguf file; give a .gguf file, an adapter folder or a merged model folder")
     if (path / "adapter_config.json").is_file():
-        from .model import check_safetensors_adapter
+        from .model import WeightsError, check_safetensors_adapter
 
         try:
             check_safetensors_adapter(path)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, WeightsError) as err:
             raise InferError(str(err)) from None
         return "adapter"
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
@@ -333,6 +333,13 @@ def load_engine(path: Path, kind: str, backend: str, eos: int, seed: int, lora: 
         FastLanguageModel.for_inference(model)
     else:
         model = _load_transformers(path, kind, "cpu" if backend == "cpu" else "cuda")
+    if kind == "merged":  # an adapter's weights were checked in its file (model_kind)
+        from .model import WeightsError, check_finite
+
+        try:
+            check_finite(model.named_parameters(), path)
+        except WeightsError as err:
+            raise InferError(str(err)) from None
     from transformers import set_seed
 
     set_seed(seed)
@@ -440,7 +447,7 @@ def read_prompts(path: Path, system: str | None) -> list[tuple[dict, Conversatio
     if not path.is_file():
         raise InferError(f"{path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # as data_prep reads: a byte-order mark is not content
     except UnicodeDecodeError as err:
         raise InferError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8 JSONL") from None
     rows = []
@@ -536,6 +543,11 @@ def run(config, args) -> None:
         raise InferError("--prompt is empty")
     if args.input and not args.output:
         raise InferError("--input needs --output")
+    if args.output:  # checked before the model loads, not after every answer is generated
+        if Path(args.output).is_dir():
+            raise InferError(f"--output {args.output}: is a folder; give a file name, such as "
+                             f"{Path(args.output) / 'answers.jsonl'}")
+        check_writable(Path(args.output).parent)
     template, system = prompt_settings(lora or path, config, args.system)  # the fine-tune's settings
     rows = read_prompts(Path(args.input), system) if args.input else None
     session = open_session(path, config, template, args.backend, args.seed, args.compare_base, lora)

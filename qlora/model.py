@@ -20,6 +20,10 @@ class BackendError(RuntimeError):
     pass
 
 
+class WeightsError(ValueError):
+    """Weights that cannot be used (a damaged file, NaN or inf): one line naming the file and what to do."""
+
+
 def cuda_available() -> bool:
     import torch
 
@@ -76,6 +80,7 @@ def _load_unsloth(config):
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=config.model_name, max_seq_length=config.max_seq_length, load_in_4bit=config.load_in_4bit,
             dtype=None, device_map={"": local_device_index()})
+    check_target_modules(model, config.lora_target_modules, config.model_name)
     model = FastLanguageModel.get_peft_model(
         model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=list(config.lora_target_modules), bias="none",
@@ -110,6 +115,7 @@ def _load_hf(config, quantize: bool):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing != "false")
     elif torch.cuda.is_available():
         model.to(f"cuda:{local_device_index()}")
+    check_target_modules(model, config.lora_target_modules, config.model_name)
     return get_peft_model(model, _lora_config(config))
 
 
@@ -138,10 +144,47 @@ def adapter_base(adapter_dir: str | Path) -> str:
 
 
 def check_safetensors_adapter(adapter_dir: str | Path) -> None:
-    """Adapters are read from safetensors only: a pickled adapter_model.bin could run code when loaded."""
-    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+    """Adapters are read from safetensors only: a pickled adapter_model.bin could run code when loaded. The file must
+    be whole (a copy cut short) and its weights finite (a run that diverged), before anything is loaded on it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (pickled .bin adapters are not loaded; "
                                 f"save it again with save_pretrained(..., safe_serialization=True))")
+    try:
+        weights = load_file(path)
+    except SafetensorError as err:
+        raise WeightsError(f"{path}: not a whole safetensors file ({err}); copy or save it again") from None
+    check_finite(weights.items(), path)
+
+
+def check_finite(named_tensors, source) -> None:
+    """NaN or inf in a weight: a model that would answer "⁇ ⁇ ⁇", refused (PEFT's safe merge refuses it too)."""
+    import torch
+
+    bad = next((name for name, tensor in named_tensors if not torch.isfinite(tensor).all()), None)
+    if bad is not None:
+        raise WeightsError(f"{source}: weight {bad} holds NaN or inf (the training diverged); use an earlier "
+                           f"checkpoint, or train again with a lower --learning_rate")
+
+
+def check_target_modules(model, targets: list[str], model_name: str) -> None:
+    """--lora_target_modules against the loaded model, matched as PEFT matches them (a name or a dotted suffix of
+    one), before PEFT's own refusal, a traceback; lists the linear modules the model has."""
+    import torch
+
+    from .config import ConfigError
+
+    if targets == ["all-linear"]:  # PEFT's word for every linear layer
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"--lora_target_modules: {model_name} has no module {', '.join(missing)}; its linear "
+                          f"modules are {', '.join(linear)}")
 
 
 def load_with_adapter(adapter_dir: str | Path, base: str | None = None, dtype=None, device: str = "cpu",

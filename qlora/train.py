@@ -26,6 +26,12 @@ from .planner import LAYERS
 GROUPS = ("data", "base", "model", "train")
 STAGING = ".checkpoint-staging"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # the config last: it marks a finished adapter
+# What a run writes into output_dir besides its checkpoint-N folders (README.md: PEFT's model card; export: where
+# export_gguf.py writes by default): --overwrite_output_dir removes these and nothing else
+RUN_FILES = ADAPTER_FILES + ("README.md", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                             "special_tokens_map.json", "chat_template.jinja", "config.yaml", "metrics.json", "loss.png",
+                             "manifest.json", "profile.txt", "profile.trace.json.gz", "runs", "data", "export", STAGING,
+                             ".adapter-staging")
 
 
 class RunError(RuntimeError):
@@ -70,6 +76,10 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+def holds_run(out: Path) -> bool:
+    return out.is_dir() and ((out / "adapter_config.json").exists() or last_checkpoint(out) is not None)
+
+
 def check_output_dir(config: Config) -> str | None:
     """Refuse to clobber a finished run; returns the checkpoint to resume from, if asked to resume."""
     out = Path(config.output_dir)
@@ -82,13 +92,23 @@ def check_output_dir(config: Config) -> str | None:
         if checkpoint is None:
             raise RunError(f"{out}: no complete checkpoint to resume from; start without --resume")
         return str(checkpoint)
-    if out.exists() and ((out / "adapter_config.json").exists() or last_checkpoint(out)):
+    if holds_run(out):
         if not config.overwrite_output_dir:
             raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite_output_dir "
                            f"to start over")
-        if is_main_process():
-            shutil.rmtree(out)
-    return None
+    return None  # an old run to overwrite stays until this one has its data and model (remove_old_run)
+
+
+def remove_old_run(out: Path, reads: Path) -> None:
+    """--overwrite_output_dir, once the new run has checked its settings, prepared its data and loaded its model: the
+    old run's files go; the user's other files in the folder stay, and so does the data folder this run reads."""
+    for path in sorted(out.glob("checkpoint-*")) + [out / name for name in RUN_FILES]:
+        if path.resolve() == reads.resolve() or not path.exists():
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 # ---------------------------------------------------------------- data
@@ -98,6 +118,27 @@ def data_settings(config: Config | dict) -> dict:
     """The settings that decide the prepared token ids: the data group and the base (its tokenizer)."""
     values = dataclasses.asdict(config) if isinstance(config, Config) else config
     return {name: values.get(name) for name, f in FIELDS.items() if f.metadata["group"] in ("data", "base")}
+
+
+def as_prepared(config: Config) -> Config:
+    """With a data_prep output folder as --dataset, the data settings it was prepared with are the run's, so that
+    config.yaml records what the model is trained on. A data setting given otherwise (not left at its default) cannot
+    apply to rows tokenized already: refused. Its `dataset` names the raw source and its `seed` only split it."""
+    saved = Path(config.dataset) / "config.yaml"
+    if not is_prepared(config.dataset) or not saved.is_file():
+        return config
+    try:
+        prepared = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RunError(f"{saved}: not readable ({str(err).splitlines()[0]}); prepare {config.dataset} again") from None
+    fixed = [name for name, f in FIELDS.items()
+             if f.metadata["group"] == "data" and name not in ("dataset", "seed") and name in (prepared or {})]
+    given = [name for name in fixed if getattr(config, name) not in (prepared[name], FIELDS[name].default)]
+    if given:
+        raise RunError(f"{config.dataset} was prepared with " + ", ".join(f"{n}: {prepared[n]!r}" for n in given) +
+                       ", which --dataset cannot change; leave out " + ", ".join(f"--{n}" for n in given) +
+                       ", or prepare it again with data_prep.py (or give its raw data as --dataset)")
+    return dataclasses.replace(config, **{name: prepared[name] for name in fixed})
 
 
 def load_data(config: Config):
@@ -397,22 +438,27 @@ def run(config: Config, backend: str) -> int:
     from .compat import patch_trl_without_triton
     from .model import load_for_training
 
+    config = as_prepared(config)
     resume_from = check_output_dir(config)
     out = Path(config.output_dir)
+    overwrite = config.overwrite_output_dir and resume_from is None and holds_run(out)
     if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
+        atomic.check_writable(out)
         shutil.rmtree(out / STAGING, ignore_errors=True)  # what a killed checkpoint write left behind
     wait_for_everyone()
     data = load_data(config)
     longest_row = padded(max(len(ids) for ids in data["train"]["input_ids"]), config.pad_to_multiple_of)
     check_settings(config, longest_row, "eval" in data, backend)
     config, feeding = plan_feeding(config, backend, longest_row)
-    if is_main_process():
-        atomic.write_text(out / "config.yaml", to_yaml(config))
     if patch_trl_without_triton():
         print("note: no Triton here; TRL's fused loss runs in plain PyTorch (qlora/compat.py)")
     set_seed(config.seed)  # the LoRA weights start the same in every run and in every process
     model, tokenizer = load_for_training(config, backend)
+    if is_main_process():
+        if overwrite:
+            remove_old_run(out, reads=Path(config.dataset) if is_prepared(config.dataset) else out / "data")
+        atomic.write_text(out / "config.yaml", to_yaml(config))
+    wait_for_everyone()
     count = processes().num_processes
     accumulation = accumulation_for(config, count)
     if is_main_process():
