@@ -78,8 +78,9 @@ def check_writable(folder: str | Path) -> None:
     """Fail before the work, not after it, where its outputs cannot go: `folder` (made if missing) must take a file.
     The OSError names the folder (see qlora/errors.py)."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", str(folder))
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():  # the folder, or one it would be made in
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", str(existing))
     folder.mkdir(parents=True, exist_ok=True)
     probe = _temporary(folder / "write-check")
     try:

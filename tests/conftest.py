@@ -56,6 +56,17 @@ def run_script(script: str, *args: str, timeout: int = 900, check: bool = True, 
     return result
 
 
+def one_line_error(result, *parts: str) -> str:
+    """The run failed with a single `error:` line (nothing else on stderr after it) holding every part."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-3000:]
+    for part in parts:
+        assert part in last, last
+    return last
+
+
 def start_script(script: str, *args: str, log: Path):
     """Start one of the top-level scripts in the background, its output going to `log` (a pipe could fill up)."""
     import subprocess
