@@ -29,9 +29,9 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # the conf
 # What a run writes into output_dir besides its checkpoint-N folders (README.md: PEFT's model card; export: where
 # export_gguf.py writes by default): --overwrite_output_dir removes these and nothing else
 RUN_FILES = ADAPTER_FILES + ("README.md", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                             "special_tokens_map.json", "chat_template.jinja", "config.yaml", "metrics.json", "loss.png",
-                             "manifest.json", "profile.txt", "profile.trace.json.gz", "runs", "data", "export", STAGING,
-                             ".adapter-staging")
+                             "special_tokens_map.json", "chat_template.jinja", "config.yaml", "metrics.json",
+                             "loss.png", "manifest.json", "profile.txt", "profile.trace.json.gz", "runs", "data",
+                             "export", STAGING, ".adapter-staging")
 
 
 class RunError(RuntimeError):
