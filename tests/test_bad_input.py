@@ -224,3 +224,16 @@ def test_infer_input_with_a_byte_order_mark_is_read_as_data_prep_reads_it(finish
     run_script("infer.py", str(finished_run), "--input", str(prompts), "--output", str(answers), "--max_new_tokens",
                "4")
     assert json.loads(answers.read_text())["prompt"] == "Count from 3 to 5"
+
+
+def test_file_system_failures_name_the_path_and_what_to_do():
+    """The cases this machine's tests cannot make (they run as root, on a disk with room), as the scripts word them."""
+    import errno
+
+    from qlora.errors import describe
+
+    assert describe(PermissionError(errno.EACCES, "Permission denied", "/srv/out")) == \
+        "/srv/out: Permission denied; choose a folder you can write to, or change its permissions"
+    assert describe(OSError(errno.ENOSPC, "No space left on device", "/srv/out/x")).endswith(
+        "the disk is full: free some space or choose a folder on another disk")
+    assert describe(FileNotFoundError("adapter: no adapter_model.safetensors")) == "adapter: no adapter_model.safetensors"
