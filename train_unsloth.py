@@ -31,3 +31,6 @@ if __name__ == "__main__":
         sys.exit(run(config, backend))
     except (DataError, HubError, RunError) as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # Ctrl-C before training began (during it, qlora.train stops at the end of a step)
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

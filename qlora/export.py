@@ -138,9 +138,13 @@ def gguf_types(requested: list[str]) -> list[str]:
     return ["f16"] + [t for t in dict.fromkeys(t.lower() for t in requested) if t != "f16"]
 
 
+def export_folder(config: Config) -> Path:
+    return Path(config.export_dir or Path(config.adapter_dir or config.output_dir) / "export")
+
+
 def plan(config: Config) -> Plan:
     adapter_dir = Path(config.adapter_dir or config.output_dir)
-    export_dir = Path(config.export_dir or adapter_dir / "export")
+    export_dir = export_folder(config)
     if config.merged_only and config.lora_only:
         raise ExportError("--merged_only and --lora_only exclude each other; pass one")
     if not config.lora_only and (config.ollama_base or config.base_gguf or config.convert_base):
