@@ -9,9 +9,9 @@ each file against the merged model (export_report.json).
 import sys
 
 from qlora.config import parse, show
-from qlora.export import ExportError, export_folder, run_export
+from qlora.export import ExportError, run_export
 from qlora.hub import HubError
-from qlora.runfolder import Locked, locked
+from qlora.runfolder import Locked
 
 GROUPS = ("export",)
 
@@ -19,7 +19,6 @@ if __name__ == "__main__":
     config, _ = parse(GROUPS, __doc__)
     show(config, GROUPS)
     try:
-        with locked(export_folder(config)):  # one export at a time into a folder
-            run_export(config)
+        run_export(config)
     except (ExportError, FileNotFoundError, HubError, Locked) as err:
         sys.exit(f"error: {err}")

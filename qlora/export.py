@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from . import atomic, isolate
+from . import atomic, isolate, runfolder
 from .chat import MISTRAL_CHAT_TEMPLATE, Conversation, PromptFormat, find_tokenizer_model
 from .config import Config, to_yaml
 from .gguf_check import (CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_file, llama_cpp_check,
@@ -138,13 +138,9 @@ def gguf_types(requested: list[str]) -> list[str]:
     return ["f16"] + [t for t in dict.fromkeys(t.lower() for t in requested) if t != "f16"]
 
 
-def export_folder(config: Config) -> Path:
-    return Path(config.export_dir or Path(config.adapter_dir or config.output_dir) / "export")
-
-
 def plan(config: Config) -> Plan:
     adapter_dir = Path(config.adapter_dir or config.output_dir)
-    export_dir = export_folder(config)
+    export_dir = Path(config.export_dir or adapter_dir / "export")
     if config.merged_only and config.lora_only:
         raise ExportError("--merged_only and --lora_only exclude each other; pass one")
     if not config.lora_only and (config.ollama_base or config.base_gguf or config.convert_base):
@@ -516,6 +512,11 @@ def verdict(report: dict) -> None:
 
 def run_export(config: Config, prompts: list[Conversation] = CHECK_PROMPTS) -> Plan:
     p = plan(config)
+    with runfolder.locked(p.export_dir):  # one export at a time into a folder
+        return export_planned(config, p, prompts)
+
+
+def export_planned(config: Config, p: Plan, prompts: list[Conversation]) -> Plan:
     needed = LORA_CONVERTER if config.lora_only else HF_CONVERTER if p.gguf_types else None
     converter = find_converter(needed) if needed else None
     print(p.base_note, flush=True)

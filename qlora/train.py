@@ -1,7 +1,7 @@
 """Training: TRL's SFTTrainer on Mistral-exact, responses-only token ids, with LoRA adapters from qlora.model.
 
-Read `run` top to bottom: check the output folder, prepare the data, load the model, train (resumable, interruptible),
-save the adapter, write the reports.
+Read `run` and `train_run` top to bottom: lock and check the output folder, pick the checkpoint to resume from, prepare
+the data, load the model, train (resumable, interruptible), save the adapter, write the reports.
 """
 
 from __future__ import annotations
