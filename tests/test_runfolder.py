@@ -1,10 +1,12 @@
 """One run at a time in an output folder, and resuming only from checkpoints that read back whole (qlora.runfolder),
 through train_unsloth.py and export_gguf.py on the tiny model."""
 
+import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -122,7 +124,7 @@ def test_resume_on_a_finished_run_says_so_and_trains_nothing(six_steps):
 def test_a_stale_lock_is_taken_over(six_steps):
     lock = runfolder.lock_path(six_steps)
     gone = dead_pid()
-    lock.write_text(json.dumps({"pid": gone, "host": os.uname().nodename, "command": "train_unsloth.py"}))
+    lock.write_text(json.dumps({"pid": gone, "host": socket.gethostname(), "command": "train_unsloth.py"}))
 
     result = run_script("train_unsloth.py", "--config", str(six_steps / "config.yaml"), "--resume")
     assert f"pid {gone} (train_unsloth.py)" in result.stdout and "is gone; taking its lock over" in result.stdout
@@ -185,3 +187,24 @@ def test_a_folder_is_held_once():
         with runfolder.locked(folder):  # released: free again
             pass
         assert os.listdir(parent) == []
+
+
+def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
+    """Some network and FUSE file systems have no flock; there a lock is held while its pid lives."""
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runfolder.fcntl, "flock", no_flock)
+    folder = tmp_path / "run"
+    live = subprocess.Popen(["sleep", "600"])
+    try:
+        runfolder.lock_path(folder).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(),
+                                                           "command": "train_unsloth.py"}))
+        with pytest.raises(runfolder.Locked, match=rf"in use by pid {live.pid} \(train_unsloth.py\)"):
+            with runfolder.locked(folder):
+                pass
+    finally:
+        live.kill()
+        live.wait()
+    with runfolder.locked(folder):  # its process is gone: taken over
+        assert json.loads(runfolder.lock_path(folder).read_text())["pid"] == os.getpid()
