@@ -208,3 +208,21 @@ def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
         live.wait()
     with runfolder.locked(folder):  # its process is gone: taken over
         assert json.loads(runfolder.lock_path(folder).read_text())["pid"] == os.getpid()
+
+
+def test_a_checkpoint_given_by_path_is_checked_too(six_steps, tmp_path):
+    """A flipped byte in the optimizer state is found by the archive's CRC; --resume_from_checkpoint names the fault
+    rather than picking another checkpoint."""
+    from qlora.config import Config
+    from qlora.train import RunError, check_output_dir
+
+    checkpoint = tmp_path / "checkpoint-4"
+    shutil.copytree(six_steps / "checkpoint-4", checkpoint)
+    assert runfolder.checkpoint_problem(checkpoint) is None
+    optimizer = checkpoint / "optimizer.pt"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    optimizer.write_bytes(data)
+    assert "optimizer.pt: damaged (" in runfolder.checkpoint_problem(checkpoint)
+    with pytest.raises(RunError, match=r"checkpoint-4: not a complete checkpoint \(optimizer.pt: damaged .*CRC"):
+        check_output_dir(Config(output_dir=str(tmp_path), resume_from_checkpoint=str(checkpoint)))
