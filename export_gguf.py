@@ -11,11 +11,12 @@ from qlora.errors import one_line_errors
 from qlora.export import ExportError, run_export
 from qlora.hub import HubError
 from qlora.model import WeightsError
+from qlora.runfolder import Locked
 
 GROUPS = ("export",)
 
 if __name__ == "__main__":
     config, _ = parse(GROUPS, __doc__)
     show(config, GROUPS)
-    with one_line_errors(ExportError, HubError, WeightsError):  # and FileNotFoundError, an OSError
+    with one_line_errors(ExportError, HubError, WeightsError, Locked):  # and FileNotFoundError, an OSError
         run_export(config)

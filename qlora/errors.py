@@ -37,5 +37,8 @@ def one_line_errors(*expected: type[Exception]):
         yield
     except expected as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # Ctrl-C outside training (during it, qlora.train stops at the end of a step)
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     except OSError as err:
         sys.exit(f"error: {describe(err)}")

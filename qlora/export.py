@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from . import atomic, isolate
+from . import atomic, isolate, runfolder
 from .chat import MISTRAL_CHAT_TEMPLATE, Conversation, PromptFormat, find_tokenizer_model
 from .config import Config, to_yaml
 from .gguf_check import (CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_file, llama_cpp_check,
@@ -512,6 +512,11 @@ def verdict(report: dict) -> None:
 
 def run_export(config: Config, prompts: list[Conversation] = CHECK_PROMPTS) -> Plan:
     p = plan(config)
+    with runfolder.locked(p.export_dir):  # one export at a time into a folder
+        return export_planned(config, p, prompts)
+
+
+def export_planned(config: Config, p: Plan, prompts: list[Conversation]) -> Plan:
     needed = LORA_CONVERTER if config.lora_only else HF_CONVERTER if p.gguf_types else None
     converter = find_converter(needed) if needed else None
     print(p.base_note, flush=True)

@@ -1,23 +1,24 @@
 """Training: TRL's SFTTrainer on Mistral-exact, responses-only token ids, with LoRA adapters from qlora.model.
 
-Read `run` top to bottom: check the output folder, prepare the data, load the model, train (resumable, interruptible),
-save the adapter, write the reports.
+Read `run` and `train_run` top to bottom: lock and check the output folder, pick the checkpoint to resume from, prepare
+the data, load the model, train (resumable, interruptible), save the adapter, write the reports.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
 import signal
 import sys
-import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import yaml
 
-from . import atomic, report
+from . import atomic, report, runfolder
 from .chat import find_tokenizer_model
 from .config import FIELDS, Config, to_yaml
 from .data import is_prepared, load_prepared, prepare_dataset
@@ -70,28 +71,54 @@ def accumulation_for(config: Config, count: int) -> int:
     return steps
 
 
-def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint-N. Checkpoints appear under that name only once complete (see _save_checkpoint)."""
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoint-N folders, newest first. They appear under that name only once written (see _save_checkpoint)."""
     steps = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return max(steps)[1] if steps else None
+    return [p for _, p in sorted(steps, reverse=True)]
+
+
+def newest_complete_checkpoint(output_dir: Path) -> Path:
+    """The newest checkpoint whose files all read back whole; damaged newer ones are named and passed over."""
+    damaged = []
+    for checkpoint in checkpoints(output_dir):
+        problem = runfolder.checkpoint_problem(checkpoint)
+        if problem is None:
+            if damaged and is_main_process():
+                print(f"note: {'; '.join(damaged)}; resuming from {checkpoint.name}, the newest complete checkpoint")
+            return checkpoint
+        damaged.append(f"{checkpoint.name} is damaged ({problem})")
+    if damaged:
+        raise RunError(f"{output_dir}: no complete checkpoint to resume from ({'; '.join(damaged)}); start over "
+                       f"with --overwrite_output_dir")
+    raise RunError(f"{output_dir}: no complete checkpoint to resume from; start without --resume")
+
+
+def finished_steps(output_dir: Path) -> int | None:
+    """The steps of the finished run in `output_dir` (its adapter and metrics.json, written last, are there)."""
+    try:
+        if (output_dir / "adapter_config.json").is_file():
+            return json.loads((output_dir / "metrics.json").read_text(encoding="utf-8"))["global_step"]
+    except (OSError, ValueError, KeyError):  # no metrics.json, or a damaged one: the run's end was not written
+        pass
+    return None
 
 
 def holds_run(out: Path) -> bool:
-    return out.is_dir() and ((out / "adapter_config.json").exists() or last_checkpoint(out) is not None)
+    return out.is_dir() and ((out / "adapter_config.json").exists() or bool(checkpoints(out)))
 
 
 def check_output_dir(config: Config) -> str | None:
     """Refuse to clobber a finished run; returns the checkpoint to resume from, if asked to resume."""
     out = Path(config.output_dir)
     if config.resume_from_checkpoint:
-        if not Path(config.resume_from_checkpoint, "trainer_state.json").is_file():
-            raise RunError(f"{config.resume_from_checkpoint}: not a complete checkpoint folder")
-        return config.resume_from_checkpoint
-    if config.resume:
-        checkpoint = last_checkpoint(out) if out.exists() else None
-        if checkpoint is None:
-            raise RunError(f"{out}: no complete checkpoint to resume from; start without --resume")
+        checkpoint = Path(config.resume_from_checkpoint)
+        problem = runfolder.checkpoint_problem(checkpoint) if checkpoint.is_dir() else "no such folder"
+        if problem:
+            raise RunError(f"{checkpoint}: not a complete checkpoint ({problem}); pass another, or --resume for the "
+                           f"newest complete one")
         return str(checkpoint)
+    if config.resume:
+        return str(newest_complete_checkpoint(out))
     if holds_run(out):
         if not config.overwrite_output_dir:
             raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite_output_dir "
@@ -109,6 +136,25 @@ def remove_old_run(out: Path, reads: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+@contextmanager
+def output_lock(out: Path):
+    """The main process locks the output folder (qlora.runfolder); the others learn whether it could, so that all
+    go on or all stop."""
+    from accelerate.utils import broadcast_object_list
+
+    with ExitStack() as held:
+        refusal = None
+        if is_main_process():
+            try:
+                held.enter_context(runfolder.locked(out))
+            except runfolder.Locked as err:
+                refusal = str(err)
+        refusal = broadcast_object_list([refusal])[0]
+        if refusal:
+            raise RunError(refusal)
+        yield
 
 
 # ---------------------------------------------------------------- data
@@ -169,7 +215,7 @@ def precision() -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
+def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int, resuming: bool = False):
     import torch
     from trl import SFTConfig
 
@@ -202,7 +248,8 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
         save_total_limit=config.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps,
-        eval_on_start=has_eval,  # the starting eval loss, so the report shows what training changed
+        # the starting eval loss, so the report shows what training changed (a resumed run has it already)
+        eval_on_start=has_eval and not resuming,
         load_best_model_at_end=early_stopping,
         metric_for_best_model="eval_loss" if early_stopping else None,
         seed=config.seed,
@@ -218,7 +265,8 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
     )
 
 
-def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulation: int, meter, callbacks: list):
+def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulation: int, meter, callbacks: list,
+                 resuming: bool = False):
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
@@ -251,6 +299,7 @@ def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulat
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = str(final_dir)
+            meter.save(final_dir / STAGING / f"checkpoint-{self.state.global_step}", self.args.process_index)
             wait_for_everyone()  # every rank has written its part (each saves its own RNG state)
             if self.args.should_save:
                 name = f"checkpoint-{self.state.global_step}"
@@ -266,17 +315,40 @@ def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulat
     has_eval = "eval" in data
     if config.early_stopping_patience is not None and has_eval:
         callbacks = callbacks + [EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)]
-    return Trainer(model=model, args=sft_config(config, backend, has_eval, accumulation), train_dataset=data["train"],
-                   eval_dataset=data["eval"] if has_eval else None, processing_class=tokenizer, callbacks=callbacks)
+    return Trainer(model=model, args=sft_config(config, backend, has_eval, accumulation, resuming),
+                   train_dataset=data["train"], eval_dataset=data["eval"] if has_eval else None,
+                   processing_class=tokenizer, callbacks=callbacks)
+
+
+def resume_command(out: Path) -> str:
+    return f"python train_unsloth.py --config {out / 'config.yaml'} --resume"
+
+
+class AtLastStep(Exception):
+    """The checkpoint resumed from holds the run's last step: nothing is left to train."""
+
+
+def stop_at_last_step():
+    """A callback that ends train() before its first step when the resumed checkpoint is the last step (the Trainer
+    would train one step past max_steps). The model and state are the checkpoint's by then."""
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                raise AtLastStep
+
+    return Callback()
 
 
 class StopOnSignal:
-    """Ctrl-C or SIGTERM asks the trainer to save a checkpoint at the end of the current step and stop."""
+    """Ctrl-C or SIGTERM asks the trainer to save a checkpoint at the end of the current step and stop; a second one
+    stops at once, in one line (a third is the system's own: the process ends)."""
 
-    def __init__(self):
+    def __init__(self, out: Path):
         from transformers import TrainerCallback
 
-        self.received = None
+        self.received, self.out = None, out
         outer = self
 
         class Callback(TrainerCallback):
@@ -290,9 +362,14 @@ class StopOnSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.received:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.received:  # a second one: stop now. SystemExit unwinds like KeyboardInterrupt, without a traceback
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            print(f"\n{name} again: stopped at once, without a checkpoint of this step; resume from the newest one "
+                  f"with: {resume_command(self.out)}", file=sys.stderr, flush=True)
+            raise SystemExit(130 if name == "SIGINT" else 143)
+        self.received = name
         print(f"\n{self.received}: saving a checkpoint after this step, then stopping (again to abort)", flush=True)
 
 
@@ -429,7 +506,21 @@ def save_adapter(trainer, tokenizer, config: Config) -> None:
 
 
 def run(config: Config, backend: str) -> int:
-    """Train with `config` on `backend` (Unsloth already imported by the caller if chosen). Returns an exit code."""
+    """Train with `config` on `backend` (Unsloth already imported by the caller if chosen), one run at a time in the
+    output folder. Returns an exit code."""
+    out = Path(config.output_dir)
+    with output_lock(out):
+        steps = finished_steps(out) if config.resume else None
+        if steps is not None:
+            if is_main_process():
+                print(f"{out}: the run is finished ({steps} steps; its adapter and metrics.json are there), nothing to "
+                      f"resume. To train it further, pass --resume_from_checkpoint with one of its checkpoints and a "
+                      f"larger --max_steps or --num_train_epochs")
+            return 0
+        return train_run(config, backend)
+
+
+def train_run(config: Config, backend: str) -> int:
     import torch
 
     from transformers import set_seed
@@ -445,6 +536,7 @@ def run(config: Config, backend: str) -> int:
     if is_main_process():
         atomic.check_writable(out)
         shutil.rmtree(out / STAGING, ignore_errors=True)  # what a killed checkpoint write left behind
+        atomic.remove_stale_temporaries(out)
     wait_for_everyone()
     data = load_data(config)
     longest_row = padded(max(len(ids) for ids in data["train"]["input_ids"]), config.pad_to_multiple_of)
@@ -466,26 +558,35 @@ def run(config: Config, backend: str) -> int:
                  else f"{config.per_device_train_batch_size} rows")
         print(f"effective batch: {micro} per device x {accumulation} accumulation x {count} process(es); "
               f"precision: {precision()}")
-    stop = StopOnSignal()
+    stop = StopOnSignal(out)
     meter = report.Meter()
     callbacks = [stop.callback, meter.callback]
     if config.profile_steps:
         callbacks.append(report.StepProfiler(out / "profile.txt", config.profile_steps).callback)
-    trainer = make_trainer(model, tokenizer, data, config, backend, accumulation, meter, callbacks)
     if resume_from:
-        print(f"resuming from {resume_from}")
-    started = time.time()
+        callbacks.append(stop_at_last_step())
+        restored = meter.restore(Path(resume_from), processes().process_index)
+        if is_main_process():
+            print(f"resuming from {resume_from}" + ("" if restored else "; it holds no token counts (written by an "
+                                                    "older version), so metrics.json counts from here"))
+    trainer = make_trainer(model, tokenizer, data, config, backend, accumulation, meter, callbacks,
+                           resuming=bool(resume_from))
+    meter.start()
     advice = None
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except torch.cuda.OutOfMemoryError as error:
         advice = oom_advice(config, error, trainer.state.global_step)
+    except AtLastStep:
+        if is_main_process():
+            print(f"{Path(resume_from).name} holds the run's last step: nothing left to train; writing the adapter "
+                  f"from it")
     if advice:  # outside the except block, whose traceback holds the step's tensors
         print(f"{advice}\n{save_after_oom(trainer, config)}", file=sys.stderr)
         return 3
     if stop.received:
         print(f"stopped by {stop.received} at step {trainer.state.global_step}; a checkpoint is saved.\n"
-              f"resume with: python train_unsloth.py --config {out / 'config.yaml'} --resume")
+              f"resume with: {resume_command(out)}")
         return 130 if stop.received == "SIGINT" else 143
     evaluated = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
     if "eval" in data and evaluated[-1:] != [trainer.state.global_step]:
@@ -493,6 +594,6 @@ def run(config: Config, backend: str) -> int:
     meter.sum_over_processes()
     if trainer.is_world_process_zero():
         save_adapter(trainer, tokenizer, config)
-        report.write_all(out, trainer, meter, config, data, wall_time=time.time() - started, backend=backend,
+        report.write_all(out, trainer, meter, config, data, wall_time=meter.seconds(), backend=backend,
                          plan=feeding)
     return 0
