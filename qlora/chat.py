@@ -178,12 +178,14 @@ def read_vocab(path: Path) -> tuple[SentencePieceVocab | TekkenVocab, str]:
     if path.name.endswith(".json"):
         if not _tekken_shaped(path):
             raise UnsupportedTokenizer(f"{path}: not a Mistral Tekken tokenizer (byte-level BPE with <unk>, <s>, </s>, "
-                                       f"[INST], [/INST] as ids 0-4); only Mistral instruct tokenizers are supported")
+                                       f"[INST], [/INST] as ids 0-4); pass --tokenizer_name with a Mistral instruct "
+                                       f"model's tokenizer")
         return TekkenVocab(path), "tekken"
     vocab = SentencePieceVocab(path)
     sp = vocab.sp
     if [sp.id_to_piece(i) for i in range(3)] != list(MISTRAL_SPECIALS) or (sp.bos_id(), sp.eos_id()) != (1, 2):
-        raise UnsupportedTokenizer(f"{path}: not a Mistral tokenizer (<unk>, <s>, </s> are not ids 0-2)")
+        raise UnsupportedTokenizer(f"{path}: not a Mistral tokenizer (<unk>, <s>, </s> are not ids 0-2); pass "
+                                   f"--tokenizer_name with a Mistral instruct model's tokenizer")
     if vocab.control(INST) is None:
         return vocab, "v1"
     if (vocab.control(INST), vocab.control(END_INST)) != (3, 4) or vocab.control("[SYSTEM_PROMPT]") is not None:

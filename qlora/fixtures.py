@@ -107,8 +107,15 @@ def save_tekken_tokenizer(tekken_json: Path, target: Path) -> None:
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.mistral.tokenizer import MistralConverter
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=MistralConverter(str(tekken_json)).converted(),
-                                        bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    from tokenizers import processors
+
+    converted = MistralConverter(str(tekken_json)).converted()
+    # <s> added to every text, as Hugging Face's Mistral tokenizers do: llama.cpp's converter reads add_bos_token
+    # from this post-processor into the GGUF, and Ollama then prepends <s> (our ids never use it)
+    converted.post_processor = processors.Sequence([
+        converted.post_processor, processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
     tokenizer.chat_template = CONTROL_CHAT_TEMPLATE
     tokenizer.save_pretrained(target)
 

@@ -205,7 +205,8 @@ def test_unknown_tokenizers_are_refused_in_one_line(tmp_path):
     assert result.returncode != 0 and not (tmp_path / "out").exists()
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'tokenizer.json'}: not a Mistral Tekken "
                                                   f"tokenizer (byte-level BPE with <unk>, <s>, </s>, [INST], [/INST] "
-                                                  f"as ids 0-4); only Mistral instruct tokenizers are supported"]
+                                                  f"as ids 0-4); pass --tokenizer_name with a Mistral instruct model's "
+                                                  f"tokenizer"]
 
 
 def test_hugging_face_chat_template_gives_other_ids(tiny_model, v1_format):
