@@ -7,9 +7,9 @@ The tokenizers are Mistral's own, shipped inside the `mistral-common` package: `
 `tokenizer.model` (Mistral 7B Instruct v0.1/v0.2, 32,000 tokens), `tiny-mistral-v3` v3's (v0.3, 32,768 tokens, [INST]
 and [/INST] control tokens), and `tiny-mistral-tekken` is shaped like Mistral Nemo (Tekken, 131,072 tokens, head_dim
 128, no SentencePiece model) with the `tokenizer.json` that transformers' own converter makes of `tekken_240718.json`,
-as Nemo's Hugging Face checkouts ship it. The sample set holds tasks a LoRA on the 2-layer random model learns within a few minutes on two CPU cores: the capitals
-of made-up countries (facts no base model knows, so a right answer shows the fine-tune learned) and counting between
-two digits, each asked several ways. The smoke fine-tune (configs/smoke.yaml) answers SMOKE_PROMPTS right on every
+as Nemo's Hugging Face checkouts ship it. The sample set holds tasks a LoRA on the 2-layer random model learns within
+a few minutes on two CPU cores: the capitals of made-up countries (facts no base model knows, so a right answer shows
+the fine-tune learned) and counting between two digits, each asked several ways. The smoke fine-tune (configs/smoke.yaml) answers SMOKE_PROMPTS right on every
 backend: the adapter, the merged folder and the GGUF files.
 """
 

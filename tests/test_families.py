@@ -40,8 +40,8 @@ def chain(request, fixture_dir, sample_data, tmp_path_factory):
                                prompts=PROMPTS)
     lora = export.run_export(Config(adapter_dir=str(adapter), export_dir=str(work / "lora"), lora_only=True,
                                     convert_base=True, ollama_base="tiny:f16"), prompts=PROMPTS)
-    return {"base": base, "data": work / "data", "data_log": prepared.stdout, "adapter": adapter, "merged": merged, "lora": lora,
-            "format": load_prompt_format(tokenizer_file_in(base))}
+    return {"base": base, "data": work / "data", "data_log": prepared.stdout, "adapter": adapter, "merged": merged,
+            "lora": lora, "format": load_prompt_format(tokenizer_file_in(base))}
 
 
 def test_data_report_names_the_family(chain):
