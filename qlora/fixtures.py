@@ -213,10 +213,11 @@ def guanaco_shaped_rows(n: int = 250, seed: int = 1) -> list[dict]:
     return rows
 
 
-def build(directory: str | Path = "fixtures") -> Path:
-    """Write the tiny models and the sample set under `directory` unless they are already there."""
+def build(directory: str | Path = "fixtures", names=(TINY_MODEL,)) -> Path:
+    """Write the tiny models `names` (v3 and Tekken need mistral-common, which the GPU host lacks) and the sample set
+    under `directory` unless they are already there."""
     directory = Path(directory)
-    for name in STANDINS:
+    for name in names:
         if not (directory / name / "model.safetensors").exists():
             with atomic_dir(directory / name) as tmp:
                 save_tiny_model(tmp, name=name)
@@ -233,4 +234,4 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 
 
 if __name__ == "__main__":
-    print(f"fixtures ready in {build(sys.argv[1] if len(sys.argv) > 1 else 'fixtures')}")
+    print(f"fixtures ready in {build(sys.argv[1] if len(sys.argv) > 1 else 'fixtures', STANDINS)}")

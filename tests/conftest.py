@@ -22,12 +22,12 @@ def tiny_model(fixture_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_v3(fixture_dir) -> Path:
-    return fixture_dir / fixtures.TINY_V3
+    return fixtures.build(fixture_dir, [fixtures.TINY_V3]) / fixtures.TINY_V3
 
 
 @pytest.fixture(scope="session")
 def tiny_tekken(fixture_dir) -> Path:
-    return fixture_dir / fixtures.TINY_TEKKEN
+    return fixtures.build(fixture_dir, [fixtures.TINY_TEKKEN]) / fixtures.TINY_TEKKEN
 
 
 @pytest.fixture(scope="session")

@@ -179,13 +179,12 @@ def v1_format(tiny_model):
     return load_prompt_format(tiny_model / "tokenizer.model")
 
 
-@pytest.mark.parametrize("name", ["tiny-mistral", "tiny-mistral-v3", "tiny-mistral-tekken"])
-def test_each_stand_in_gets_its_family(fixture_dir, name):
+@pytest.mark.parametrize("stand_in, version", [("tiny_model", "v1"), ("tiny_v3", "v3"), ("tiny_tekken", "tekken")])
+def test_each_stand_in_gets_its_family(request, stand_in, version):
     """The renderer is chosen from the model's files: tokenizer.model's control pieces, or Tekken's tokenizer.json."""
     from qlora.chat import find_tokenizer_file
 
-    fmt = load_prompt_format(find_tokenizer_file(str(fixture_dir / name)))
-    assert fmt.version == {"tiny-mistral": "v1", "tiny-mistral-v3": "v3", "tiny-mistral-tekken": "tekken"}[name]
+    assert load_prompt_format(find_tokenizer_file(str(request.getfixturevalue(stand_in)))).version == version
 
 
 def test_unknown_tokenizers_are_refused_in_one_line(tmp_path):

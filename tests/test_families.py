@@ -25,11 +25,11 @@ PROMPTS = [[Message("user", "What is the capital of Arvenia?")],
             Message("user", "Count from 1 to 4.")]]
 
 
-@pytest.fixture(scope="module", params=["tiny-mistral-v3", "tiny-mistral-tekken"])
-def chain(request, fixture_dir, sample_data, tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny_v3", "tiny_tekken"])
+def chain(request, sample_data, tmp_path_factory):
     """data_prep -> train -> export (f16) -> export --lora_only, for one stand-in."""
-    base = fixture_dir / request.param
-    work = tmp_path_factory.mktemp(request.param)
+    base = request.getfixturevalue(request.param)
+    work = tmp_path_factory.mktemp(base.name)
     prepared = run_script("data_prep.py", "--model_name", str(base), "--dataset", str(sample_data),
                           "--output_dir", str(work / "data"), "--system_prompt", SYSTEM)
     run_script("train_unsloth.py", "--config", "configs/smoke.yaml", "--model_name", str(base),
