@@ -83,7 +83,8 @@ class Config:
                                  "Alpaca's input (optional)")
     system_field: str | None = _f(None, "data", "column holding a system message for the row (optional)")
     template: str = _f("mistral", "data", "mistral ([INST] chat format, Mistral's own token ids) or instruction (### Instruction / ### Response)")
-    system_prompt: str | None = _f(None, "data", "system message put before the first user turn (Mistral v1 style)")
+    system_prompt: str | None = _f(None, "data", "system message of every row without one (placed as the model's "
+                                   "tokenizer does: v1 in the first user turn, v3 and Tekken in the last)")
     train_on_prompt: bool = _f(False, "data", "train on the whole text instead of on the responses only")
     max_seq_length: int = _f(2048, "data", "rows longer than this are truncated", check=at_least(1))
     eval_fraction: float = _f(0.05, "data", "share of rows held out for evaluation", check=SHARE)
@@ -91,7 +92,8 @@ class Config:
     seed: int = _f(42, "data", "seed for the split, LoRA init and data order", check=SEED)
     # base: the model whose tokenizer every script renders prompts with
     model_name: str = _f("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "base", "hub id or local folder of the base model")
-    tokenizer_name: str | None = _f(None, "base", "hub id or folder holding tokenizer.model, when the model's lacks it")
+    tokenizer_name: str | None = _f(None, "base", "hub id or folder holding tokenizer.model (or Tekken's "
+                                    "tokenizer.json), when the model's lacks it")
     # model
     backend: str = _f("auto", "model", "auto (unsloth on CUDA, cpu otherwise), unsloth, hf (transformers+bitsandbytes+PEFT), cpu")
     load_in_4bit: bool = _f(True, "model", "load the base in 4 bits (GPU backends only)")

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from .atomic import check_writable, write_text
-from .chat import Conversation, Message, PromptFormat, find_tokenizer_model
+from .chat import Conversation, Message, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in
 from .config import CHOICES, FIELDS, ConfigError, load_yaml
 from .hub import fetching
 
@@ -101,21 +101,22 @@ def adapter_base(path: Path) -> str:
         raise InferError(f"{path}/adapter_config.json: no usable base_model_name_or_path ({err})") from None
 
 
-def tokenizer_model(path: Path, kind: str, config, lora: Path | None = None) -> Path:
-    """--tokenizer_name if given; else the model's own tokenizer.model: in its folder, or for a .gguf beside it or in
-    the merged/ folder export_gguf.py writes next to it (with --lora, first beside the adapter GGUF or in the adapter/
-    folder export_gguf.py --lora_only writes next to it); else the adapter's base's, or --model_name's."""
+def tokenizer_file(path: Path, kind: str, config, lora: Path | None = None) -> Path:
+    """--tokenizer_name's if given; else the model's own tokenizer file (tokenizer.model, or Tekken's tokenizer.json):
+    in its folder, or for a .gguf beside it or in the merged/ folder export_gguf.py writes next to it (with --lora,
+    first beside the adapter GGUF or in the adapter/ folder export_gguf.py --lora_only writes next to it); else the
+    adapter's base's, or --model_name's."""
     if kind == "gguf":
         folders = [lora.parent, lora.parent / "adapter"] if lora else []
-        own = [f / "tokenizer.model" for f in folders + [path.parent, path.parent / "merged"]]
+        folders += [path.parent, path.parent / "merged"]
     else:
-        own = [path / "tokenizer.model"]
-    found = [f for f in own if f.is_file()]
+        folders = [path]
+    found = [f for f in map(tokenizer_file_in, folders) if f is not None]
     if found and not config.tokenizer_name:
         return found[0]
     source = config.tokenizer_name or (adapter_base(path) if kind == "adapter" else config.model_name)
-    return find_tokenizer_model(source, instead=f"pass --tokenizer_name PATH to a folder with the tokenizer.model "
-                                                f"of {path}")
+    return find_tokenizer_file(source, instead=f"pass --tokenizer_name PATH to a folder with the tokenizer.model "
+                                               f"(or Tekken's tokenizer.json) of {path}")
 
 
 def run_settings(path: Path) -> dict:
@@ -488,8 +489,8 @@ def batch(session: Session, rows, output: Path, batch_size: int, settings: dict)
 
 
 def check_vocabulary(engine, fmt: PromptFormat, tokenizer: Path) -> None:
-    if engine.vocab_size != fmt.sp.get_piece_size() or engine.eos != fmt.eos:
-        raise InferError(f"{tokenizer} ({fmt.sp.get_piece_size()} tokens, EOS {fmt.eos}) is not this model's "
+    if engine.vocab_size != fmt.vocab_size or engine.eos != fmt.eos:
+        raise InferError(f"{tokenizer} ({fmt.vocab_size} tokens, EOS {fmt.eos}) is not this model's "
                          f"tokenizer ({engine.vocab_size} tokens, EOS {engine.eos}); pass --tokenizer_name")
 
 
@@ -519,8 +520,8 @@ def open_session(path: Path, config, template: str, backend: str = "auto", seed:
         raise InferError(f"--compare_base needs an adapter folder; {path} has no separate base model")
     if lora:
         check_lora(lora, kind)
-    tokenizer = tokenizer_model(path, kind, config, lora)
-    fmt = PromptFormat(tokenizer, template)
+    tokenizer = tokenizer_file(path, kind, config, lora)
+    fmt = load_prompt_format(tokenizer, template)
     engine = load_engine(path, kind, "gguf" if kind == "gguf" else pick_backend(backend), fmt.eos,
                          config.seed if seed is None else seed, lora)
     check_vocabulary(engine, fmt, tokenizer)

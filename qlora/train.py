@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from . import atomic, report, runfolder
-from .chat import find_tokenizer_model
+from .chat import find_tokenizer_file
 from .config import FIELDS, Config, to_yaml
 from .data import is_prepared, load_prepared, prepare_dataset
 from .planner import LAYERS
@@ -496,8 +496,10 @@ def save_adapter(trainer, tokenizer, config: Config) -> None:
     with atomic.atomic_dir(out / ".adapter-staging") as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        # Mistral's own SentencePiece model: the prompt format, export and llama.cpp all read it
-        shutil.copyfile(find_tokenizer_model(config.model_name, config.tokenizer_name), tmp / "tokenizer.model")
+        # the base's own tokenizer file (tokenizer.model, or Tekken's tokenizer.json), which the prompt format, export
+        # and llama.cpp all read: as it was, not as save_pretrained writes it again
+        source = find_tokenizer_file(config.model_name, config.tokenizer_name)
+        shutil.copyfile(source, tmp / source.name)
     staged = out / ".adapter-staging"
     names = sorted(p.name for p in staged.iterdir() if p.name not in ADAPTER_FILES) + list(ADAPTER_FILES)
     for name in names:

@@ -1,11 +1,11 @@
-"""Shared test fixtures: the real Mistral tokenizer, the tiny model and the sample set, built once under fixtures/."""
+"""Shared test fixtures: the real Mistral tokenizers, the tiny models and the sample set, built once under fixtures/."""
 
 from pathlib import Path
 
 import pytest
 
 from qlora import fixtures
-from qlora.chat import PromptFormat
+from qlora.chat import PromptFormat, load_prompt_format
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,13 +21,23 @@ def tiny_model(fixture_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_v3(fixture_dir) -> Path:
+    return fixtures.build(fixture_dir, [fixtures.TINY_V3]) / fixtures.TINY_V3
+
+
+@pytest.fixture(scope="session")
+def tiny_tekken(fixture_dir) -> Path:
+    return fixtures.build(fixture_dir, [fixtures.TINY_TEKKEN]) / fixtures.TINY_TEKKEN
+
+
+@pytest.fixture(scope="session")
 def sample_data(fixture_dir) -> Path:
     return fixture_dir / fixtures.SAMPLE_DATA
 
 
 @pytest.fixture(scope="session")
 def prompt_format(tiny_model) -> PromptFormat:
-    return PromptFormat(tiny_model / "tokenizer.model")
+    return load_prompt_format(tiny_model / "tokenizer.model")
 
 
 def pytest_collection_modifyitems(config, items):
