@@ -14,17 +14,17 @@ if __name__ == "__main__":
     config, _ = parse(GROUPS, __doc__)
     show(config, GROUPS)
 
+    from qlora.hub import HubError
     from qlora.model import BackendError, pick_backend
 
     try:
-        backend = pick_backend(config)
-    except BackendError as err:
+        backend = pick_backend(config)  # before any weights are read
+    except (BackendError, HubError) as err:
         sys.exit(f"error: {err}")
     if backend == "unsloth":
         import unsloth  # noqa: F401  (first, so that its patches reach transformers, trl and peft)
 
     from qlora.data import DataError
-    from qlora.hub import HubError
     from qlora.train import RunError, run
 
     try:
