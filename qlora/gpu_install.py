@@ -1,9 +1,9 @@
 """`sh scripts/install_gpu.sh`: install the GPU stack against a torch that can use this machine's GPU.
 
 A torch that is already installed, sees the GPU and is in the range requirements.txt states (Colab's, or a user's
-working environment) is kept: the rest is installed with a pip constraint pinning it, so pip never replaces it. Otherwise
-the pinned torch is installed from the PyTorch wheel index of the CUDA build that the driver runs (what Unsloth's
-installer does too), then the rest against it. Standard library only: it runs before anything is installed.
+working environment) is kept: the rest is installed with a pip constraint pinning it, so pip never replaces it.
+Otherwise the pinned torch is installed from the PyTorch wheel index of the CUDA build that the driver runs (as
+Unsloth's installer picks it), then the rest against it. Standard library only: it runs before anything is installed.
 
 Exit codes: 0 installed, 1 failed (a line says why), 2 no NVIDIA GPU here (a line says what to do instead).
 """

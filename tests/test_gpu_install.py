@@ -62,7 +62,8 @@ def test_the_table_covers_every_combination():
 def test_outside_the_supported_range_is_replaced_even_when_it_works():
     old = Torch("2.9.0+cu126", "12.6", True)  # an older Colab runtime
     decision = decide((12, 4), old, SUPPORTED)
-    assert (decision.action, decision.build) == ("install", "cu126") and "outside the supported range" in decision.reason
+    assert (decision.action, decision.build) == ("install", "cu126")
+    assert "outside the supported range" in decision.reason
 
 
 def test_a_driver_older_than_cuda_12_stops_with_the_driver_to_get():
