@@ -216,3 +216,10 @@ def test_a_7b_model_is_not_trained_on_the_cpu_by_default(tmp_path):
     assert lines[-1] == (f"error: {folder} has 7.2 B parameters, too many to train on the CPU (float32, days): this "
                          f"machine has no CUDA GPU; --backend cpu trains on the CPU anyway")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("version,cuda,why", [
+    ("2.11.0", "13.0", "torch 2.11.0 is built for CUDA 13.0, which needs driver 580.65.06 or newer"),  # the index's
+    ("2.11.0+cpu", None, "torch 2.11.0+cpu is a CPU build")])
+def test_why_torch_cannot_use_colabs_driver(version, cuda, why):
+    assert gpu.why_unfit(version, cuda, gpu.Driver("550.54.15", (12, 4))) == why
