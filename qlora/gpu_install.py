@@ -163,7 +163,8 @@ def main() -> int:
     print(f"NVIDIA driver: {found.describe() if found else 'none found'}; torch: {describe(torch)}", flush=True)
     decision = decide(found.cuda if found else None, torch, supported_range())
     if decision.action == "no-gpu":
-        print(COLAB_NO_GPU if os.environ.get("COLAB_RELEASE_TAG") else decision.reason)
+        on_colab = any(name.startswith("COLAB_") for name in os.environ)  # Colab's runtime sets COLAB_RELEASE_TAG, ...
+        print(COLAB_NO_GPU if on_colab else decision.reason)
         return NO_GPU
     if decision.action == "stop":
         print(f"error: {decision.reason}")
