@@ -59,6 +59,6 @@ trim(next(folder.glob("unsloth-2026*.whl")), lambda name: name.startswith("studi
 EOF
 mkdir -p "$out"
 tar -C "$work/whl" -cf - . | xz -T2 -6 > "$out/wheels.tar.xz.tmp" && mv "$out/wheels.tar.xz.tmp" "$out/wheels.tar.xz"
-"$python" -c "from qlora.fixtures import mistral_tokenizer_model as m; import shutil, sys; shutil.copyfile(m(), sys.argv[1])" \
-  "$out/tokenizer.model"
+tokenizer='import shutil, sys; from qlora.fixtures import mistral_tokenizer_model as m; shutil.copy(m(), sys.argv[1])'
+"$python" -c "$tokenizer" "$out/tokenizer.model"
 echo "wrote $out: $(ls "$work/whl" | wc -l) wheels, $(du -sh "$out" | cut -f1)"
