@@ -106,6 +106,10 @@ DRIVER_LINE = "NVIDIA GPU (Tesla T4, driver 550.54.15 (CUDA 12.4)) but torch can
 @pytest.fixture(scope="module")
 def stand_in_gpu(tmp_path_factory) -> dict:
     """PATH with a stand-in nvidia-smi first (this torch is a CPU build: it sees no GPU)."""
+    import torch
+
+    if torch.version.cuda is not None:
+        pytest.skip("needs a CPU build of torch")
     folder = tmp_path_factory.mktemp("bin")
     script = folder / "nvidia-smi"
     script.write_text(NVIDIA_SMI)
@@ -117,7 +121,9 @@ def check_named(result, stops: bool) -> str:
     """The driver line is printed; where it stops, with a non-zero exit, one `error:` line and no traceback; never
     the smoke-preset advice (this machine has a GPU)."""
     out = result.stdout + result.stderr
-    assert DRIVER_LINE in out and "torch 2.13.0+cpu is a CPU build" in out, out[-3000:]
+    import torch
+
+    assert DRIVER_LINE in out and f"torch {torch.__version__} is a CPU build" in out, out[-3000:]
     assert "sh scripts/install_gpu.sh" in out
     assert "Traceback" not in out and "smoke" not in out, out[-3000:]
     assert (result.returncode != 0) == stops, out[-3000:]
@@ -176,7 +182,7 @@ def test_env_reports_driver_build_and_fit(stand_in_gpu):
                             env={**os.environ, **stand_in_gpu}, timeout=600)
     out = check_named(result, stops=False)
     assert "- NVIDIA driver: Tesla T4, driver 550.54.15 (CUDA 12.4)" in out
-    assert "- torch CUDA build: none (a CPU build) (torch 2.13.0+cpu)" in out
+    assert "- torch CUDA build: none (a CPU build) (torch 2.1" in out
     assert "- driver and torch fit: no: this machine has an" in out
 
 
@@ -205,6 +211,9 @@ def gpu_install_smoke_line() -> str:
 def test_a_7b_model_is_not_trained_on_the_cpu_by_default(tmp_path):
     """backend auto, no GPU at all, a 16-bit 7 B model (only its config.json here): refused before loading."""
     from transformers import MistralConfig
+
+    if gpu.driver() is not None:
+        pytest.skip("this machine has an NVIDIA GPU")
 
     folder = tmp_path / "mistral-7b"
     MistralConfig(**fixtures.MISTRAL_7B_V02_CONFIG).save_pretrained(folder)
