@@ -15,15 +15,15 @@ if __name__ == "__main__":
     config, _ = parse(GROUPS, __doc__)
     show(config, GROUPS)
 
+    from qlora.hub import HubError
     from qlora.model import BackendError, pick_backend
 
-    with one_line_errors(BackendError):
-        backend = pick_backend(config)
+    with one_line_errors(BackendError, HubError):
+        backend = pick_backend(config)  # before any weights are read
     if backend == "unsloth":
         import unsloth  # noqa: F401  (first, so that its patches reach transformers, trl and peft)
 
     from qlora.data import DataError
-    from qlora.hub import HubError
     from qlora.train import RunError, run
 
     with one_line_errors(ConfigError, DataError, HubError, RunError):

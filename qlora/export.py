@@ -29,7 +29,7 @@ from .config import Config, to_yaml
 from .gguf_check import (CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_file, llama_cpp_check,
                          load_reference, mismatches, reference, reference_device)
 from .hub import fetching
-from .model import LOCAL_BASE, check_safetensors_adapter
+from .model import LOCAL_BASE, check_safetensors_adapter, parameter_count
 from .modelfile import modelfile, ollama_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,18 +221,6 @@ def trained_setting(adapter_dir: Path, name: str):
     except yaml.YAMLError as err:
         raise ExportError(f"{saved}: not valid YAML ({err}); fix or remove it") from None
     return settings.get(name) if isinstance(settings, dict) else None
-
-
-def parameter_count(base: str) -> int:
-    """Parameters of the base's architecture, counted on the meta device (no weights read or downloaded)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with fetching(base, "base model", LOCAL_BASE):
-        architecture = AutoConfig.from_pretrained(base)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(architecture)
-    return sum(p.numel() for p in model.parameters())
 
 
 def estimated_bytes(p: Plan, lora_only: bool) -> dict[str, int]:
@@ -524,8 +512,25 @@ def verdict(report: dict) -> None:
 # ---------------------------------------------------------------- the whole export
 
 
+def check_gpu(needed: bool) -> None:
+    """Before anything is fetched: a merge that needs the GPU stops without one, naming an NVIDIA GPU that torch
+    cannot use; an export that runs on the CPU only says so."""
+    from .gpu import unusable_gpu
+    from .model import cuda_available, note
+
+    if cuda_available():
+        return
+    problem = unusable_gpu()
+    if needed:
+        raise ExportError(f"dequantizing a 4-bit base needs a CUDA GPU: {problem or 'this machine has none'}; or pass "
+                          f"--base_model_16bit with its 16-bit original")
+    if problem:
+        note(problem, "the export runs on the CPU")
+
+
 def run_export(config: Config, prompts: list[Conversation] = CHECK_PROMPTS) -> Plan:
     p = plan(config)
+    check_gpu(p.dequantize and not config.lora_only)
     with runfolder.locked(p.export_dir):  # one export at a time into a folder
         return export_planned(config, p, prompts)
 

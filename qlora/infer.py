@@ -15,6 +15,7 @@ system prompt from the training run's config.yaml (see `run_settings`; near the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
@@ -302,15 +303,21 @@ class LlamaCppEngine:
         return out
 
 
+@functools.lru_cache  # asked again for --input's settings: say it once
 def pick_backend(choice: str) -> str:
-    """"unsloth", "hf" (transformers on the GPU) or "cpu"."""
-    from .model import cuda_available
+    """"unsloth", "hf" (transformers on the GPU) or "cpu". An NVIDIA GPU that torch cannot use is named: a GPU
+    backend stops on it, `auto` says so and answers on the CPU."""
+    from .gpu import unusable_gpu
+    from .model import cuda_available, note
 
     has_cuda = cuda_available()
+    problem = None if has_cuda else unusable_gpu()
     if choice in ("unsloth", "hf") and not has_cuda:
-        raise InferError(f"--backend {choice} needs a CUDA GPU and this machine has none")
+        raise InferError(f"--backend {choice} needs a CUDA GPU: {problem or 'this machine has none'}")
     if choice == "unsloth" and importlib.util.find_spec("unsloth") is None:
         raise InferError("--backend unsloth: Unsloth is not installed (pip install unsloth)")
+    if problem:
+        note(problem, "answering on the CPU")
     if choice == "auto":
         if not has_cuda:
             return "cpu"
