@@ -124,10 +124,15 @@ def installed_torch(python: str = sys.executable) -> Torch | None:
     return Torch(version, cuda, sees)
 
 
-def torchvision_version(python: str = sys.executable) -> str | None:
-    result = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('torchvision'))"],
-                            capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else None
+def installed_pins(python: str = sys.executable) -> list[str]:
+    """`name==version` for the installed torch and torchvision, as pip sees them: the distributions' metadata, which
+    can differ from `torch.__version__` (PyPI's CUDA builds report "2.11.0+cu130" but are distribution 2.11.0)."""
+    probe = ("import importlib.metadata as m\n"
+             "for name in ('torch', 'torchvision'):\n"
+             "    try: print(f'{name}=={m.version(name)}')\n"
+             "    except m.PackageNotFoundError: pass")
+    result = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    return result.stdout.split()
 
 
 def pip(*args: str) -> None:
@@ -137,13 +142,10 @@ def pip(*args: str) -> None:
         raise SystemExit(f"error: pip failed: {' '.join(command)}")
 
 
-def install_rest(torch: Torch) -> None:
+def install_rest() -> None:
     """requirements.txt with the installed torch (and its torchvision) pinned as constraints: never replaced."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="torch-constraint-", delete=False) as constraints:
-        constraints.write(f"torch=={torch.version}\n")
-        vision = torchvision_version()
-        if vision:
-            constraints.write(f"torchvision=={vision}\n")
+        constraints.write("".join(f"{pin}\n" for pin in installed_pins()))
     try:
         pip("-r", str(REQUIREMENTS), "-c", constraints.name)
     finally:
@@ -178,7 +180,7 @@ def main() -> int:
             print(f"error: the installed torch {torch.version if torch else ''} still cannot use the GPU "
                   f"({found.describe()}): update the NVIDIA driver")
             return 1
-    install_rest(torch)
+    install_rest()
     print(f"installed the GPU stack on torch {torch.version} (CUDA {torch.cuda})")
     return 0
 

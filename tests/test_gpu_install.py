@@ -77,6 +77,20 @@ def test_the_range_comes_from_requirements_and_holds_the_pinned_torch():
     assert not in_range("2.9.1+cu126", SUPPORTED) and not in_range("2.15.0", SUPPORTED)
 
 
+def test_the_kept_torch_is_pinned_as_pip_sees_it(tmp_path):
+    """PyPI's CUDA 13.0 torch says "2.11.0+cu130" in torch.__version__ but is distribution 2.11.0: a constraint
+    `torch==2.11.0+cu130` matches nothing pip has installed (what the GPU host showed). A torch stand-in of that kind
+    on PYTHONPATH, shadowing this environment's: the pin is the distribution's version."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text('__version__ = "2.11.0+cu130"\n')
+    (tmp_path / "torch-2.11.0.dist-info").mkdir()
+    (tmp_path / "torch-2.11.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.11.0\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    python = [sys.executable, "-c", "import sys, qlora.gpu_install as g; print(g.installed_pins(sys.executable)[0])"]
+    pins = subprocess.run(python, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert pins == ["torch==2.11.0"]
+
+
 @pytest.mark.parametrize("driver_version,cuda", [("550.54.15", (12, 4)), ("570.86.10", (12, 8)),
                                                  ("580.65.06", (13, 0)), ("525.60.13", (12, 0)), ("470.82", None)])
 def test_cuda_of_a_driver_version(driver_version, cuda):
