@@ -30,8 +30,8 @@ def chain(request, sample_data, tmp_path_factory):
     """data_prep -> train -> export (f16) -> export --lora_only, for one stand-in."""
     base = request.getfixturevalue(request.param)
     work = tmp_path_factory.mktemp(base.name)
-    prepared = run_script("data_prep.py", "--model_name", str(base), "--dataset", str(sample_data),
-                          "--output_dir", str(work / "data"), "--system_prompt", SYSTEM)
+    prepared = run_script("data_prep.py", "--config", "configs/smoke.yaml", "--model_name", str(base),
+                          "--dataset", str(sample_data), "--output_dir", str(work / "data"), "--system_prompt", SYSTEM)
     run_script("train_unsloth.py", "--config", "configs/smoke.yaml", "--model_name", str(base),
                "--dataset", str(work / "data"), "--output_dir", str(work / "run"), "--max_steps", STEPS,
                "--eval_steps", STEPS, "--system_prompt", SYSTEM)
