@@ -262,18 +262,26 @@ def _split_system(conversation: Conversation) -> tuple[str | None, Conversation]
     return None, conversation
 
 
-class MistralV1(PromptFormat):
-    """v1: `[INST] {user} [/INST]` as text, each segment encoded alone; the system message opens the first user
-    turn."""
+class TextTurns(PromptFormat):
+    """User turns wrapped in markers written as text (`user_turn`), each segment encoded alone; the system message
+    opens the first user turn."""
+
+    user_turn: str
 
     def _segments(self, conversation: Conversation):
         system, turns = _split_system(conversation)
         for i, message in enumerate(turns):
             if message.role == "user":
                 content = f"{system}\n\n{message.content}" if (i == 0 and system) else message.content
-                yield self.vocab.encode(f"[INST] {content} [/INST]"), False
+                yield self.vocab.encode(self.user_turn.format(content=content)), False
             else:
                 yield self.vocab.encode(message.content) + [self.eos], True
+
+
+class MistralV1(TextTurns):
+    """v1: `[INST] {user} [/INST]` as text."""
+
+    user_turn = "[INST] {content} [/INST]"
 
 
 class MistralControl(PromptFormat):
@@ -295,18 +303,10 @@ class MistralControl(PromptFormat):
                 yield self.vocab.encode(message.content.rstrip(" ")) + [self.eos], True
 
 
-class Instruction(PromptFormat):
-    """`### Instruction:` / `### Response:` as text on any Mistral tokenizer; the system message opens the first
-    instruction."""
+class Instruction(TextTurns):
+    """`### Instruction:` / `### Response:` as text on any Mistral tokenizer."""
 
-    def _segments(self, conversation: Conversation):
-        system, turns = _split_system(conversation)
-        for i, message in enumerate(turns):
-            if message.role == "user":
-                content = f"{system}\n\n{message.content}" if (i == 0 and system) else message.content
-                yield self.vocab.encode(f"### Instruction:\n{content}\n\n### Response:\n"), False
-            else:
-                yield self.vocab.encode(message.content) + [self.eos], True
+    user_turn = "### Instruction:\n{content}\n\n### Response:\n"
 
 
 def load_prompt_format(tokenizer_file: str | Path, template: str = "mistral") -> PromptFormat:
