@@ -2,9 +2,9 @@
 # Build, here, the wheels that bench/gpu_install_check.sh installs from on the offline GPU host: requirements.txt
 # resolved as scripts/install_gpu.sh resolves it there (the host's torch 2.11.0 and torchvision 0.26.0 as
 # constraints), downloaded as CPython 3.12 manylinux x86-64 wheels, less what the host already has (torch with its
-# CUDA libraries and dependencies, transformers, peft, accelerate, numpy, pandas, pyarrow, tokenizers, matplotlib's
-# dependencies), then packed into one archive to fit what the device tool carries (64 MiB). Two wheels are trimmed
-# and repacked, their RECORD rewritten to match: bitsandbytes keeps only its CUDA 13.0 and CPU libraries, Unsloth
+# CUDA libraries and dependencies, transformers, numpy, pandas, pyarrow, matplotlib's dependencies; peft, accelerate
+# and tokenizers travel, as the host's versions need not be the pinned ones), then packed into one archive to fit
+# what the device tool carries (64 MiB). Two wheels are trimmed and repacked, their RECORD rewritten to match: bitsandbytes keeps only its CUDA 13.0 and CPU libraries, Unsloth
 # drops its web studio (as ../shared/gpu/build-bundle.sh does). The real Mistral tokenizer goes beside them.
 #
 #   bash bench/gpu_wheels.sh /work/main/.gpuwheels      # here, a few minutes; writes wheels.tar.xz, tokenizer.model
@@ -20,9 +20,8 @@ printf 'torch==2.11.0\ntorchvision==0.26.0\n' > "$work/host.txt"
 "$python" - "$work" <<'EOF'
 import json, re, sys
 work = sys.argv[1]
-on_host = re.compile(r"(torch|triton|nvidia-.*|cuda-.*|torchvision|transformers|peft|accelerate|numpy|pandas|pyarrow"
-                     r"|tokenizers|sympy|networkx|mpmath|pillow|fonttools|kiwisolver|contourpy|cycler|pyparsing"
-                     r"|python-dateutil)")
+on_host = re.compile(r"(torch|triton|nvidia-.*|cuda-.*|torchvision|transformers|numpy|pandas|pyarrow|sympy|networkx"
+                     r"|mpmath|pillow|fonttools|kiwisolver|contourpy|cycler|pyparsing|python-dateutil)")
 resolved = [(i["metadata"]["name"], i["metadata"]["version"])
             for i in json.load(open(f"{work}/report.json"))["install"]]
 carry = [f"{n}=={v}\n" for n, v in resolved if not on_host.fullmatch(n.lower().replace("_", "-"))]
