@@ -5,7 +5,8 @@
 # CUDA libraries and dependencies, transformers, numpy, pandas, pyarrow, matplotlib's dependencies; peft, accelerate
 # and tokenizers travel, as the host's versions need not be the pinned ones), then packed into one archive to fit
 # what the device tool carries (64 MiB). Two wheels are trimmed and repacked, their RECORD rewritten to match:
-# bitsandbytes keeps only its CUDA 13.0 and CPU libraries, Unsloth drops its web studio (as ../shared/gpu/build-bundle.sh does). The real Mistral tokenizer goes beside them.
+# bitsandbytes keeps only its CUDA 13.0 and CPU libraries, Unsloth drops its web studio (as
+# ../shared/gpu/build-bundle.sh does). The real Mistral tokenizer goes beside them.
 #
 #   bash bench/gpu_wheels.sh /work/main/.gpuwheels      # here, a few minutes; writes wheels.tar.xz, tokenizer.model
 set -euo pipefail
