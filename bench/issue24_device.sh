@@ -4,8 +4,11 @@
 # qlora/calibrate.py) beside the stock recipe (Unsloth's notebook with TRL packing), then the cache lookup of the
 # T4-class figures, and a second run on the 4090-class card that must find them cached, if time is left.
 #   bash bench/issue24_device.sh          # needs .gpu/bundle.tar.xz and .gpu/tokenizer.model (bench/gpu_host.sh)
-# Everything it prints, and the runs' metrics.json, calibration caches and logs, go to $OUT.
+#   ISSUE24_CARDS=h200 bash bench/issue24_device.sh     # the whole H200 instead, at 15 and 23 GiB free
+#   ISSUE24_CARDS=whole bash bench/issue24_device.sh    # the whole H200 with all its memory
+# Everything it prints, and the runs' metrics.json, calibration caches and logs, go to $OUT/issue24.tar.gz.
 set -uo pipefail
+command -v python >/dev/null || python() { python3 "$@"; }  # hosts with only python3
 OUT=${OUT:-/tmp/issue24-out}
 LIMIT=${ISSUE24_SECONDS:-570}  # seconds for the whole script; each stage gets what is left of it
 mkdir -p "$OUT" /tmp/site
@@ -22,7 +25,8 @@ MODEL=$W/mistral-7b-v0.2-standin
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader
 echo "setup: ${SECONDS} s"
 
-[ -f "$MODEL/config.json" ] || python -c "from qlora import fixtures; fixtures.save_standin('$MODEL')"
+[ -f "$MODEL/config.json" ] ||
+    python -c "from pathlib import Path; from qlora import fixtures; fixtures.save_standin(Path('$MODEL'))"
 echo "stand-in: ${SECONDS} s"
 
 export MPS_PIPE=/tmp/qlora-bench-mps-pipe MPS_LOG=/tmp/qlora-bench-mps-log  # bench_train.py's MPS folders
@@ -46,6 +50,22 @@ bench() {  # NAME SECONDS FLAGS...: one bench_train.py call, cut at SECONDS; its
         -exec cp --parents {} "$OUT/$name" \;)
 }
 
+finish() {
+    cp -r "$QLORA_MISTRAL_CACHE" "$OUT/calibration-cache" 2>/dev/null
+    echo "== done at ${SECONDS} s"
+    tar -C "$OUT" -czf /tmp/issue24.tar.gz --exclude issue24.tar.gz . && mv /tmp/issue24.tar.gz "$OUT/"
+    exit 0
+}
+
+case ${ISSUE24_CARDS:-slow} in
+h200)
+    bench h200_15_23 $(( $(left) - 15 )) --gpu_memory_gib 15 23 --steps 6 --warmup 2 --stock notebook+packing
+    finish ;;
+whole)
+    bench h200_whole $(( $(left) - 15 )) --steps 6 --warmup 2 --stock notebook+packing
+    finish ;;
+esac
+
 # T4-class: a step takes about 8 s here (12 s for the stock recipe), so 4 steps, the first untimed; a model load
 # takes about a minute
 bench t4_class $(( $(left) - 215 )) --gpu_sm_percent 8 --gpu_memory_gib 15 --steps 4 --warmup 1 \
@@ -68,5 +88,4 @@ if [ "$(left)" -gt 120 ]; then  # a second run on the 4090-class card: its figur
         --stock '' --ours "ours (default), second run="
 fi
 
-cp -r "$QLORA_MISTRAL_CACHE" "$OUT/calibration-cache" 2>/dev/null
-echo "== done at ${SECONDS} s"
+finish
