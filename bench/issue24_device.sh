@@ -8,7 +8,7 @@
 #   ISSUE24_CARDS=whole bash bench/issue24_device.sh    # the whole H200 with all its memory
 # Everything it prints, and the runs' metrics.json, calibration caches and logs, go to $OUT/issue24.tar.gz.
 set -uo pipefail
-command -v python >/dev/null || python() { python3 "$@"; }  # hosts with only python3
+PY=$(command -v python || command -v python3)  # hosts with only python3
 OUT=${OUT:-/tmp/issue24-out}
 LIMIT=${ISSUE24_SECONDS:-570}  # seconds for the whole script; each stage gets what is left of it
 mkdir -p "$OUT" /tmp/site
@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 echo "setup: ${SECONDS} s"
 
 [ -f "$MODEL/config.json" ] ||
-    python -c "from pathlib import Path; from qlora import fixtures; fixtures.save_standin(Path('$MODEL'))"
+    "$PY" -c "from pathlib import Path; from qlora import fixtures; fixtures.save_standin(Path('$MODEL'))"
 echo "stand-in: ${SECONDS} s"
 
 export MPS_PIPE=/tmp/qlora-bench-mps-pipe MPS_LOG=/tmp/qlora-bench-mps-log  # bench_train.py's MPS folders
@@ -41,7 +41,7 @@ bench() {  # NAME SECONDS FLAGS...: one bench_train.py call, cut at SECONDS; its
     stop_mps
     echo "== $name: $* (up to $seconds s, at ${SECONDS} s)"
     # TERM first: bench_train.py then stops its runs, the memory holder and MPS
-    timeout --signal=TERM --kill-after=60 "$seconds" python bench/bench_train.py --workdir "$W/$name" \
+    timeout --signal=TERM --kill-after=60 "$seconds" "$PY" bench/bench_train.py --workdir "$W/$name" \
         --model "$MODEL" --data guanaco_shaped "$@"
     echo "== $name: exit $?, at ${SECONDS} s"
     mkdir -p "$OUT/$name"
@@ -77,7 +77,7 @@ echo "== cache lookup, 8% of the SMs (at ${SECONDS} s)"
 mkdir -p $MPS_PIPE $MPS_LOG
 CUDA_MPS_PIPE_DIRECTORY=$MPS_PIPE CUDA_MPS_LOG_DIRECTORY=$MPS_LOG nvidia-cuda-mps-control -d &&
     CUDA_MPS_PIPE_DIRECTORY=$MPS_PIPE CUDA_MPS_LOG_DIRECTORY=$MPS_LOG CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=8 \
-    timeout 60 python -m qlora.calibrate --model_name "$MODEL"
+    timeout 60 "$PY" -m qlora.calibrate --model_name "$MODEL"
 stop_mps
 
 bench 4090_class $(( $(left) - 15 )) --gpu_sm_percent 20 --gpu_memory_gib 23 --steps 5 --warmup 1 \
