@@ -1,10 +1,10 @@
 """Measuring the card for the planner (qlora/planner.py), in a few seconds at the start of a run, on the loaded model.
 
 - GPU time of a forward and backward pass with every decoder layer keeping its activations (gradient_checkpointing
-  false) and with every layer recomputed (true), at two micro-batch sizes each: the slope is the time a padded token
-  costs, the intercept the fixed time of a micro-batch. The sizes grow with the card's speed (a pass takes at most
-  about PASS_SECONDS) and stop where the free memory does; a fast card is measured near the sizes it will train at,
-  where the host's work per micro-batch hides under the GPU's.
+  false) and with every layer recomputed (true), at micro-batches of 1, 2, 4, ... rows, until a pass takes
+  PASS_SECONDS or the free memory ends: through the two largest, the slope is the time a padded token costs, the
+  intercept the fixed time of a micro-batch. A fast card is so measured near the sizes it will train at, where the
+  host's work per micro-batch hides under the GPU's.
 - Offloading (unsloth) recomputes too and moves each layer's input to host memory and back: the host link's speed is
   measured, and the moves are added to recomputing (or taken off offloading, where the model was loaded with it).
 - Recomputing is taken to cost at least RECOMPUTE_AT_LEAST times keeping the activations: one more forward pass is
@@ -34,7 +34,7 @@ from . import atomic
 from .planner import DEFAULT_FIGURES, GIB, MIB, USABLE, Figures
 
 CACHE_ENV = "QLORA_MISTRAL_CACHE"
-PASS_SECONDS = 2.0  # the larger timed pass of a mode takes about this long at most
+PASS_SECONDS = 1.0  # a mode's passes grow until one takes this long (or the memory ends)
 ROW = 1024  # tokens a row in the measured micro-batches, about the middle of the 2,048 a row may have
 SLACK_EXTRA = MIB * 512
 BUILT_IN = DEFAULT_FIGURES["unsloth"].seconds_per_token
@@ -155,15 +155,22 @@ def timed(model, rows: int, length: int) -> tuple[float, int, int, int]:
 
 
 def fit_mode(model, mode: str, length: int, cap_tokens: int, passes: list) -> tuple[float, float]:
-    """(seconds a token, seconds a micro-batch) of the mode the model is set to, from passes of one row and of as
-    many rows as PASS_SECONDS and `cap_tokens` allow."""
-    small = timed(model, 1, length)
-    rows = max(2, min(cap_tokens // length, int(PASS_SECONDS / (small[0] / length)) // length))
-    large = timed(model, rows, length - 16)
-    for seconds, peak, slack, tokens in (small, large):
+    """(seconds a token, seconds a micro-batch) of the mode the model is set to, from the line through its two largest
+    passes: the rows double until a pass takes PASS_SECONDS or `cap_tokens` is reached. A fast card's short passes
+    are bound by the host's launches (on the whole H200 one recomputed row of 1,024 tokens took 0.37 s and five rows
+    0.43 s), so only passes large enough to keep the GPU busy show what a token costs there."""
+    sizes, rows = [], 1
+    while True:
+        sizes.append(timed(model, rows, max(8, length - 8 * len(sizes))))  # each size at lengths not seen before
+        more = min(2 * rows, cap_tokens // length)
+        if len(sizes) >= 2 and (sizes[-1][0] >= PASS_SECONDS or more <= rows):
+            break
+        rows = max(more, rows + 1)
+    for seconds, peak, slack, tokens in sizes:
         passes.append({"mode": mode, "tokens": tokens, "seconds": seconds, "peak_bytes": peak, "slack_bytes": slack})
-    per_token = max((large[0] - small[0]) / (large[3] - small[3]), 1e-7)
-    return per_token, max(0.0, small[0] - per_token * small[3])
+    (small, *_, small_tokens), (large, *_, large_tokens) = sizes[-2:]
+    per_token = max((large - small) / (large_tokens - small_tokens), 1e-7)
+    return per_token, max(0.0, large - per_token * large_tokens)
 
 
 def host_link_bytes_per_second() -> float:
