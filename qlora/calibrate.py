@@ -17,7 +17,7 @@ The model is loaded once, checkpointed; switching layers between keeping and rec
 checkpoint_skip_layers, which may change between steps (its own `auto` does so after the first one), so the plan is
 then applied to the same model. The figures are cached per GPU, driver, torch and Unsloth version, share of the SMs
 (MPS), precision, model and LoRA shape, under ~/.cache/qlora-mistral (QLORA_MISTRAL_CACHE): a second run on the same
-card measures nothing.
+card measures nothing, unless it has more than MORE_MEMORY times the free memory they were measured with.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ BUILT_IN = DEFAULT_FIGURES["unsloth"].seconds_per_token
 # through the short passes of a fast card (on the whole H200 recomputing then came out no dearer than keeping, and the
 # planner chose it where keeping was faster), so it is not believed.
 RECOMPUTE_AT_LEAST = 1.4
+MORE_MEMORY = 1.25  # cached figures serve runs with up to this many times the free memory they were measured with
 
 
 def cache_dir() -> Path:
@@ -95,6 +96,13 @@ def load_cached(key: dict) -> dict | None:
         print(f"note: {path}: unreadable calibration ({err}); measuring again")
         return None
     return {**record, "cached": str(path)} if record.get("key") == key else None
+
+
+def outgrown(record: dict, free_bytes: int) -> bool:
+    """Whether a run has so much more free memory than the cached figures were measured with that larger micro-batches
+    than were measured now fit: then the card is measured again (a fast card's small passes are host-bound, and the
+    line through them does not carry to micro-batches several times their size)."""
+    return free_bytes > MORE_MEMORY * record.get("free_bytes", free_bytes)
 
 
 def save(key: dict, record: dict) -> Path:

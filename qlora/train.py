@@ -456,8 +456,12 @@ def cached_calibration(config: Config, backend: str) -> tuple[dict | None, bool]
     if backend != "unsloth" or not config.calibrate or not planned:
         return None, False
     record = calibrate.load_cached(calibrate.card_key(config))
-    measure = record is None and config.gradient_checkpointing == "auto" and processes().num_processes == 1
-    return record, measure
+    can_measure = config.gradient_checkpointing == "auto" and processes().num_processes == 1
+    if record and can_measure and calibrate.outgrown(record, least_free_memory()):
+        print(f"note: this card's cached figures were measured with {record['free_bytes'] / 2**30:.1f} GiB free; "
+              f"measuring again for the larger micro-batches that fit now")
+        record = None
+    return record, record is None and can_measure
 
 
 def calibrated_feeding(model, config: Config, planned: Config, backend: str, longest_row: int, free: int):
@@ -481,7 +485,7 @@ def calibrated_feeding(model, config: Config, planned: Config, backend: str, lon
         print(f"note: measuring this GPU failed ({failed}); planning from the built-in figures")
         config, feeding = plan_feeding(config, backend, longest_row, free=free)
     else:
-        record["cached"] = None
+        record |= {"cached": None, "free_bytes": free}
         print(calibrate.describe(record))
         try:
             print(f"  kept in {calibrate.save(calibrate.card_key(config), record)}")

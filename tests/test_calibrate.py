@@ -38,3 +38,12 @@ def test_only_planned_unsloth_runs_calibrate():
     assert cached_calibration(Config(calibrate=False), "unsloth") == (None, False)
     fixed = Config(token_budget=4096, gradient_checkpointing="true", checkpoint_skip_layers=0)
     assert cached_calibration(fixed, "unsloth") == (None, False)
+
+
+def test_a_run_with_much_more_free_memory_measures_again():
+    """Figures measured with 15 GiB free came from micro-batches that fit there; with all of an H200's memory the
+    planner would use ones several times larger, so they are measured again, not extrapolated."""
+    record = {"figures": FIGURES.as_dict(), "free_bytes": 15 * 2**30}
+    assert not calibrate.outgrown(record, 15 * 2**30) and not calibrate.outgrown(record, 18 * 2**30)
+    assert calibrate.outgrown(record, 23 * 2**30)
+    assert not calibrate.outgrown({"figures": FIGURES.as_dict()}, 140 * 2**30)  # a record of before: kept
