@@ -7,8 +7,9 @@
   host's work per micro-batch hides under the GPU's.
 - Offloading (unsloth) recomputes too and moves each layer's input to host memory and back: the host link's speed is
   measured, and the moves are added to recomputing (or taken off offloading, where the model was loaded with it).
-- Recomputing is taken to cost at least RECOMPUTE_AT_LEAST times keeping the activations: one more forward pass is
-  not free on any card, and the short passes of a fast card can make it look so.
+- Recomputing costs one more forward pass: between RECOMPUTE_AT_LEAST and RECOMPUTE_AT_MOST times keeping the
+  activations. Recomputed passes reach large sizes on any card (their activations are small); where memory keeps the
+  passes that keep every activation too short to show their cost, the bound takes over.
 - The optimizer step, on copies of the LoRA weights.
 - The allocator's slack at the largest pass (memory reserved but not allocated): a plan leaves at least that, and
   half a GiB more, unused (a run at 13.8 of 15 GiB thrashed).
@@ -31,19 +32,18 @@ import time
 from pathlib import Path
 
 from . import atomic
-from .planner import DEFAULT_FIGURES, GIB, MIB, USABLE, Figures
+from .planner import GIB, MIB, USABLE, Figures
 
 CACHE_ENV = "QLORA_MISTRAL_CACHE"
 PASS_SECONDS = 1.0  # a mode's passes grow until one takes this long (or the memory ends)
 ROW = 1024  # tokens a row in the measured micro-batches, about the middle of the 2,048 a row may have
 SLACK_EXTRA = MIB * 512
-BUILT_IN = DEFAULT_FIGURES["unsloth"].seconds_per_token
-# Recomputing runs each checkpointed layer's forward pass again, a third more work than a QLoRA forward and backward
-# (whose backward through the frozen base costs about two forwards): 1.42 times keeping the activations measured at 8%
-# of an H200's SMs, 1.44 with all of them (bench/RESULTS.md). A measurement below this is the host's launches showing
-# through the short passes of a fast card (on the whole H200 recomputing then came out no dearer than keeping, and the
-# planner chose it where keeping was faster), so it is not believed.
-RECOMPUTE_AT_LEAST = 1.4
+# Recomputing runs each checkpointed layer's forward pass again, and a QLoRA backward through the frozen 4-bit base
+# costs one to two forwards: recomputing costs between these times keeping the activations. Measured: 1.42 at 8% of an
+# H200's SMs, 1.40 with all of them and 23 GiB free. Outside the range, a mode's passes were too short for the GPU to
+# show its cost: on the whole H200 with 15 GiB free, keeping measured 15 us a token between passes of 984 and 1,952
+# tokens (0.204 and 0.218 s, the host's launches), recomputing 77 us between 7,936 and 11,808.
+RECOMPUTE_AT_LEAST, RECOMPUTE_AT_MOST = 1.4, 1.5
 MORE_MEMORY = 1.25  # cached figures serve runs with up to this many times the free memory they were measured with
 
 
@@ -162,11 +162,11 @@ def timed(model, rows: int, length: int) -> tuple[float, int, int, int]:
     return min((*one_pass(model, rows, n), rows * n) for n in (length, length - 8))
 
 
-def fit_mode(model, mode: str, length: int, cap_tokens: int, passes: list) -> tuple[float, float]:
-    """(seconds a token, seconds a micro-batch) of the mode the model is set to, from the line through its two largest
-    passes: the rows double until a pass takes PASS_SECONDS or `cap_tokens` is reached. A fast card's short passes
-    are bound by the host's launches (on the whole H200 one recomputed row of 1,024 tokens took 0.37 s and five rows
-    0.43 s), so only passes large enough to keep the GPU busy show what a token costs there."""
+def measured_line(model, mode: str, length: int, cap_tokens: int, passes: list) -> tuple[tuple, tuple]:
+    """The two largest passes, (tokens, seconds) each, of the mode the model is set to: the rows double until a pass
+    takes PASS_SECONDS or `cap_tokens` is reached. A fast card's short passes are bound by the host's launches (on the
+    whole H200 one recomputed row of 1,024 tokens took 0.37 s and five rows 0.43 s), so only passes large enough to
+    keep the GPU busy show what a token costs there."""
     sizes, rows = [], 1
     while True:
         sizes.append(timed(model, rows, max(8, length - 8 * len(sizes))))  # each size at lengths not seen before
@@ -176,9 +176,23 @@ def fit_mode(model, mode: str, length: int, cap_tokens: int, passes: list) -> tu
         rows = max(more, rows + 1)
     for seconds, peak, slack, tokens in sizes:
         passes.append({"mode": mode, "tokens": tokens, "seconds": seconds, "peak_bytes": peak, "slack_bytes": slack})
-    (small, *_, small_tokens), (large, *_, large_tokens) = sizes[-2:]
-    per_token = max((large - small) / (large_tokens - small_tokens), 1e-7)
-    return per_token, max(0.0, large - per_token * large_tokens)
+    return tuple((tokens, seconds) for seconds, _, _, tokens in sizes[-2:])
+
+
+def slope(line: tuple[tuple, tuple]) -> float:
+    (small_tokens, small), (large_tokens, large) = line
+    return max((large - small) / (large_tokens - small_tokens), 1e-7)
+
+
+def bounded(measured: dict, loaded: str, moved: float) -> dict:
+    """Seconds a token of every mode, from the slopes `measured` (of `loaded` and, where it fitted, of keeping) and the
+    seconds `moved` that offloading's moves take a token. Recomputing costs one more forward pass of each layer:
+    between RECOMPUTE_AT_LEAST and RECOMPUTE_AT_MOST times keeping. The recompute passes reach large sizes on any card
+    (their activations are small), so a keep slope outside that range is taken for passes too short to show it."""
+    recompute = measured[loaded] - moved if loaded == "unsloth" else measured[loaded]
+    keep = max(measured.get("false", recompute / RECOMPUTE_AT_LEAST), recompute / RECOMPUTE_AT_MOST)
+    recompute = max(recompute, RECOMPUTE_AT_LEAST * keep)
+    return {"false": keep, "true": recompute, "unsloth": max(measured.get("unsloth", 0.0), recompute + moved)}
 
 
 def host_link_bytes_per_second() -> float:
@@ -229,37 +243,31 @@ def measure(model, loaded: str, tokens_per_step: int, bytes_per_token: dict) -> 
     # what the passes may fill: the free memory and what the allocator holds unused, less the planner's margin
     room = USABLE * (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
     room -= SLACK_EXTRA
-    passes, per_token, per_micro = [], {}, []
+    passes, lines = [], {}
     for mode, kept in ((loaded, 0), ("false", layers)):
         keep_activations(model, kept)
         cap = min(tokens_per_step, int(room // bytes_per_token[mode]))
         if cap < 128 and mode != loaded:  # not even two short rows fit: no plan could use it, so it is not measured
-            per_token[mode] = per_token[loaded] * BUILT_IN[mode] / BUILT_IN[loaded]
             continue
         # every mode at other lengths, so that none of its shapes was seen before
-        mode_length = max(64, min(length, cap // 2) // 8 * 8) - 32 * len(per_micro)
-        per_token[mode], fixed = fit_mode(model, mode, mode_length, cap, passes)
-        per_micro.append(fixed)
+        mode_length = max(64, min(length, cap // 2) // 8 * 8) - 32 * len(lines)
+        lines[mode] = measured_line(model, mode, mode_length, cap, passes)
         torch.cuda.empty_cache()  # so that the next mode's slack is its own, not this mode's cached blocks
     keep_activations(model, 0)
     link = host_link_bytes_per_second()
     # each layer's input, to host memory and back
     moved = 2 * layers * model.config.hidden_size * model.get_input_embeddings().weight.element_size() / link
-    measured = dict(per_token)  # before the bounds below: kept in the record, to see what they changed
-    floor = RECOMPUTE_AT_LEAST * per_token["false"]
-    if loaded == "unsloth":
-        per_token["true"] = max(floor, per_token["unsloth"] - moved)
-        per_token["unsloth"] = max(per_token["unsloth"], per_token["true"])
-    else:
-        per_token["true"] = max(floor, per_token["true"])
-        per_token["unsloth"] = per_token["true"] + moved
+    measured = {mode: slope(line) for mode, line in lines.items()}  # kept in the record, to see what bounded changed
+    per_token = bounded(measured, loaded, moved)
+    # the fixed time of a micro-batch: what the largest pass of each mode took beyond its tokens
+    fixed = [max(0.0, line[1][1] - per_token[mode] * line[1][0]) for mode, line in lines.items()]
     step = optimizer_seconds(model)
     slack = max(passes, key=lambda p: p["peak_bytes"])["slack_bytes"]  # at the pass nearest the memory's end
     gc.collect()
     torch.cuda.empty_cache()
     seconds = time.perf_counter() - measuring
     share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
-    figures = Figures(per_token, sum(per_micro) / len(per_micro), step, slack + SLACK_EXTRA,
+    figures = Figures(per_token, sum(fixed) / len(fixed), step, slack + SLACK_EXTRA,
                       source=f"measured on {torch.cuda.get_device_name()}" + (f" ({share}% of SMs)" if share else ""))
     return {"figures": figures.as_dict(), "seconds": seconds, "first_pass_seconds": first,
             "host_link_gb_per_s": link / 1e9, "row_length": length, "measured_seconds_per_token": measured,

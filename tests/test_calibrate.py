@@ -47,3 +47,29 @@ def test_a_run_with_much_more_free_memory_measures_again():
     assert not calibrate.outgrown(record, 15 * 2**30) and not calibrate.outgrown(record, 18 * 2**30)
     assert calibrate.outgrown(record, 23 * 2**30)
     assert not calibrate.outgrown({"figures": FIGURES.as_dict()}, 140 * 2**30)  # a record of before: kept
+
+
+def test_passes_too_short_for_a_fast_card_are_bounded_by_recomputing():
+    """The whole H200 with 15 GiB free (2026-12-03): keeping every activation fitted only passes of 984 and 1,952
+    tokens, bound by the host's launches (15 us a token), while recomputing reached 11,808 tokens (77 us). Planned from
+    the raw slopes, the run kept 31 layers in micro-batches of 2,458 tokens and ran at 8,228 padded tokens/s against
+    12,580 predicted; with keeping bounded to recomputing's cost it recomputes in one micro-batch of 12,288, which ran
+    at 12,028."""
+    keep, recompute = ((984, 0.204), (1952, 0.218)), ((7936, 0.727), (11808, 1.024))
+    measured = {"false": calibrate.slope(keep), "true": calibrate.slope(recompute)}
+    assert round(measured["false"] * 1e6) == 14 and round(measured["true"] * 1e6) == 77
+    per_token = calibrate.bounded(measured, "true", moved=9.5e-6)
+    assert per_token["false"] == measured["true"] / calibrate.RECOMPUTE_AT_MOST and per_token["true"] == measured["true"]
+    assert per_token["unsloth"] == measured["true"] + 9.5e-6
+    figures = planner.Figures(per_token, 0.118, 0.002, 2**30)
+    chosen = planner.plan(int(14.3 * 2**30), 12288, 2048, "unsloth", figures=figures)
+    assert (chosen.checkpointing, chosen.micro_tokens) == ("true", 12288) and chosen.skip_layers <= 2
+    assert 0.8 < chosen.predicted_tokens_per_second / 12_028 < 1.2
+
+
+def test_a_keep_slope_in_range_is_kept_and_recomputing_is_raised_to_its_bound():
+    """The same card with 23 GiB free: keeping measured 58 us up to 3,872 tokens, recomputing 76 us (1.31 times)."""
+    per_token = calibrate.bounded({"false": 58e-6, "true": 76e-6}, "true", moved=9.5e-6)
+    assert per_token["false"] == 58e-6 and per_token["true"] == calibrate.RECOMPUTE_AT_LEAST * 58e-6
+    offloaded = calibrate.bounded({"false": 58e-6, "unsloth": 95e-6}, "unsloth", moved=9.5e-6)
+    assert offloaded["unsloth"] == 95e-6 and offloaded["true"] == 95e-6 - 9.5e-6
