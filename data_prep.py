@@ -3,10 +3,9 @@
     python data_prep.py --dataset my_data.jsonl --output_dir data/my_data
 """
 
-import sys
-
 from qlora.config import parse, show
 from qlora.data import DataError, prepare_dataset
+from qlora.errors import one_line_errors
 from qlora.hub import HubError
 
 GROUPS = ("data", "base")
@@ -14,7 +13,5 @@ GROUPS = ("data", "base")
 if __name__ == "__main__":
     config, _ = parse(GROUPS + ("train",), __doc__)
     show(config, GROUPS + ("train",))
-    try:
+    with one_line_errors(DataError, HubError):
         prepare_dataset(config, config.output_dir)
-    except (DataError, HubError) as err:
-        sys.exit(f"error: {err}")

@@ -6,18 +6,17 @@ each file against the merged model (export_report.json).
     ollama create my-mistral -f outputs/mistral-qlora/export/Modelfile
 """
 
-import sys
-
 from qlora.config import parse, show
+from qlora.errors import one_line_errors
 from qlora.export import ExportError, run_export
 from qlora.hub import HubError
+from qlora.model import WeightsError
+from qlora.runfolder import Locked
 
 GROUPS = ("export",)
 
 if __name__ == "__main__":
     config, _ = parse(GROUPS, __doc__)
     show(config, GROUPS)
-    try:
+    with one_line_errors(ExportError, HubError, WeightsError, Locked):  # and FileNotFoundError, an OSError
         run_export(config)
-    except (ExportError, FileNotFoundError, HubError) as err:
-        sys.exit(f"error: {err}")

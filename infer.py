@@ -11,14 +11,14 @@ a base .gguf with --lora adapter.gguf.
 import sys
 
 from qlora.config import parse
+from qlora.errors import one_line_errors
 from qlora.hub import HubError
 from qlora.infer import GROUPS, InferError, add_arguments, run
 
 if __name__ == "__main__":
     config, args = parse(GROUPS, __doc__, extra=add_arguments)
     try:
-        run(config, args)
-    except (HubError, InferError) as err:
-        sys.exit(f"error: {err}")
+        with one_line_errors(HubError, InferError):
+            run(config, args)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -7,27 +7,24 @@
 
 import sys
 
-from qlora.config import parse, show
+from qlora.config import ConfigError, parse, show
+from qlora.errors import one_line_errors
 from qlora.train import GROUPS
 
 if __name__ == "__main__":
     config, _ = parse(GROUPS, __doc__)
     show(config, GROUPS)
 
+    from qlora.hub import HubError
     from qlora.model import BackendError, pick_backend
 
-    try:
-        backend = pick_backend(config)
-    except BackendError as err:
-        sys.exit(f"error: {err}")
+    with one_line_errors(BackendError, HubError):
+        backend = pick_backend(config)  # before any weights are read
     if backend == "unsloth":
         import unsloth  # noqa: F401  (first, so that its patches reach transformers, trl and peft)
 
     from qlora.data import DataError
-    from qlora.hub import HubError
     from qlora.train import RunError, run
 
-    try:
+    with one_line_errors(ConfigError, DataError, HubError, RunError):
         sys.exit(run(config, backend))
-    except (DataError, HubError, RunError) as err:
-        sys.exit(f"error: {err}")

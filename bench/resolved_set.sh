@@ -17,7 +17,10 @@ out=$(realpath -m "${1:?usage: resolved_set.sh OUT.tar.xz [HOST_PACKAGES]}")
 host_packages=$(realpath -m "${2:-/dev/null}")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-python3 -m pip install -q --dry-run --ignore-installed --report "$work/report.json" -r requirements.txt
+# torch as scripts/install_gpu.sh installs it where none fits the GPU (requirements.txt states only the range)
+printf 'torch==2.11.0\ntorchvision==0.26.0\n' > "$work/torch.txt"
+python3 -m pip install -q --dry-run --ignore-installed --report "$work/report.json" -r requirements.txt \
+  -c "$work/torch.txt"
 mkdir "$work/site"
 python3 - "$work" "$host_packages" <<'EOF'
 import json, sys

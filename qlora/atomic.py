@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from contextlib import contextmanager
@@ -84,6 +85,22 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         pass
     return True
+
+
+def check_writable(folder: str | Path) -> None:
+    """Fail before the work, not after it, where its outputs cannot go: `folder` (made if missing) must take a file.
+    The OSError names the folder (see qlora/errors.py)."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():  # the folder, or one it would be made in
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", str(existing))
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = _temporary(folder / "write-check")
+    try:
+        probe.touch()
+    except OSError as err:
+        raise type(err)(err.errno, err.strerror, str(folder)) from None
+    probe.unlink()
 
 
 def write_text(final: str | Path, text: str) -> None:

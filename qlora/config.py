@@ -1,6 +1,7 @@
 """One typed config for every script: the reference recipe as defaults, YAML presets, flags named like fields.
 
 Each field carries a `group` (data, base, model, train, export, infer); a script exposes only the groups it uses.
+Numbers and names carry a `check`, run on every value from a file or a flag, before anything is fetched or loaded.
 Precedence: dataclass default < `--config file.yaml` < command-line flag.
 """
 
@@ -8,20 +9,61 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import math
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
+
+@dataclass(frozen=True)
+class Check:
+    """What a field's values must be: `ok(value)` says whether one is, `must` says what, for the error line."""
+
+    ok: Callable[[object], bool]
+    must: str
+
+
+def at_least(low: int) -> Check:
+    return Check(lambda v: math.isfinite(v) and v >= low, f"at least {low}")
+
+
+def above(low: float) -> Check:
+    return Check(lambda v: math.isfinite(v) and v > low, f"above {low}")
+
+
+SHARE = Check(lambda v: 0 <= v < 1, "at least 0 and below 1")
+
+
+def transformers_name(module: str, names: str, *also: str, must: str) -> Check:
+    """One of `also` or of the names in transformers' enum `module.names` (imported only for a value not in `also`:
+    importing transformers takes seconds)."""
+    def ok(value) -> bool:
+        return value in also or value in {n.value for n in getattr(importlib.import_module(module), names)}
+
+    return Check(ok, must)
+
+
+SEED = Check(lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1")  # what numpy's and torch's seeding take
+STEPS = Check(lambda v: v == -1 or v >= 1, "-1 (run the epochs) or at least 1")
+NUCLEUS = Check(lambda v: 0 < v <= 1, "above 0 and at most 1")
+OPTIMIZER = transformers_name("transformers.training_args", "OptimizerNames", "auto",
+                              must="auto or an optimizer of transformers (adamw_torch, adamw_torch_fused, adamw_8bit, "
+                                   "adafactor, ...)")
+SCHEDULE = transformers_name("transformers.trainer_utils", "SchedulerType", "linear",
+                             must="a schedule of transformers (linear, cosine, constant, constant_with_warmup, ...)")
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _f(default, group: str, help: str):
-    """A dataclass field with its group and help text; lists get a factory so instances never share one."""
-    meta = {"group": group, "help": help}
+def _f(default, group: str, help: str, check: Check | None = None):
+    """A dataclass field with its group, help text and, for numbers and names, the check its values must pass; lists
+    get a factory so instances never share one."""
+    meta = {"group": group, "help": help, "check": check}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -41,59 +83,72 @@ class Config:
                                  "Alpaca's input (optional)")
     system_field: str | None = _f(None, "data", "column holding a system message for the row (optional)")
     template: str = _f("mistral", "data", "mistral ([INST] chat format, Mistral's own token ids) or instruction (### Instruction / ### Response)")
-    system_prompt: str | None = _f(None, "data", "system message put before the first user turn (Mistral v1 style)")
+    system_prompt: str | None = _f(None, "data", "system message of every row without one (placed as the model's "
+                                   "tokenizer does: v1 in the first user turn, v3 and Tekken in the last)")
     train_on_prompt: bool = _f(False, "data", "train on the whole text instead of on the responses only")
-    max_seq_length: int = _f(2048, "data", "rows longer than this are truncated")
-    eval_fraction: float = _f(0.05, "data", "share of rows held out for evaluation")
+    max_seq_length: int = _f(2048, "data", "rows longer than this are truncated", check=at_least(1))
+    eval_fraction: float = _f(0.05, "data", "share of rows held out for evaluation", check=SHARE)
     skip_invalid: bool = _f(False, "data", "count and drop unreadable rows instead of stopping at the first")
-    seed: int = _f(42, "data", "seed for the split, LoRA init and data order")
+    seed: int = _f(42, "data", "seed for the split, LoRA init and data order", check=SEED)
     # base: the model whose tokenizer every script renders prompts with
     model_name: str = _f("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "base", "hub id or local folder of the base model")
-    tokenizer_name: str | None = _f(None, "base", "hub id or folder holding tokenizer.model, when the model's lacks it")
+    tokenizer_name: str | None = _f(None, "base", "hub id or folder holding tokenizer.model (or Tekken's "
+                                    "tokenizer.json), when the model's lacks it")
     # model
     backend: str = _f("auto", "model", "auto (unsloth on CUDA, cpu otherwise), unsloth, hf (transformers+bitsandbytes+PEFT), cpu")
     load_in_4bit: bool = _f(True, "model", "load the base in 4 bits (GPU backends only)")
-    lora_r: int = _f(8, "model", "LoRA rank")
-    lora_alpha: int = _f(32, "model", "LoRA alpha")
-    lora_dropout: float = _f(0.0, "model", "LoRA dropout (0 keeps Unsloth's fastest LoRA kernels; 0.1 costs about 7%)")
+    lora_r: int = _f(8, "model", "LoRA rank", check=at_least(1))
+    lora_alpha: int = _f(32, "model", "LoRA alpha", check=at_least(1))
+    lora_dropout: float = _f(0.0, "model", "LoRA dropout (0 keeps Unsloth's fastest LoRA kernels; 0.1 costs about 7%)",
+                             check=SHARE)
     lora_target_modules: list[str] = _f(LORA_TARGETS, "model", "modules that get LoRA adapters")
     gradient_checkpointing: str = _f("auto", "model", "recompute activations in the backward pass to save memory: "
                                      "true, false, unsloth (offload them to host memory instead) or auto (the planner "
                                      "picks the fastest that fits the free GPU memory)")
     checkpoint_skip_layers: int | str = _f("auto", "model", "with gradient_checkpointing true on Unsloth: this many "
                                            "of the decoder layers keep their activations instead of recomputing them "
-                                           "(faster, more memory); auto: as many as fit the free GPU memory")
+                                           "(faster, more memory); auto: as many as fit the free GPU memory",
+                                           check=at_least(0))
     # train
     output_dir: str = _f("outputs/mistral-qlora", "train", "where data, checkpoints, adapter and reports go")
-    per_device_train_batch_size: int = _f(1, "train", "rows per micro-batch (per device), when token_budget is unset")
+    per_device_train_batch_size: int = _f(1, "train", "rows per micro-batch (per device), when token_budget is unset",
+                                          check=at_least(1))
     token_budget: int | str | None = _f("auto", "train", "micro-batches of rows of similar length holding up to this "
                                         "many padded tokens (none: per_device_train_batch_size rows); auto: the "
-                                        "planner cuts tokens_per_step into micro-batches that fit the free GPU memory")
-    tokens_per_step: int = _f(12288, "train", "padded tokens per optimizer step when token_budget is auto")
+                                        "planner cuts tokens_per_step into micro-batches that fit the free GPU memory",
+                                        check=at_least(1))
+    tokens_per_step: int = _f(12288, "train", "padded tokens per optimizer step when token_budget is auto",
+                              check=at_least(1))
     pad_to_multiple_of: int | None = _f(8, "train", "pad each micro-batch's length up to a multiple of this (PyTorch's "
-                                        "memory-efficient attention wants 8; none: to the longest row)")
-    gradient_accumulation_steps: int = _f(1, "train", "micro-batches per optimizer step (one process)")
+                                        "memory-efficient attention wants 8; none: to the longest row)",
+                                        check=at_least(1))
+    gradient_accumulation_steps: int = _f(1, "train", "micro-batches per optimizer step (one process)",
+                                          check=at_least(1))
     keep_gradient_accumulation: bool = _f(False, "train", "with N processes keep the accumulation as given instead of "
                                           "dividing it by N to keep the one-process effective batch")
-    learning_rate: float = _f(2e-4, "train", "peak learning rate")
-    num_train_epochs: float = _f(3.0, "train", "epochs over the training split")
-    max_steps: int = _f(-1, "train", "stop after this many optimizer steps (-1: run the epochs)")
-    lr_scheduler_type: str = _f("linear", "train", "learning-rate schedule")
-    warmup_steps: float = _f(0.03, "train", "warm-up: a number of steps, or a share of all steps when below 1")
-    weight_decay: float = _f(0.0, "train", "AdamW weight decay")
-    optim: str = _f("auto", "train", "optimizer: auto (adamw_torch_fused on GPU, adamw_torch on CPU) or any transformers name")
+    learning_rate: float = _f(2e-4, "train", "peak learning rate", check=above(0))
+    num_train_epochs: float = _f(3.0, "train", "epochs over the training split", check=above(0))
+    max_steps: int = _f(-1, "train", "stop after this many optimizer steps (-1: run the epochs)", check=STEPS)
+    lr_scheduler_type: str = _f("linear", "train", "learning-rate schedule", check=SCHEDULE)
+    warmup_steps: float = _f(0.03, "train", "warm-up: a number of steps, or a share of all steps when below 1",
+                             check=at_least(0))
+    weight_decay: float = _f(0.0, "train", "AdamW weight decay", check=at_least(0))
+    optim: str = _f("auto", "train", "optimizer: auto (adamw_torch_fused on GPU, adamw_torch on CPU) or any transformers name",
+                    check=OPTIMIZER)
     packing: bool = _f(False, "train", "pack several rows per sequence, padding-free, no attention across rows")
-    logging_steps: int = _f(10, "train", "log every N optimizer steps")
-    save_steps: int = _f(100, "train", "checkpoint every N optimizer steps")
-    save_total_limit: int = _f(3, "train", "checkpoints kept")
-    eval_steps: int | None = _f(None, "train", "evaluate every N steps (default: as save_steps)")
-    early_stopping_patience: int | None = _f(None, "train", "stop after N evaluations without a better eval loss")
+    logging_steps: int = _f(10, "train", "log every N optimizer steps", check=at_least(1))
+    save_steps: int = _f(100, "train", "checkpoint every N optimizer steps", check=at_least(1))
+    save_total_limit: int = _f(3, "train", "checkpoints kept", check=at_least(1))
+    eval_steps: int | None = _f(None, "train", "evaluate every N steps (default: as save_steps)", check=at_least(1))
+    early_stopping_patience: int | None = _f(None, "train", "stop after N evaluations without a better eval loss",
+                                             check=at_least(1))
     report_to: str = _f("none", "train", "none, tensorboard or wandb")
     profile_steps: int = _f(0, "train", "profile this many steps after 3 warm-up ones into output_dir/profile.txt and "
-                           "profile.trace.json.gz")
+                           "profile.trace.json.gz", check=at_least(0))
     resume: bool = _f(False, "train", "continue from the last complete checkpoint in output_dir")
     resume_from_checkpoint: str | None = _f(None, "train", "continue from this checkpoint folder")
-    overwrite_output_dir: bool = _f(False, "train", "replace a finished run in output_dir")
+    overwrite_output_dir: bool = _f(False, "train", "replace a finished run in output_dir: its files go once the new "
+                                    "run's settings, data and model are ready; other files there stay")
     # export
     adapter_dir: str | None = _f(None, "export", "training output or adapter folder to merge (default: output_dir)")
     export_dir: str | None = _f(None, "export", "where merged model, GGUF files and Modelfile go (default: adapter_dir/export)")
@@ -110,11 +165,11 @@ class Config:
     convert_base: bool = _f(False, "export", "with --lora_only: convert the 16-bit base to base-f16.gguf and "
                             "check adapter.gguf on it (downloads the base)")
     # infer
-    max_new_tokens: int = _f(256, "infer", "tokens to generate at most")
-    temperature: float = _f(0.7, "infer", "sampling temperature; 0 is greedy")
-    top_p: float = _f(0.95, "infer", "nucleus sampling")
-    top_k: int = _f(50, "infer", "top-k sampling")
-    repetition_penalty: float = _f(1.0, "infer", "penalty for repeated tokens")
+    max_new_tokens: int = _f(256, "infer", "tokens to generate at most", check=at_least(1))
+    temperature: float = _f(0.7, "infer", "sampling temperature; 0 is greedy", check=at_least(0))
+    top_p: float = _f(0.95, "infer", "nucleus sampling", check=NUCLEUS)
+    top_k: int = _f(50, "infer", "top-k sampling", check=at_least(0))
+    repetition_penalty: float = _f(1.0, "infer", "penalty for repeated tokens", check=above(0))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -143,7 +198,15 @@ def _base_type(tp):
 
 
 def coerce(name: str, value, source: str = "flag"):
-    """Check (and for strings from the command line, convert) one value against its field's type."""
+    """Check (and for strings from the command line, convert) one value against its field's type and its check."""
+    value = _typed(name, value, source)
+    check = FIELDS[name].metadata["check"]
+    if check and value is not None and not (value == "auto" and name in AUTO_NUMBERS) and not check.ok(value):
+        raise ConfigError(f"{source}: '{name}' must be {check.must}, got {value!r}")
+    return value
+
+
+def _typed(name: str, value, source: str):
     if name not in FIELDS:
         raise ConfigError(f"{source}: unknown key '{name}'")
     tp, optional = _base_type(typing.get_type_hints(Config)[name])
@@ -187,6 +250,12 @@ def load_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; --config takes a YAML file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML file (bytes that are not UTF-8 at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):

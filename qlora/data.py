@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .chat import IGNORE, Conversation, Message, PromptFormat
+from .chat import IGNORE, Conversation, Message, PromptFormat, load_prompt_format
 from .hub import fetching
 
 ACCEPTED = (
@@ -152,7 +152,10 @@ def read_records(dataset: str, split: str = "train") -> Iterator[tuple[str, obje
 
 # ---------------------------------------------------------------- formats -> conversations
 
-_LLAMA2_TURN = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?:</s>|(?=<s>)|(?=\[INST\])|$)", re.S)
+# An answer ends at </s>, <s>, the end, or an [INST] that opens a turn (is closed by [/INST] before any other [INST]):
+# an [INST] in an answer's own text stays in the answer
+_LLAMA2_TURN = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?:</s>|(?=<s>)|(?=\[INST\](?:(?!\[INST\]).)*?\[/INST\])|$)",
+                          re.S)
 _LLAMA2_SYS = re.compile(r"<<SYS>>(.*?)<</SYS>>", re.S)
 _GUANACO_MARK = re.compile(r"###\s*(Human|Assistant)\s*:")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -379,6 +382,7 @@ def prepare_rows(records, fmt: str | Columns, prompt_format: PromptFormat, max_s
     trained = sum(sum(label != IGNORE for label in r["labels"]) for r in rows)
     stats = {
         "source": source,
+        "tokenizer": prompt_format.description,
         "format": str(fmt) if fmt != "auto" else (detected.most_common(1)[0][0] if detected else None),
         "rows_in": rows_in,
         "kept": len(rows),
@@ -401,13 +405,13 @@ def show_example(row: dict, prompt_format: PromptFormat) -> str:
     for token, label in zip(row["input_ids"], row["labels"]):
         trained = label != IGNORE
         if trained != trained_now and span:
-            text = prompt_format.sp.decode(span)
+            text = prompt_format.text(span)
             out.append(f"«{text}»" if trained_now else text)
             span = []
         trained_now = trained
         span.append(token)
     if span:
-        text = prompt_format.sp.decode(span)
+        text = prompt_format.text(span)
         out.append(f"«{text}»" if trained_now else text)
     return " ".join(out)
 
@@ -423,8 +427,9 @@ def is_prepared(path: str | Path) -> bool:
 
 
 def print_stats(stats: dict) -> None:
-    rows = [("source", stats["source"]), ("format", stats["format"]), ("rows in", stats["rows_in"]),
-            ("kept", stats["kept"]), ("dropped", ", ".join(f"{k}: {v}" for k, v in stats["dropped"].items()) or "0"),
+    rows = [("source", stats["source"]), ("tokenizer", stats["tokenizer"]), ("format", stats["format"]),
+            ("rows in", stats["rows_in"]), ("kept", stats["kept"]),
+            ("dropped", ", ".join(f"{k}: {v}" for k, v in stats["dropped"].items()) or "0"),
             ("truncated", stats["truncated"]), ("train / eval", f"{stats['train_rows']} / {stats['eval_rows']}"),
             ("tokens p50 / p90 / max", f"{stats['length_p50']} / {stats['length_p90']} / {stats['length_max']}"),
             ("trained token share", stats["trained_token_share"])]
@@ -438,7 +443,7 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
     from datasets import Dataset, DatasetDict, disable_progress_bars
 
     from . import atomic
-    from .chat import find_tokenizer_model
+    from .chat import find_tokenizer_file
     from .config import to_yaml
 
     if not 0 <= config.eval_fraction < 1:
@@ -447,9 +452,10 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
     # the finished folder replaces out_dir whole, so only an earlier data_prep output (or nothing) may be there
     if out.exists() and not is_prepared(out) and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not a data_prep output; choose another --output_dir or remove it")
+    atomic.check_writable(out.parent)
     fmt = data_format(config)
     records = read_records(config.dataset, config.dataset_split)  # a missing file is named before the model is fetched
-    prompt_format = PromptFormat(find_tokenizer_model(config.model_name, config.tokenizer_name), config.template)
+    prompt_format = load_prompt_format(find_tokenizer_file(config.model_name, config.tokenizer_name), config.template)
     prepared = prepare_rows(records, fmt, prompt_format,
                             config.max_seq_length, config.train_on_prompt, config.eval_fraction, config.seed,
                             config.skip_invalid, config.dataset, config.system_prompt)
@@ -471,4 +477,8 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
 def load_prepared(path: str | Path):
     from datasets import load_from_disk
 
-    return load_from_disk(str(path))
+    try:
+        return load_from_disk(str(path))
+    except (OSError, ValueError) as err:  # pyarrow's word for a file cut short; a damaged .json
+        raise DataError(f"{path}: damaged prepared data ({str(err).splitlines()[0]}); prepare it again with "
+                        f"data_prep.py") from None

@@ -1,24 +1,39 @@
 """`python -m qlora env`: what a bug report needs, as `transformers env`, `accelerate env` and `trl env` print it.
 
-Versions of the stack, the CUDA devices with their bf16/fp16 support and free memory, llama.cpp's own system info
-and whether it runs GGUF files here (`qlora.probe`), and whether llama.cpp's converter is in place.
+Versions of the stack, the NVIDIA driver and whether torch's CUDA build fits it (with the fix when not), the CUDA
+devices with their bf16/fp16 support and free memory, llama.cpp's own system info and whether it runs GGUF files here
+(`qlora.probe`), and whether llama.cpp's converter is in place.
 """
 
 from __future__ import annotations
 
 import platform
 
-from . import probe
+from . import gpu, probe
 from .report import PACKAGES, git_commit, package_version
 
 STACK = PACKAGES + ("xformers", "llama_cpp_python", "gguf", "sentencepiece", "safetensors", "mistral_common")
+
+
+def driver_lines() -> list[str]:
+    """The NVIDIA driver, torch's CUDA build, whether they fit, and the fix when they do not."""
+    import torch
+
+    found = gpu.driver()
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "none (a CPU build)"
+    lines = [f"NVIDIA driver: {found.describe() if found else 'none found (no nvidia-smi, no kernel module)'}",
+             f"torch CUDA build: {build} (torch {torch.__version__})"]
+    if found:
+        problem = gpu.unusable_gpu()
+        lines.append(f"driver and torch fit: {'no: ' + problem if problem else 'yes'}")
+    return lines
 
 
 def gpu_lines() -> list[str]:
     import torch
 
     if not torch.cuda.is_available():
-        return ["CUDA: not available (CPU only)"]
+        return ["CUDA: not available"]
     lines = [f"CUDA: {torch.version.cuda}, {torch.cuda.device_count()} device(s)"]
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
@@ -61,7 +76,7 @@ def report() -> str:
              f"platform: {platform.platform()}, {platform.machine()}",
              f"python: {platform.python_version()}"]
     lines += [f"{name}: {package_version(name) or 'not installed'}" for name in STACK]
-    lines += gpu_lines() + llama_cpp_lines() + [converter_line()]
+    lines += driver_lines() + gpu_lines() + llama_cpp_lines() + [converter_line()]
     return "\n".join(f"- {line}" if not line.startswith("  ") else line for line in lines)
 
 

@@ -31,14 +31,14 @@ from pathlib import Path
 
 import yaml
 
-from . import atomic, isolate
-from .chat import MISTRAL_CHAT_TEMPLATE, Conversation, PromptFormat, find_tokenizer_model
+from . import atomic, isolate, runfolder
+from .chat import Conversation, find_tokenizer_file, load_prompt_format, tokenizer_file_in
 from .config import Config, to_yaml
 from .gguf_check import CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_all, check_file, mismatches, prompt_set
 from .hub import fetching
 from .merge import MergeError, base_checkout, dequantized_checkout, merge_into
-from .model import LOCAL_BASE, check_safetensors_adapter
-from .modelfile import modelfile
+from .model import LOCAL_BASE, check_safetensors_adapter, parameter_count
+from .modelfile import modelfile, ollama_template
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERTER_ENV = "LLAMA_CPP_CONVERTER"  # a folder holding the converters, conversion/ and gguf-py/
@@ -49,6 +49,7 @@ INSTALL_CONVERTER = "sh scripts/get_llama_cpp_converter.sh"
 # 4-bit repos whose 16-bit original is known: merging into the original avoids NF4's rounding of the base weights.
 KNOWN_16BIT = {
     "unsloth/mistral-7b-instruct-v0.2-bnb-4bit": "mistralai/Mistral-7B-Instruct-v0.2",
+    "unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit": "mistralai/Mistral-Nemo-Instruct-2407",
     "unsloth/mistral-7b-instruct-v0.3-bnb-4bit": "mistralai/Mistral-7B-Instruct-v0.3",
     "unsloth/mistral-7b-v0.3-bnb-4bit": "mistralai/Mistral-7B-v0.3",
     "unsloth/mistral-7b-bnb-4bit": "mistralai/Mistral-7B-v0.1",
@@ -67,7 +68,11 @@ BASE_GGUF = "base-f16.gguf"  # --convert_base's output, the base adapter.gguf is
 LORA_OUTTYPE = "f32"
 # Ollama library models of known bases: the adapter's Modelfile FROM when --ollama_base is not given.
 OLLAMA_BASES = {"unsloth/mistral-7b-instruct-v0.2-bnb-4bit": "mistral:7b-instruct-v0.2",
-                "mistralai/Mistral-7B-Instruct-v0.2": "mistral:7b-instruct-v0.2"}
+                "mistralai/Mistral-7B-Instruct-v0.2": "mistral:7b-instruct-v0.2",
+                "unsloth/mistral-7b-instruct-v0.3-bnb-4bit": "mistral:v0.3",
+                "mistralai/Mistral-7B-Instruct-v0.3": "mistral:v0.3",
+                "unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit": "mistral-nemo:12b",
+                "mistralai/Mistral-Nemo-Instruct-2407": "mistral-nemo:12b"}
 # adapter_config.json settings that llama.cpp's LoRA (W + alpha / r * B @ A on each matrix) cannot express
 UNSUPPORTED_LORA = {"use_dora": "DoRA", "use_rslora": "rsLoRA's alpha / sqrt(r) scale",
                     "alpha_pattern": "per-module alpha", "modules_to_save": "fully trained modules"}
@@ -238,18 +243,6 @@ def trained_setting(adapter_dir: Path, name: str):
     return settings.get(name) if isinstance(settings, dict) else None
 
 
-def parameter_count(base: str) -> int:
-    """Parameters of the base's architecture, counted on the meta device (no weights read or downloaded)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with fetching(base, "base model", LOCAL_BASE):
-        architecture = AutoConfig.from_pretrained(base)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(architecture)
-    return sum(p.numel() for p in model.parameters())
-
-
 def estimated_bytes(p: Plan, lora_only: bool) -> dict[str, int]:
     """Final size of every file the export will write, by name."""
     if lora_only:
@@ -298,18 +291,25 @@ def merge(adapter_dir: Path, base: str, target: Path, dequantize: bool = False) 
 
 
 def save_tokenizer(adapter_dir: Path, base: str, target: Path) -> None:
-    """The adapter's tokenizer files (else the base's) plus `tokenizer.model`, which transformers 5 does not write
-    and without which llama.cpp's converter falls back on tokenizer.json and tokenizes unlike Mistral."""
+    """The adapter's tokenizer files (else the base's) plus the tokenizer file the prompts were rendered with, as it
+    was: `tokenizer.model`, which transformers 5 does not write and without which llama.cpp's converter falls back on
+    tokenizer.json and tokenizes unlike Mistral, or Tekken's `tokenizer.json`."""
     from transformers import AutoTokenizer
 
     source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     with fetching(source, "base model", LOCAL_BASE):
         tokenizer = AutoTokenizer.from_pretrained(source)
-    tokenizer.chat_template = tokenizer.chat_template or MISTRAL_CHAT_TEMPLATE  # lands in the GGUF metadata
+    rendered_with = prompt_tokenizer(adapter_dir, base)
+    # lands in the GGUF metadata
+    tokenizer.chat_template = tokenizer.chat_template or load_prompt_format(rendered_with).chat_template
     tokenizer.save_pretrained(target)
-    sp_model = adapter_dir / "tokenizer.model"
-    shutil.copyfile(sp_model if sp_model.is_file() else find_tokenizer_model(base, instead=LOCAL_BASE),
-                    target / "tokenizer.model")
+    shutil.copyfile(rendered_with, target / rendered_with.name)
+
+
+def prompt_tokenizer(adapter_dir: Path, base: str) -> Path:
+    """The tokenizer file the adapter's training rendered with: the copy train_unsloth.py left beside it, else the
+    base's."""
+    return tokenizer_file_in(adapter_dir) or find_tokenizer_file(base, instead=LOCAL_BASE)
 
 
 def copy_adapter(adapter_dir: Path, target: Path) -> None:
@@ -429,7 +429,7 @@ def check_adapter(p: Plan, prompts: list[Conversation]) -> dict:
     reference = p.folder / ".reference"
     merge(p.adapter_dir, p.base, reference, p.dequantize)
     try:
-        checks = prompt_set(PromptFormat(reference / "tokenizer.model"), prompts)
+        checks = prompt_set(load_prompt_format(prompt_tokenizer(p.adapter_dir, p.base)), prompts)
         what = f"{ADAPTER_GGUF} on {p.base_gguf.name}"
         checked = check_all(reference, {what: (p.base_gguf_file, p.adapter_gguf)}, checks)[what]
     finally:
@@ -448,10 +448,12 @@ def check_exports(p: Plan, prompts: list[Conversation] = CHECK_PROMPTS) -> dict:
     """Every GGUF of the plan against the merged model; the report is written whatever the verdict."""
     from transformers import AutoTokenizer
 
-    checks = prompt_set(PromptFormat(p.merged_dir / "tokenizer.model"), prompts)
+    prompt_format = load_prompt_format(tokenizer_file_in(p.merged_dir))
+    checks = prompt_set(prompt_format, prompts)
     checked = check_all(p.merged_dir, {p.gguf(t).name: (p.gguf(t), None) for t in p.gguf_types}, checks)
     chat_template = AutoTokenizer.from_pretrained(p.merged_dir).chat_template
-    return write_report(p, [check_file(p.gguf(t), t, checked[p.gguf(t).name], chat_template) for t in p.gguf_types])
+    return write_report(p, [check_file(p.gguf(t), t, checked[p.gguf(t).name], chat_template,
+                                       prompt_format.vocab.gguf_tokenizer) for t in p.gguf_types])
 
 
 def write_report(p: Plan, files: list[dict]) -> dict:
@@ -506,11 +508,34 @@ def verdict(report: dict) -> None:
 # ---------------------------------------------------------------- the whole export
 
 
+def check_gpu(needed: bool) -> None:
+    """Before anything is fetched: a merge that needs the GPU stops without one, naming an NVIDIA GPU that torch
+    cannot use; an export that runs on the CPU only says so."""
+    from .gpu import unusable_gpu
+    from .model import cuda_available, note
+
+    if cuda_available():
+        return
+    problem = unusable_gpu()
+    if needed:
+        raise ExportError(f"dequantizing a 4-bit base needs a CUDA GPU: {problem or 'this machine has none'}; or pass "
+                          f"--base_model_16bit with its 16-bit original")
+    if problem:
+        note(problem, "the export runs on the CPU")
+
+
 def run_export(config: Config, prompts: list[Conversation] = CHECK_PROMPTS) -> Plan:
     p = plan(config)
+    check_gpu(p.dequantize and not config.lora_only)
+    with runfolder.locked(p.export_dir):  # one export at a time into a folder
+        return export_planned(config, p, prompts)
+
+
+def export_planned(config: Config, p: Plan, prompts: list[Conversation]) -> Plan:
     needed = LORA_CONVERTER if config.lora_only else HF_CONVERTER if p.gguf_types else None
     converter = find_converter(needed) if needed else None
     print(p.base_note, flush=True)
+    atomic.check_writable(p.export_dir)
     check_disk_space(p.export_dir, estimated_bytes(p, config.lora_only))
     with staged(p.export_dir) as p.work_dir:
         atomic.write_text(p.folder / "config.yaml", to_yaml(config))
@@ -533,8 +558,9 @@ def export_merged(p: Plan, converter: Path | None, merged_only: bool, prompts: l
     convert_f16(p.merged_dir, p.gguf("f16"), converter)
     for t in p.gguf_types[1:]:
         quantize(p.gguf("f16"), p.gguf(t), t)
+    template = ollama_template(load_prompt_format(tokenizer_file_in(p.merged_dir)))
     atomic.write_text(p.folder / "Modelfile", modelfile(f"./{p.gguf(modelfile_target(p.gguf_types)).name}",
-                                                        p.system_prompt))
+                                                        p.system_prompt, template=template))
     return check_exports(p, prompts)
 
 
@@ -542,7 +568,8 @@ def export_adapter(p: Plan, converter: Path, prompts: list[Conversation]) -> dic
     """--lora_only: the PEFT adapter copied, adapter.gguf, its Modelfile, then (when asked) its check in llama.cpp."""
     copy_adapter(p.adapter_dir, p.folder / "adapter")
     convert_lora(p.adapter_dir, p.trained_on, p.adapter_gguf, converter)
-    atomic.write_text(p.folder / "Modelfile", modelfile(p.ollama_base, p.system_prompt, ADAPTER_GGUF))
+    template = ollama_template(load_prompt_format(prompt_tokenizer(p.adapter_dir, p.trained_on)))
+    atomic.write_text(p.folder / "Modelfile", modelfile(p.ollama_base, p.system_prompt, ADAPTER_GGUF, template))
     if p.convert_base:
         convert_f16(base_checkout(p.base, "--convert_base"), p.base_gguf_file, converter)
     return write_report(p, [check_adapter(p, prompts)])

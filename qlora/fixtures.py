@@ -1,12 +1,15 @@
-"""Offline stand-ins, built on demand: the real Mistral 7B tokenizer, a tiny random MistralForCausalLM saved like a hub
-checkout, and a sample instruction set written by this project.
+"""Offline stand-ins, built on demand: tiny random MistralForCausalLMs saved like hub checkouts with Mistral's real
+tokenizers, and a sample instruction set written by this project.
 
     python -m qlora.fixtures [DIR]      # default: fixtures/
 
-The tokenizer is Mistral's own `tokenizer.model` (v1, 32000 tokens) shipped inside the `mistral-common` package. The
-sample set holds tasks a LoRA on the 2-layer random model learns within a few minutes on two CPU cores: the capitals
-of made-up countries (facts no base model knows, so a right answer shows the fine-tune learned) and counting between
-two digits, each asked several ways. The smoke fine-tune (configs/smoke.yaml) answers SMOKE_PROMPTS right on every
+The tokenizers are Mistral's own, shipped inside the `mistral-common` package: `tiny-mistral` has v1's
+`tokenizer.model` (Mistral 7B Instruct v0.1/v0.2, 32,000 tokens), `tiny-mistral-v3` v3's (v0.3, 32,768 tokens, [INST]
+and [/INST] control tokens), and `tiny-mistral-tekken` is shaped like Mistral Nemo (Tekken, 131,072 tokens, head_dim
+128, no SentencePiece model) with the `tokenizer.json` that transformers' own converter makes of `tekken_240718.json`,
+as Nemo's Hugging Face checkouts ship it. The sample set holds tasks a LoRA on the 2-layer random model learns within
+a few minutes on two CPU cores: the capitals of made-up countries (facts no base model knows, so a right answer shows
+the fine-tune learned) and counting between two digits, each asked several ways. The smoke fine-tune (configs/smoke.yaml) answers SMOKE_PROMPTS right on every
 backend: the adapter, the merged folder and the GGUF files.
 """
 
@@ -20,9 +23,10 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_dir, write_text
-from .chat import MISTRAL_CHAT_TEMPLATE
+from .chat import CONTROL_CHAT_TEMPLATE, load_prompt_format
 
 TINY_MODEL = "tiny-mistral"
+TINY_V3, TINY_TEKKEN = "tiny-mistral-v3", "tiny-mistral-tekken"
 SAMPLE_DATA = "sample.jsonl"
 
 # Mistral-7B-Instruct-v0.2's architecture scaled down; hidden and intermediate sizes are multiples of 256 so that
@@ -39,6 +43,17 @@ MISTRAL_7B_V02_CONFIG = dict(vocab_size=32000, hidden_size=4096, intermediate_si
                              rope_theta=1e6, sliding_window=None, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                              tie_word_embeddings=False)
 
+# The other tokenizer families' stand-ins only have to carry their tokenizer through the whole chain, so they are
+# smaller still: Tekken's 131,072-token embedding at width 64 is 8 M parameters. Nemo's head_dim (128, not
+# hidden / heads) is kept, so that the converters and llama.cpp meet it.
+TINY_V3_CONFIG = {**TINY_CONFIG, "vocab_size": 32768, "hidden_size": 64, "intermediate_size": 128}
+TINY_TEKKEN_CONFIG = {**TINY_CONFIG, "vocab_size": 131072, "hidden_size": 64, "intermediate_size": 128,
+                      "head_dim": 128}
+# tokenizer file in mistral-common's data folder and model config of each stand-in
+STANDINS = {TINY_MODEL: ("tokenizer.model.v1", TINY_CONFIG),
+            TINY_V3: ("mistral_instruct_tokenizer_240323.model.v3", TINY_V3_CONFIG),
+            TINY_TEKKEN: ("tekken_240718.json", TINY_TEKKEN_CONFIG)}
+
 LM_HEAD_SCALE = 8.0
 
 _WORDS = ("apple river stone cloud maple tiger ocean lamp violet paper garden silver rocket candle harbor "
@@ -52,53 +67,84 @@ _COUNT_QUESTIONS = ("Count from {} to {}.", "Please count from {} to {}.", "List
 _COUNT_RANGES = [(a, b) for a in range(1, 5) for b in range(a + 3, 10)]
 
 
+def mistral_common_file(name: str) -> Path:
+    """One of the tokenizer files mistral-common ships."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / name
+
+
 def mistral_tokenizer_model() -> Path:
     """The real Mistral 7B v0.1/v0.2 tokenizer. On a host without mistral-common (the GPU host, where importing it
     would also switch transformers to another tokenizer backend), MISTRAL_TOKENIZER_MODEL names a copy of the file."""
     if os.environ.get("MISTRAL_TOKENIZER_MODEL"):
         return Path(os.environ["MISTRAL_TOKENIZER_MODEL"])
-    import mistral_common
-
-    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    return mistral_common_file("tokenizer.model.v1")
 
 
-def save_tokenizer(target: Path) -> None:
-    """A Hugging Face tokenizer folder from the real Mistral tokenizer, with v0.2's chat template and tokenizer.model
-    (transformers 5 writes only tokenizer.json, which llama.cpp's converter would otherwise fall back on)."""
+def save_tokenizer(target: Path, source: Path | None = None) -> None:
+    """A Hugging Face tokenizer folder from a real Mistral tokenizer file (default: v1's) with its family's chat
+    template: a SentencePiece model is kept as tokenizer.model (transformers 5 writes only tokenizer.json, which
+    llama.cpp's converter would otherwise fall back on); a tekken.json becomes the tokenizer.json transformers' own
+    converter makes of it (no tekken.json beside it: with mistral-common installed, transformers would then load
+    mistral-common's tokenizer instead)."""
     from transformers import LlamaTokenizer
 
+    source = source or mistral_tokenizer_model()
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(mistral_tokenizer_model(), target / "tokenizer.model")
+    if source.name.endswith(".json"):
+        return save_tekken_tokenizer(source, target)
+    shutil.copyfile(source, target / "tokenizer.model")
     (target / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "legacy": False}))
     tokenizer = LlamaTokenizer.from_pretrained(target)
-    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    tokenizer.chat_template = load_prompt_format(target / "tokenizer.model").chat_template
     tokenizer.save_pretrained(target)
 
 
-def save_tiny_model(target: Path, seed: int = 0) -> None:
+def save_tekken_tokenizer(tekken_json: Path, target: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.mistral.tokenizer import MistralConverter
+
+    from tokenizers import processors
+
+    converted = MistralConverter(str(tekken_json)).converted()
+    # <s> added to every text, as Hugging Face's Mistral tokenizers do: llama.cpp's converter reads add_bos_token
+    # from this post-processor into the GGUF, and Ollama then prepends <s> (our ids never use it)
+    converted.post_processor = processors.Sequence([
+        converted.post_processor, processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = CONTROL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(target)
+
+
+def save_tiny_model(target: Path, seed: int = 0, name: str = TINY_MODEL) -> None:
+    """The stand-in `name` (a key of STANDINS) saved to `target`."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
+    tokenizer_file, config = STANDINS[name]
     torch.manual_seed(seed)
-    model = MistralForCausalLM(MistralConfig(**TINY_CONFIG))
+    model = MistralForCausalLM(MistralConfig(**config))
     # With the stock init (std 0.02) a 256-wide model's logits span only about +-5 after the final norm, so no
     # LoRA fine-tune of it could become confident; a wider LM head lets the smoke run learn visibly.
     with torch.no_grad():
         model.lm_head.weight.mul_(LM_HEAD_SCALE)
     model.to(torch.bfloat16)
-    save_like_a_hub_checkout(model, target)
+    save_like_a_hub_checkout(model, target, None if name == TINY_MODEL else mistral_common_file(tokenizer_file))
 
 
-def save_like_a_hub_checkout(model, target: Path, max_shard_size: str = "5GB") -> None:
+def save_like_a_hub_checkout(model, target: Path, tokenizer_file: Path | None = None,
+                              max_shard_size: str = "5GB") -> None:
     """Weights (safetensors, in shards of at most 5 GB as on the hub), generation config and the real tokenizer, as a
     hub model folder has them."""
     from transformers import GenerationConfig
 
     model.save_pretrained(target, safe_serialization=True, max_shard_size=max_shard_size)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(target)
-    save_tokenizer(target)
+    save_tokenizer(target, tokenizer_file)
 
 
 def save_standin(target: Path, num_layers: int = 32, device: str = "cuda", config: dict | None = None,
@@ -118,7 +164,7 @@ def save_standin(target: Path, num_layers: int = 32, device: str = "cuda", confi
                                                      | (config or {})))
     finally:
         torch.set_default_dtype(previous)
-    save_like_a_hub_checkout(model, target, max_shard_size)
+    save_like_a_hub_checkout(model, target, max_shard_size=max_shard_size)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()  # hand the 14.5 GB back: the benchmarks train in other processes on this GPU
@@ -195,13 +241,14 @@ def guanaco_shaped_rows(n: int = 250, seed: int = 1) -> list[dict]:
     return rows
 
 
-def build(directory: str | Path = "fixtures") -> Path:
-    """Write the tiny model and the sample set under `directory` unless they are already there."""
+def build(directory: str | Path = "fixtures", names=(TINY_MODEL,)) -> Path:
+    """Write the tiny models `names` (v3 and Tekken need mistral-common, which the GPU host lacks) and the sample set
+    under `directory` unless they are already there."""
     directory = Path(directory)
-    model_dir = directory / TINY_MODEL
-    if not (model_dir / "model.safetensors").exists():
-        with atomic_dir(model_dir) as tmp:
-            save_tiny_model(tmp)
+    for name in names:
+        if not (directory / name / "model.safetensors").exists():
+            with atomic_dir(directory / name) as tmp:
+                save_tiny_model(tmp, name=name)
     data = directory / SAMPLE_DATA
     if not data.exists():
         write_jsonl(data, sample_rows())
@@ -215,4 +262,4 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 
 
 if __name__ == "__main__":
-    print(f"fixtures ready in {build(sys.argv[1] if len(sys.argv) > 1 else 'fixtures')}")
+    print(f"fixtures ready in {build(sys.argv[1] if len(sys.argv) > 1 else 'fixtures', STANDINS)}")

@@ -30,21 +30,14 @@ CHECK_PROMPTS = [
 
 
 def rendered_text(prompt_format: PromptFormat, conversation: Conversation) -> str:
-    """The training ids as text, `<s>`/`</s>` spelled out: what SentencePiece decoding of each segment gives."""
-    ids, _ = prompt_format.encode(conversation)
-    text, run = "", []
-    for i in ids + [None]:
-        if i in (prompt_format.bos, prompt_format.eos, None):
-            text += prompt_format.sp.decode(run) + (prompt_format.sp.id_to_piece(i) if i is not None else "")
-            run = []
-        else:
-            run.append(i)
-    return text
+    """The training ids as text, control tokens (`<s>`, `</s>`, v3's and Tekken's `[INST]`) spelled out and the text
+    between them decoded."""
+    return prompt_format.text(prompt_format.encode(conversation)[0])
 
 
 def ollama_text(prompt_format: PromptFormat, conversation: Conversation) -> str:
     """The rendered prompt as Ollama hands it to llama.cpp: the text, BOS left for llama.cpp to add."""
-    return rendered_text(prompt_format, conversation).removeprefix(prompt_format.sp.id_to_piece(prompt_format.bos))
+    return rendered_text(prompt_format, conversation).removeprefix(prompt_format.vocab.piece(prompt_format.bos))
 
 
 def llama_cpp_tokenize(llm, text: str) -> list[int]:
@@ -241,15 +234,15 @@ def mismatches(entry: dict) -> list[str]:
     return [f"prompt {n}: {why}" for n, m in enumerate(entry["prompts"]) if (why := f16_failure(m))]
 
 
-def check_file(path: Path, gguf_type: str, checked: dict, chat_template: str) -> dict:
-    """One GGUF of the full export against the reference: f16 must match, every file carries Mistral's tokenizer and
-    the chat template."""
+def check_file(path: Path, gguf_type: str, checked: dict, chat_template: str, gguf_tokenizer: str) -> dict:
+    """One GGUF of the full export against the reference: f16 must match, every file carries the model's tokenizer
+    (`gguf_tokenizer`: llama.cpp's name for its kind) and the chat template."""
     entry = {"file": path.name, "type": gguf_type, "bytes": path.stat().st_size, "strict": gguf_type == "f16"}
     entry |= checked
     entry["problems"] = list(entry["problems"]) + mismatches(entry)
     if "metadata" in entry:
         meta = entry["metadata"]
         meta["chat_template_ok"] = meta.pop("chat_template") == chat_template
-        if meta["tokenizer"] != "llama" or not meta["chat_template_ok"]:
-            entry["problems"].append("SentencePiece tokenizer or chat template missing from the GGUF metadata")
+        if meta["tokenizer"] != gguf_tokenizer or not meta["chat_template_ok"]:
+            entry["problems"].append(f"{gguf_tokenizer} tokenizer or chat template missing from the GGUF metadata")
     return entry

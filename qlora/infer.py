@@ -15,6 +15,7 @@ system prompt from the training run's config.yaml (see `run_settings`; near the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import write_text
-from .chat import Conversation, Message, PromptFormat, find_tokenizer_model
+from .atomic import check_writable, write_text
+from .chat import Conversation, Message, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in
 from .config import CHOICES, FIELDS, ConfigError, load_yaml
 from .hub import fetching
 
@@ -79,11 +80,11 @@ def model_kind(path: Path) -> str:
             return "gguf"
         raise InferError(f"{path}: not a .gguf file; give a .gguf file, an adapter folder or a merged model folder")
     if (path / "adapter_config.json").is_file():
-        from .model import check_safetensors_adapter
+        from .model import WeightsError, check_safetensors_adapter
 
         try:
             check_safetensors_adapter(path)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, WeightsError) as err:
             raise InferError(str(err)) from None
         return "adapter"
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
@@ -101,21 +102,22 @@ def adapter_base(path: Path) -> str:
         raise InferError(f"{path}/adapter_config.json: no usable base_model_name_or_path ({err})") from None
 
 
-def tokenizer_model(path: Path, kind: str, config, lora: Path | None = None) -> Path:
-    """--tokenizer_name if given; else the model's own tokenizer.model: in its folder, or for a .gguf beside it or in
-    the merged/ folder export_gguf.py writes next to it (with --lora, first beside the adapter GGUF or in the adapter/
-    folder export_gguf.py --lora_only writes next to it); else the adapter's base's, or --model_name's."""
+def tokenizer_file(path: Path, kind: str, config, lora: Path | None = None) -> Path:
+    """--tokenizer_name's if given; else the model's own tokenizer file (tokenizer.model, or Tekken's tokenizer.json):
+    in its folder, or for a .gguf beside it or in the merged/ folder export_gguf.py writes next to it (with --lora,
+    first beside the adapter GGUF or in the adapter/ folder export_gguf.py --lora_only writes next to it); else the
+    adapter's base's, or --model_name's."""
     if kind == "gguf":
         folders = [lora.parent, lora.parent / "adapter"] if lora else []
-        own = [f / "tokenizer.model" for f in folders + [path.parent, path.parent / "merged"]]
+        folders += [path.parent, path.parent / "merged"]
     else:
-        own = [path / "tokenizer.model"]
-    found = [f for f in own if f.is_file()]
+        folders = [path]
+    found = [f for f in map(tokenizer_file_in, folders) if f is not None]
     if found and not config.tokenizer_name:
         return found[0]
     source = config.tokenizer_name or (adapter_base(path) if kind == "adapter" else config.model_name)
-    return find_tokenizer_model(source, instead=f"pass --tokenizer_name PATH to a folder with the tokenizer.model "
-                                                f"of {path}")
+    return find_tokenizer_file(source, instead=f"pass --tokenizer_name PATH to a folder with the tokenizer.model "
+                                               f"(or Tekken's tokenizer.json) of {path}")
 
 
 def run_settings(path: Path) -> dict:
@@ -301,15 +303,21 @@ class LlamaCppEngine:
         return out
 
 
+@functools.lru_cache  # asked again for --input's settings: say it once
 def pick_backend(choice: str) -> str:
-    """"unsloth", "hf" (transformers on the GPU) or "cpu"."""
-    from .model import cuda_available
+    """"unsloth", "hf" (transformers on the GPU) or "cpu". An NVIDIA GPU that torch cannot use is named: a GPU
+    backend stops on it, `auto` says so and answers on the CPU."""
+    from .gpu import unusable_gpu
+    from .model import cuda_available, note
 
     has_cuda = cuda_available()
+    problem = None if has_cuda else unusable_gpu()
     if choice in ("unsloth", "hf") and not has_cuda:
-        raise InferError(f"--backend {choice} needs a CUDA GPU and this machine has none")
+        raise InferError(f"--backend {choice} needs a CUDA GPU: {problem or 'this machine has none'}")
     if choice == "unsloth" and importlib.util.find_spec("unsloth") is None:
         raise InferError("--backend unsloth: Unsloth is not installed (pip install unsloth)")
+    if problem:
+        note(problem, "answering on the CPU")
     if choice == "auto":
         if not has_cuda:
             return "cpu"
@@ -333,6 +341,13 @@ def load_engine(path: Path, kind: str, backend: str, eos: int, seed: int, lora: 
         FastLanguageModel.for_inference(model)
     else:
         model = _load_transformers(path, kind, "cpu" if backend == "cpu" else "cuda")
+    if kind == "merged":  # an adapter's weights were checked in its file (model_kind)
+        from .model import WeightsError, check_finite
+
+        try:
+            check_finite(model.named_parameters(), path)
+        except WeightsError as err:
+            raise InferError(str(err)) from None
     from transformers import set_seed
 
     set_seed(seed)
@@ -440,7 +455,7 @@ def read_prompts(path: Path, system: str | None) -> list[tuple[dict, Conversatio
     if not path.is_file():
         raise InferError(f"{path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # as data_prep reads: a byte-order mark is not content
     except UnicodeDecodeError as err:
         raise InferError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8 JSONL") from None
     rows = []
@@ -481,8 +496,8 @@ def batch(session: Session, rows, output: Path, batch_size: int, settings: dict)
 
 
 def check_vocabulary(engine, fmt: PromptFormat, tokenizer: Path) -> None:
-    if engine.vocab_size != fmt.sp.get_piece_size() or engine.eos != fmt.eos:
-        raise InferError(f"{tokenizer} ({fmt.sp.get_piece_size()} tokens, EOS {fmt.eos}) is not this model's "
+    if engine.vocab_size != fmt.vocab_size or engine.eos != fmt.eos:
+        raise InferError(f"{tokenizer} ({fmt.vocab_size} tokens, EOS {fmt.eos}) is not this model's "
                          f"tokenizer ({engine.vocab_size} tokens, EOS {engine.eos}); pass --tokenizer_name")
 
 
@@ -512,8 +527,8 @@ def open_session(path: Path, config, template: str, backend: str = "auto", seed:
         raise InferError(f"--compare_base needs an adapter folder; {path} has no separate base model")
     if lora:
         check_lora(lora, kind)
-    tokenizer = tokenizer_model(path, kind, config, lora)
-    fmt = PromptFormat(tokenizer, template)
+    tokenizer = tokenizer_file(path, kind, config, lora)
+    fmt = load_prompt_format(tokenizer, template)
     engine = load_engine(path, kind, "gguf" if kind == "gguf" else pick_backend(backend), fmt.eos,
                          config.seed if seed is None else seed, lora)
     check_vocabulary(engine, fmt, tokenizer)
@@ -536,6 +551,11 @@ def run(config, args) -> None:
         raise InferError("--prompt is empty")
     if args.input and not args.output:
         raise InferError("--input needs --output")
+    if args.output:  # checked before the model loads, not after every answer is generated
+        if Path(args.output).is_dir():
+            raise InferError(f"--output {args.output}: is a folder; give a file name, such as "
+                             f"{Path(args.output) / 'answers.jsonl'}")
+        check_writable(Path(args.output).parent)
     template, system = prompt_settings(lora or path, config, args.system)  # the fine-tune's settings
     rows = read_prompts(Path(args.input), system) if args.input else None
     session = open_session(path, config, template, args.backend, args.seed, args.compare_base, lora)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from .hub import fetching
@@ -20,26 +21,61 @@ class BackendError(RuntimeError):
     pass
 
 
+class WeightsError(ValueError):
+    """Weights that cannot be used (a damaged file, NaN or inf): one line naming the file and what to do."""
+
+
 def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
+# Below this many parameters (by the model's config) `backend: auto` trains on the CPU when no GPU can be used: the
+# smoke model takes minutes there, a 7 B model in float32 about 29 GB of RAM and days.
+CPU_TRAINING_LIMIT = 1_000_000_000
+
+
+def note(problem: str, then: str) -> None:
+    """The GPU that cannot be used, named on stderr, when the run goes on without it."""
+    print(f"note: {problem}; {then}", file=sys.stderr, flush=True)
+
+
 def pick_backend(config) -> str:
-    """The backend to run: `auto` is Unsloth on a CUDA GPU, else the CPU path; GPU backends refuse a CPU machine."""
-    has_cuda = cuda_available()
+    """The backend to run: `auto` is Unsloth on a CUDA GPU, else the CPU for a small model; GPU backends refuse a
+    machine without a usable GPU. An NVIDIA GPU that torch cannot use is named, never taken for no GPU."""
+    from .gpu import unusable_gpu
+
+    if cuda_available():
+        return "unsloth" if config.backend == "auto" else config.backend
+    problem = unusable_gpu()
+    no_gpu = f"this machine has no CUDA GPU; for a CPU run use the smoke preset: --config {SMOKE_PRESET}"
+    if config.backend in ("unsloth", "hf"):
+        raise BackendError(f"--backend {config.backend} needs a CUDA GPU: {problem or no_gpu}")
     if config.backend == "auto":
-        if has_cuda:
-            return "unsloth"
         if config.load_in_4bit and "bnb-4bit" in config.model_name:
-            raise BackendError(f"{config.model_name} is a 4-bit GPU model and this machine has no CUDA GPU; "
-                               f"for a CPU run use the smoke preset: --config {SMOKE_PRESET}")
-        return "cpu"
-    if config.backend in ("unsloth", "hf") and not has_cuda:
-        raise BackendError(f"--backend {config.backend} needs a CUDA GPU and this machine has none; "
-                           f"for a CPU run use the smoke preset: --config {SMOKE_PRESET}")
-    return config.backend
+            raise BackendError(f"{config.model_name} is a 4-bit GPU model: {problem or no_gpu}")
+        count = parameter_count(config.model_name, "model", LOCAL_MODEL)
+        if count >= CPU_TRAINING_LIMIT:
+            raise BackendError(f"{config.model_name} has {count / 1e9:.1f} B parameters, too many to train on the "
+                               f"CPU (float32, days): {problem or 'this machine has no CUDA GPU'}; "
+                               f"--backend cpu trains on the CPU anyway")
+    if problem:
+        note(problem, "training on the CPU")
+    return "cpu"
+
+
+def parameter_count(name: str, what: str = "base model", instead: str = LOCAL_BASE) -> int:
+    """Parameters of a model's architecture, from its config.json and counted on the meta device (no weights read or
+    downloaded). `what` and `instead` word the error when the config cannot be had."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with fetching(name, what, instead):
+        architecture = AutoConfig.from_pretrained(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(architecture)
+    return sum(p.numel() for p in model.parameters())
 
 
 def local_device_index() -> int:
@@ -76,6 +112,7 @@ def _load_unsloth(config):
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=config.model_name, max_seq_length=config.max_seq_length, load_in_4bit=config.load_in_4bit,
             dtype=None, device_map={"": local_device_index()})
+    check_target_modules(model, config.lora_target_modules, config.model_name)
     model = FastLanguageModel.get_peft_model(
         model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=list(config.lora_target_modules), bias="none",
@@ -110,6 +147,7 @@ def _load_hf(config, quantize: bool):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing != "false")
     elif torch.cuda.is_available():
         model.to(f"cuda:{local_device_index()}")
+    check_target_modules(model, config.lora_target_modules, config.model_name)
     return get_peft_model(model, _lora_config(config))
 
 
@@ -138,10 +176,47 @@ def adapter_base(adapter_dir: str | Path) -> str:
 
 
 def check_safetensors_adapter(adapter_dir: str | Path) -> None:
-    """Adapters are read from safetensors only: a pickled adapter_model.bin could run code when loaded."""
-    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+    """Adapters are read from safetensors only: a pickled adapter_model.bin could run code when loaded. The file must
+    be whole (a copy cut short) and its weights finite (a run that diverged), before anything is loaded on it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (pickled .bin adapters are not loaded; "
                                 f"save it again with save_pretrained(..., safe_serialization=True))")
+    try:
+        weights = load_file(path)
+    except SafetensorError as err:
+        raise WeightsError(f"{path}: not a whole safetensors file ({err}); copy or save it again") from None
+    check_finite(weights.items(), path)
+
+
+def check_finite(named_tensors, source) -> None:
+    """NaN or inf in a weight: a model that would answer "⁇ ⁇ ⁇", refused (PEFT's safe merge refuses it too)."""
+    import torch
+
+    bad = next((name for name, tensor in named_tensors if not torch.isfinite(tensor).all()), None)
+    if bad is not None:
+        raise WeightsError(f"{source}: weight {bad} holds NaN or inf (the training diverged); use an earlier "
+                           f"checkpoint, or train again with a lower --learning_rate")
+
+
+def check_target_modules(model, targets: list[str], model_name: str) -> None:
+    """--lora_target_modules against the loaded model, matched as PEFT matches them (a name or a dotted suffix of
+    one), before PEFT's own refusal, a traceback; lists the linear modules the model has."""
+    import torch
+
+    from .config import ConfigError
+
+    if targets == ["all-linear"]:  # PEFT's word for every linear layer
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"--lora_target_modules: {model_name} has no module {', '.join(missing)}; its linear "
+                          f"modules are {', '.join(linear)}")
 
 
 def load_with_adapter(adapter_dir: str | Path, base: str | None = None, dtype=None, device: str = "cpu",

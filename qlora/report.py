@@ -8,45 +8,87 @@ import os
 import platform
 import subprocess
 import time
+from collections import deque
 from importlib import metadata
 from pathlib import Path
 
 from . import atomic
 
+METER_STATE = "meter_{rank}.json"  # in each checkpoint, one per process
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes", "datasets")
 
 
 class Meter:
     """Times every optimizer step and counts the tokens of every training batch: real ones (not padding) and all.
 
-    The counts come from the collator, on the host, so measuring adds no GPU synchronisation."""
+    The counts come from the collator, on the host, so measuring adds no GPU synchronisation; a batch counts once it
+    is trained on (the data loader makes the next one ahead of time). Each checkpoint holds the meter's state (save);
+    a resumed run goes on from it (restore), so that metrics.json covers the whole run."""
 
     def __init__(self):
         from transformers import TrainerCallback
 
         self.real = self.total = 0
-        self.steps: list[tuple[int, float, int]] = []  # (global step, seconds, real tokens so far)
+        self.made: deque[tuple[int, int]] = deque()  # (real, all) tokens of the batches made and not yet trained on
+        self.steps: list[tuple[int, float, int]] = []  # (global step, seconds, real tokens so far) of this session
+        self.earlier: list[dict] = []  # the timeline before the resume
+        self.earlier_seconds = 0.0  # and the training time
+        self.began = self.started = None  # when this session's first step began, and its training
         outer = self
 
         class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
+            def on_step_begin(self, args, state, control, **kwargs):
+                outer.began = outer.began or time.perf_counter()
+
+            def on_substep_end(self, args, state, control, **kwargs):  # a micro-batch of an accumulated step
+                outer.trained_on_one()
+
+            def on_step_end(self, args, state, control, **kwargs):  # the step's last micro-batch
+                outer.trained_on_one()
                 outer.steps.append((state.global_step, time.perf_counter(), outer.real))
 
         self.callback = Callback()
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Training time: this session's, plus the sessions' before the resume."""
+        return self.earlier_seconds + time.perf_counter() - self.started
 
     def counting(self, collate):
         """Wrap a collator so that every batch it makes is counted."""
 
         def counted(examples):
             batch = collate(examples)
-            if "attention_mask" in batch:
-                self.real += int(batch["attention_mask"].sum())
-            else:  # padding-free: one row of packed real tokens
-                self.real += batch["input_ids"].numel()
-            self.total += batch["input_ids"].numel()
+            # padding-free batches are one row of packed real tokens
+            real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            self.made.append((real, batch["input_ids"].numel()))
             return batch
 
         return counted
+
+    def trained_on_one(self) -> None:
+        """The trainer is done with the oldest batch made (micro-batches are trained in the order they are made)."""
+        if self.made:  # empty only where another process makes the batches (accelerate's dispatch_batches)
+            real, total = self.made.popleft()
+            self.real += real
+            self.total += total
+
+    def save(self, checkpoint: Path, rank: int) -> None:
+        """This process's counts into a checkpoint being written (each process counts its own batches)."""
+        state = {"real": self.real, "total": self.total, "seconds": self.seconds(), "timeline": self.timeline()}
+        atomic.write_text(Path(checkpoint) / METER_STATE.format(rank=rank), json.dumps(state))
+
+    def restore(self, checkpoint: Path, rank: int) -> bool:
+        """Go on from the counts in `checkpoint`; False where it has none (a checkpoint of an older version)."""
+        file = Path(checkpoint) / METER_STATE.format(rank=rank)
+        if not file.is_file():
+            return False
+        state = json.loads(file.read_text(encoding="utf-8"))
+        self.real, self.total, self.earlier_seconds = state["real"], state["total"], state["seconds"]
+        self.earlier = state["timeline"]
+        return True
 
     def sum_over_processes(self) -> None:
         """Under torchrun each process counts its own batches; every process must call this before reporting."""
@@ -62,11 +104,17 @@ class Meter:
             counts, scale = counts.tolist(), scale.tolist()
             factor = counts[0] / scale[0] if scale[0] else 1.0
             self.steps = [(s, t, int(n * factor)) for s, t, n in self.steps]
+            self.earlier = [{**point, "real_tokens": int(point["real_tokens"] * factor)} for point in self.earlier]
             self.real, self.total = int(counts[0]), int(counts[1])
 
     def timeline(self) -> list[dict]:
-        """Per optimizer step: seconds since the first step ended, and real tokens counted so far."""
-        return [{"step": s, "seconds": t - self.steps[0][1], "real_tokens": n} for s, t, n in self.steps]
+        """Per optimizer step: seconds since the first step ended, and real tokens counted so far. After a resume the
+        seconds go on from the last step before it, counting the time of this session's steps only."""
+        if self.earlier:
+            origin, offset = self.began, self.earlier[-1]["seconds"]
+        else:
+            origin, offset = (self.steps[0][1] if self.steps else 0.0), 0.0
+        return self.earlier + [{"step": s, "seconds": offset + t - origin, "real_tokens": n} for s, t, n in self.steps]
 
 
 def throughput(timeline: list[dict], warmup: int = 1) -> dict:

@@ -1,24 +1,25 @@
 """Training: TRL's SFTTrainer on Mistral-exact, responses-only token ids, with LoRA adapters from qlora.model.
 
-Read `run` top to bottom: check the output folder, prepare the data, load the model, train (resumable, interruptible),
-save the adapter, write the reports.
+Read `run` and `train_run` top to bottom: lock and check the output folder, pick the checkpoint to resume from, prepare
+the data, load the model, train (resumable, interruptible), save the adapter, write the reports.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
 import signal
 import sys
-import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import yaml
 
-from . import atomic, report
-from .chat import find_tokenizer_model
+from . import atomic, report, runfolder
+from .chat import find_tokenizer_file
 from .config import FIELDS, Config, to_yaml
 from .data import is_prepared, load_prepared, prepare_dataset
 from .planner import LAYERS
@@ -26,6 +27,12 @@ from .planner import LAYERS
 GROUPS = ("data", "base", "model", "train")
 STAGING = ".checkpoint-staging"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # the config last: it marks a finished adapter
+# What a run writes into output_dir besides its checkpoint-N folders (README.md: PEFT's model card; export: where
+# export_gguf.py writes by default): --overwrite_output_dir removes these and nothing else
+RUN_FILES = ADAPTER_FILES + ("README.md", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                             "special_tokens_map.json", "chat_template.jinja", "config.yaml", "metrics.json",
+                             "loss.png", "manifest.json", "profile.txt", "profile.trace.json.gz", "runs", "data",
+                             "export", STAGING, ".adapter-staging")
 
 
 class RunError(RuntimeError):
@@ -64,31 +71,90 @@ def accumulation_for(config: Config, count: int) -> int:
     return steps
 
 
-def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint-N. Checkpoints appear under that name only once complete (see _save_checkpoint)."""
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoint-N folders, newest first. They appear under that name only once written (see _save_checkpoint)."""
     steps = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return max(steps)[1] if steps else None
+    return [p for _, p in sorted(steps, reverse=True)]
+
+
+def newest_complete_checkpoint(output_dir: Path) -> Path:
+    """The newest checkpoint whose files all read back whole; damaged newer ones are named and passed over."""
+    damaged = []
+    for checkpoint in checkpoints(output_dir):
+        problem = runfolder.checkpoint_problem(checkpoint)
+        if problem is None:
+            if damaged and is_main_process():
+                print(f"note: {'; '.join(damaged)}; resuming from {checkpoint.name}, the newest complete checkpoint")
+            return checkpoint
+        damaged.append(f"{checkpoint.name} is damaged ({problem})")
+    if damaged:
+        raise RunError(f"{output_dir}: no complete checkpoint to resume from ({'; '.join(damaged)}); start over "
+                       f"with --overwrite_output_dir")
+    raise RunError(f"{output_dir}: no complete checkpoint to resume from; start without --resume")
+
+
+def finished_steps(output_dir: Path) -> int | None:
+    """The steps of the finished run in `output_dir` (its adapter and metrics.json, written last, are there)."""
+    try:
+        if (output_dir / "adapter_config.json").is_file():
+            return json.loads((output_dir / "metrics.json").read_text(encoding="utf-8"))["global_step"]
+    except (OSError, ValueError, KeyError):  # no metrics.json, or a damaged one: the run's end was not written
+        pass
+    return None
+
+
+def holds_run(out: Path) -> bool:
+    return out.is_dir() and ((out / "adapter_config.json").exists() or bool(checkpoints(out)))
 
 
 def check_output_dir(config: Config) -> str | None:
     """Refuse to clobber a finished run; returns the checkpoint to resume from, if asked to resume."""
     out = Path(config.output_dir)
     if config.resume_from_checkpoint:
-        if not Path(config.resume_from_checkpoint, "trainer_state.json").is_file():
-            raise RunError(f"{config.resume_from_checkpoint}: not a complete checkpoint folder")
-        return config.resume_from_checkpoint
-    if config.resume:
-        checkpoint = last_checkpoint(out) if out.exists() else None
-        if checkpoint is None:
-            raise RunError(f"{out}: no complete checkpoint to resume from; start without --resume")
+        checkpoint = Path(config.resume_from_checkpoint)
+        problem = runfolder.checkpoint_problem(checkpoint) if checkpoint.is_dir() else "no such folder"
+        if problem:
+            raise RunError(f"{checkpoint}: not a complete checkpoint ({problem}); pass another, or --resume for the "
+                           f"newest complete one")
         return str(checkpoint)
-    if out.exists() and ((out / "adapter_config.json").exists() or last_checkpoint(out)):
+    if config.resume:
+        return str(newest_complete_checkpoint(out))
+    if holds_run(out):
         if not config.overwrite_output_dir:
             raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite_output_dir "
                            f"to start over")
+    return None  # an old run to overwrite stays until this one has its data and model (remove_old_run)
+
+
+def remove_old_run(out: Path, reads: Path) -> None:
+    """--overwrite_output_dir, once the new run has checked its settings, prepared its data and loaded its model: the
+    old run's files go; the user's other files in the folder stay, and so does the data folder this run reads."""
+    for path in sorted(out.glob("checkpoint-*")) + [out / name for name in RUN_FILES]:
+        if path.resolve() == reads.resolve() or not path.exists():
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+@contextmanager
+def output_lock(out: Path):
+    """The main process locks the output folder (qlora.runfolder); the others learn whether it could, so that all
+    go on or all stop."""
+    from accelerate.utils import broadcast_object_list
+
+    with ExitStack() as held:
+        refusal = None
         if is_main_process():
-            shutil.rmtree(out)
-    return None
+            try:
+                held.enter_context(runfolder.locked(out))
+            except runfolder.Locked as err:
+                refusal = str(err)
+        refusal = broadcast_object_list([refusal])[0]
+        if refusal:
+            raise RunError(refusal)
+        yield
 
 
 # ---------------------------------------------------------------- data
@@ -98,6 +164,27 @@ def data_settings(config: Config | dict) -> dict:
     """The settings that decide the prepared token ids: the data group and the base (its tokenizer)."""
     values = dataclasses.asdict(config) if isinstance(config, Config) else config
     return {name: values.get(name) for name, f in FIELDS.items() if f.metadata["group"] in ("data", "base")}
+
+
+def as_prepared(config: Config) -> Config:
+    """With a data_prep output folder as --dataset, the data settings it was prepared with are the run's, so that
+    config.yaml records what the model is trained on. A data setting given otherwise (not left at its default) cannot
+    apply to rows tokenized already: refused. Its `dataset` names the raw source and its `seed` only split it."""
+    saved = Path(config.dataset) / "config.yaml"
+    if not is_prepared(config.dataset) or not saved.is_file():
+        return config
+    try:
+        prepared = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RunError(f"{saved}: not readable ({str(err).splitlines()[0]}); prepare {config.dataset} again") from None
+    fixed = [name for name, f in FIELDS.items()
+             if f.metadata["group"] == "data" and name not in ("dataset", "seed") and name in (prepared or {})]
+    given = [name for name in fixed if getattr(config, name) not in (prepared[name], FIELDS[name].default)]
+    if given:
+        raise RunError(f"{config.dataset} was prepared with " + ", ".join(f"{n}: {prepared[n]!r}" for n in given) +
+                       ", which --dataset cannot change; leave out " + ", ".join(f"--{n}" for n in given) +
+                       ", or prepare it again with data_prep.py (or give its raw data as --dataset)")
+    return dataclasses.replace(config, **{name: prepared[name] for name in fixed})
 
 
 def load_data(config: Config):
@@ -128,7 +215,7 @@ def precision() -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
+def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int, resuming: bool = False):
     import torch
     from trl import SFTConfig
 
@@ -161,7 +248,8 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
         save_total_limit=config.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps,
-        eval_on_start=has_eval,  # the starting eval loss, so the report shows what training changed
+        # the starting eval loss, so the report shows what training changed (a resumed run has it already)
+        eval_on_start=has_eval and not resuming,
         load_best_model_at_end=early_stopping,
         metric_for_best_model="eval_loss" if early_stopping else None,
         seed=config.seed,
@@ -177,7 +265,8 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int):
     )
 
 
-def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulation: int, meter, callbacks: list):
+def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulation: int, meter, callbacks: list,
+                 resuming: bool = False):
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
@@ -210,6 +299,7 @@ def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulat
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = str(final_dir)
+            meter.save(final_dir / STAGING / f"checkpoint-{self.state.global_step}", self.args.process_index)
             wait_for_everyone()  # every rank has written its part (each saves its own RNG state)
             if self.args.should_save:
                 name = f"checkpoint-{self.state.global_step}"
@@ -225,17 +315,40 @@ def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulat
     has_eval = "eval" in data
     if config.early_stopping_patience is not None and has_eval:
         callbacks = callbacks + [EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)]
-    return Trainer(model=model, args=sft_config(config, backend, has_eval, accumulation), train_dataset=data["train"],
-                   eval_dataset=data["eval"] if has_eval else None, processing_class=tokenizer, callbacks=callbacks)
+    return Trainer(model=model, args=sft_config(config, backend, has_eval, accumulation, resuming),
+                   train_dataset=data["train"], eval_dataset=data["eval"] if has_eval else None,
+                   processing_class=tokenizer, callbacks=callbacks)
+
+
+def resume_command(out: Path) -> str:
+    return f"python train_unsloth.py --config {out / 'config.yaml'} --resume"
+
+
+class AtLastStep(Exception):
+    """The checkpoint resumed from holds the run's last step: nothing is left to train."""
+
+
+def stop_at_last_step():
+    """A callback that ends train() before its first step when the resumed checkpoint is the last step (the Trainer
+    would train one step past max_steps). The model and state are the checkpoint's by then."""
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                raise AtLastStep
+
+    return Callback()
 
 
 class StopOnSignal:
-    """Ctrl-C or SIGTERM asks the trainer to save a checkpoint at the end of the current step and stop."""
+    """Ctrl-C or SIGTERM asks the trainer to save a checkpoint at the end of the current step and stop; a second one
+    stops at once, in one line (a third is the system's own: the process ends)."""
 
-    def __init__(self):
+    def __init__(self, out: Path):
         from transformers import TrainerCallback
 
-        self.received = None
+        self.received, self.out = None, out
         outer = self
 
         class Callback(TrainerCallback):
@@ -249,9 +362,14 @@ class StopOnSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.received:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.received:  # a second one: stop now. SystemExit unwinds like KeyboardInterrupt, without a traceback
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            print(f"\n{name} again: stopped at once, without a checkpoint of this step; resume from the newest one "
+                  f"with: {resume_command(self.out)}", file=sys.stderr, flush=True)
+            raise SystemExit(130 if name == "SIGINT" else 143)
+        self.received = name
         print(f"\n{self.received}: saving a checkpoint after this step, then stopping (again to abort)", flush=True)
 
 
@@ -378,8 +496,10 @@ def save_adapter(trainer, tokenizer, config: Config) -> None:
     with atomic.atomic_dir(out / ".adapter-staging") as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        # Mistral's own SentencePiece model: the prompt format, export and llama.cpp all read it
-        shutil.copyfile(find_tokenizer_model(config.model_name, config.tokenizer_name), tmp / "tokenizer.model")
+        # the base's own tokenizer file (tokenizer.model, or Tekken's tokenizer.json), which the prompt format, export
+        # and llama.cpp all read: as it was, not as save_pretrained writes it again
+        source = find_tokenizer_file(config.model_name, config.tokenizer_name)
+        shutil.copyfile(source, tmp / source.name)
     staged = out / ".adapter-staging"
     names = sorted(p.name for p in staged.iterdir() if p.name not in ADAPTER_FILES) + list(ADAPTER_FILES)
     for name in names:
@@ -388,7 +508,21 @@ def save_adapter(trainer, tokenizer, config: Config) -> None:
 
 
 def run(config: Config, backend: str) -> int:
-    """Train with `config` on `backend` (Unsloth already imported by the caller if chosen). Returns an exit code."""
+    """Train with `config` on `backend` (Unsloth already imported by the caller if chosen), one run at a time in the
+    output folder. Returns an exit code."""
+    out = Path(config.output_dir)
+    with output_lock(out):
+        steps = finished_steps(out) if config.resume else None
+        if steps is not None:
+            if is_main_process():
+                print(f"{out}: the run is finished ({steps} steps; its adapter and metrics.json are there), nothing to "
+                      f"resume. To train it further, pass --resume_from_checkpoint with one of its checkpoints and a "
+                      f"larger --max_steps or --num_train_epochs")
+            return 0
+        return train_run(config, backend)
+
+
+def train_run(config: Config, backend: str) -> int:
     import torch
 
     from transformers import set_seed
@@ -397,22 +531,28 @@ def run(config: Config, backend: str) -> int:
     from .compat import patch_trl_without_triton
     from .model import load_for_training
 
+    config = as_prepared(config)
     resume_from = check_output_dir(config)
     out = Path(config.output_dir)
+    overwrite = config.overwrite_output_dir and resume_from is None and holds_run(out)
     if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
+        atomic.check_writable(out)
         shutil.rmtree(out / STAGING, ignore_errors=True)  # what a killed checkpoint write left behind
+        atomic.remove_stale_temporaries(out)
     wait_for_everyone()
     data = load_data(config)
     longest_row = padded(max(len(ids) for ids in data["train"]["input_ids"]), config.pad_to_multiple_of)
     check_settings(config, longest_row, "eval" in data, backend)
     config, feeding = plan_feeding(config, backend, longest_row)
-    if is_main_process():
-        atomic.write_text(out / "config.yaml", to_yaml(config))
     if patch_trl_without_triton():
         print("note: no Triton here; TRL's fused loss runs in plain PyTorch (qlora/compat.py)")
     set_seed(config.seed)  # the LoRA weights start the same in every run and in every process
     model, tokenizer = load_for_training(config, backend)
+    if is_main_process():
+        if overwrite:
+            remove_old_run(out, reads=Path(config.dataset) if is_prepared(config.dataset) else out / "data")
+        atomic.write_text(out / "config.yaml", to_yaml(config))
+    wait_for_everyone()
     count = processes().num_processes
     accumulation = accumulation_for(config, count)
     if is_main_process():
@@ -420,26 +560,35 @@ def run(config: Config, backend: str) -> int:
                  else f"{config.per_device_train_batch_size} rows")
         print(f"effective batch: {micro} per device x {accumulation} accumulation x {count} process(es); "
               f"precision: {precision()}")
-    stop = StopOnSignal()
+    stop = StopOnSignal(out)
     meter = report.Meter()
     callbacks = [stop.callback, meter.callback]
     if config.profile_steps:
         callbacks.append(report.StepProfiler(out / "profile.txt", config.profile_steps).callback)
-    trainer = make_trainer(model, tokenizer, data, config, backend, accumulation, meter, callbacks)
     if resume_from:
-        print(f"resuming from {resume_from}")
-    started = time.time()
+        callbacks.append(stop_at_last_step())
+        restored = meter.restore(Path(resume_from), processes().process_index)
+        if is_main_process():
+            print(f"resuming from {resume_from}" + ("" if restored else "; it holds no token counts (written by an "
+                                                    "older version), so metrics.json counts from here"))
+    trainer = make_trainer(model, tokenizer, data, config, backend, accumulation, meter, callbacks,
+                           resuming=bool(resume_from))
+    meter.start()
     advice = None
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except torch.cuda.OutOfMemoryError as error:
         advice = oom_advice(config, error, trainer.state.global_step)
+    except AtLastStep:
+        if is_main_process():
+            print(f"{Path(resume_from).name} holds the run's last step: nothing left to train; writing the adapter "
+                  f"from it")
     if advice:  # outside the except block, whose traceback holds the step's tensors
         print(f"{advice}\n{save_after_oom(trainer, config)}", file=sys.stderr)
         return 3
     if stop.received:
         print(f"stopped by {stop.received} at step {trainer.state.global_step}; a checkpoint is saved.\n"
-              f"resume with: python train_unsloth.py --config {out / 'config.yaml'} --resume")
+              f"resume with: {resume_command(out)}")
         return 130 if stop.received == "SIGINT" else 143
     evaluated = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
     if "eval" in data and evaluated[-1:] != [trainer.state.global_step]:
@@ -447,6 +596,6 @@ def run(config: Config, backend: str) -> int:
     meter.sum_over_processes()
     if trainer.is_world_process_zero():
         save_adapter(trainer, tokenizer, config)
-        report.write_all(out, trainer, meter, config, data, wall_time=time.time() - started, backend=backend,
+        report.write_all(out, trainer, meter, config, data, wall_time=meter.seconds(), backend=backend,
                          plan=feeding)
     return 0

@@ -1,11 +1,11 @@
-"""Shared test fixtures: the real Mistral tokenizer, the tiny model and the sample set, built once under fixtures/."""
+"""Shared test fixtures: the real Mistral tokenizers, the tiny models and the sample set, built once under fixtures/."""
 
 from pathlib import Path
 
 import pytest
 
 from qlora import fixtures
-from qlora.chat import PromptFormat
+from qlora.chat import PromptFormat, load_prompt_format
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,13 +21,23 @@ def tiny_model(fixture_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_v3(fixture_dir) -> Path:
+    return fixtures.build(fixture_dir, [fixtures.TINY_V3]) / fixtures.TINY_V3
+
+
+@pytest.fixture(scope="session")
+def tiny_tekken(fixture_dir) -> Path:
+    return fixtures.build(fixture_dir, [fixtures.TINY_TEKKEN]) / fixtures.TINY_TEKKEN
+
+
+@pytest.fixture(scope="session")
 def sample_data(fixture_dir) -> Path:
     return fixture_dir / fixtures.SAMPLE_DATA
 
 
 @pytest.fixture(scope="session")
 def prompt_format(tiny_model) -> PromptFormat:
-    return PromptFormat(tiny_model / "tokenizer.model")
+    return load_prompt_format(tiny_model / "tokenizer.model")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -54,6 +64,17 @@ def run_script(script: str, *args: str, timeout: int = 900, check: bool = True, 
         raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
     return result
+
+
+def one_line_error(result, *parts: str) -> str:
+    """The run failed with a single `error:` line (nothing else on stderr after it) holding every part."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-3000:]
+    for part in parts:
+        assert part in last, last
+    return last
 
 
 def start_script(script: str, *args: str, log: Path):

@@ -5,8 +5,10 @@ import json
 import shutil
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from conftest import ROOT, run_script
+from conftest import ROOT, one_line_error, run_script
 from qlora import hub
 
 SCRIPTS = ["data_prep.py", "train_unsloth.py", "infer.py", "export_gguf.py"]
@@ -34,17 +36,6 @@ def test_help_exits_zero_and_keeps_the_examples_lines(script):
 
 MADE_UP = "qlora-mistral-tests/no-such-model"
 OFFLINE = {"HF_HUB_OFFLINE": "1"}  # the hub as a machine without network sees it, at once instead of after retries
-
-
-def one_line_error(result, *parts: str) -> str:
-    """The run failed with a single `error:` line (nothing else on stderr after it) holding every part."""
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr[-3000:]
-    for part in parts:
-        assert part in last, last
-    return last
 
 
 # No connection: the hub's address made a closed port on this machine (refused at once, then retried for ~25 s)
@@ -84,7 +75,7 @@ def test_export_with_an_unknown_base_offline_is_one_line(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": MADE_UP}))
-    (adapter / "adapter_model.safetensors").write_bytes(b"")  # the base fails first
+    save_file({"w": torch.zeros(1)}, adapter / "adapter_model.safetensors")  # a whole file: the base fails first
     result = run_script("export_gguf.py", "--adapter_dir", str(adapter), "--gguf_types", "f16", check=False,
                         timeout=300, env=OFFLINE)
     one_line_error(result, f"base model {MADE_UP}", "--base_model_16bit PATH")
@@ -94,7 +85,7 @@ def test_infer_with_an_adapter_on_an_unknown_base_offline_is_one_line(tiny_model
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": MADE_UP}))
-    (adapter / "adapter_model.safetensors").write_bytes(b"")  # the base fails first
+    save_file({"w": torch.zeros(1)}, adapter / "adapter_model.safetensors")  # a whole file: the base fails first
     shutil.copyfile(tiny_model / "tokenizer.model", adapter / "tokenizer.model")
     result = run_script("infer.py", str(adapter), "--prompt", "hi", check=False, timeout=300, env=OFFLINE)
     one_line_error(result, f"base model {MADE_UP}", "base_model_name_or_path", "adapter_config.json")

@@ -151,3 +151,38 @@ def test_extra_arguments_stay_apart():
                            extra=lambda p: p.add_argument("prompt_file"))
     assert (config.max_new_tokens, extras.prompt_file) == (12, "prompt.txt")
     assert not hasattr(config, "prompt_file")
+
+
+def test_every_number_and_name_field_has_a_check():
+    """The table beside the fields: a new numeric field without a `check` fails here, not on a user's input."""
+    import typing
+
+    from qlora.config import FIELDS, _base_type
+
+    hints = typing.get_type_hints(Config)
+    numeric = [name for name in FIELDS if _base_type(hints[name])[0] in (int, float)]
+    assert len(numeric) > 25
+    assert [name for name in numeric + ["optim", "lr_scheduler_type"] if FIELDS[name].metadata["check"] is None] == []
+
+
+@pytest.mark.parametrize("flag,bad,good", [
+    ("--num_train_epochs", "0", "0.5"), ("--learning_rate", "-0.001", "1e-5"), ("--learning_rate", "nan", "0.1"),
+    ("--lora_r", "0", "1"), ("--lora_alpha", "0", "1"), ("--lora_dropout", "1", "0.1"), ("--eval_fraction", "1", "0"),
+    ("--max_seq_length", "0", "1"), ("--seed", "-1", "0"), ("--max_steps", "0", "-1"), ("--token_budget", "0", "auto"),
+    ("--gradient_accumulation_steps", "0", "1"), ("--save_steps", "0", "1"), ("--eval_steps", "0", "none"),
+    ("--warmup_steps", "-1", "0"), ("--top_p", "0", "1"), ("--temperature", "-0.1", "0"),
+    ("--optim", "adam", "adamw_8bit"), ("--lr_scheduler_type", "cosin", "cosine"),
+])
+def test_checks_refuse_what_makes_no_sense_in_one_line(capsys, tmp_path, flag, bad, good):
+    name = flag[2:]
+    assert f"error: --{name}: '{name}' must be " in failure(capsys, flag, bad)
+    in_yaml = preset(tmp_path, f"{name}: {bad}\n")
+    assert f"error: {in_yaml}: '{name}' must be " in failure(capsys, "--config", in_yaml)
+    run(flag, good)
+
+
+def test_a_config_that_is_a_folder_or_binary_is_one_line(tmp_path, capsys):
+    assert f"{tmp_path}: is a folder; --config takes a YAML file" in failure(capsys, "--config", tmp_path)
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x80\x00\x01")
+    assert f"{binary}: not a YAML file (bytes that are not UTF-8 at byte 0)" in failure(capsys, "--config", binary)

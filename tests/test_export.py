@@ -273,10 +273,17 @@ def test_lora_only_reads_no_base_weights(lora_exported, trained_adapter, tiny_mo
     assert [(t.name, t.data.tobytes()) for t in got] == [(t.name, t.data.tobytes()) for t in want]
 
 
+def whole_adapter_file(folder: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, folder / "adapter_model.safetensors")
+
+
 def test_adapter_route_settings(tmp_path):
     def plan(base: str, **settings):
         (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base} | settings))
-        (tmp_path / "adapter_model.safetensors").write_bytes(b"")  # planning reads neither weights nor base
+        whole_adapter_file(tmp_path)  # planning checks the adapter's file and never reads the base
         return lambda **flags: export.plan(Config(adapter_dir=str(tmp_path), **flags))
 
     default = plan("unsloth/mistral-7b-instruct-v0.2-bnb-4bit")(lora_only=True)
@@ -416,7 +423,7 @@ def test_modelfile(exported):
 
 def test_modelfile_system_defaults_to_the_training_runs(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "any"}))
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    whole_adapter_file(tmp_path)
     (tmp_path / "config.yaml").write_text("system_prompt: Be terse.\n")
     assert export.plan(Config(adapter_dir=str(tmp_path), base_model_16bit="b")).system_prompt == "Be terse."
     assert export.plan(Config(adapter_dir=str(tmp_path), base_model_16bit="b", system_prompt="S")).system_prompt == "S"

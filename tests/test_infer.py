@@ -214,7 +214,7 @@ def test_prompt_is_the_training_prefix(sessions, name, conversations):
     session = backend(sessions, name)
     for conversation in (conversations[-1], conversations[5]):  # system + user; multi-turn
         training_ids, _ = session.fmt.encode(conversation)
-        answer = session.fmt.sp.encode(conversation[-1].content) + [session.fmt.eos]
+        answer = session.fmt.vocab.encode(conversation[-1].content) + [session.fmt.eos]
         prefix = training_ids[: len(training_ids) - len(answer)]
         seen = received_ids(session, conversation[:-1])
         assert seen[: len(prefix)] == prefix
@@ -302,7 +302,7 @@ def test_streaming_gives_the_non_streamed_answer(sessions, name, answered):
 def test_stream_pieces_add_up_and_never_show_a_marker(prompt_format, text, shown):
     """Nothing shown is ever taken back: no half character, no start of a marker that then completes."""
     stream = infer.TextStream(prompt_format)
-    pieces = [stream.add(i) for i in prompt_format.sp.encode(text)] + [stream.finish()]
+    pieces = [stream.add(i) for i in prompt_format.vocab.encode(text)] + [stream.finish()]
     assert "".join(pieces) == shown == stream.answer
     assert not any("\ufffd" in p for p in pieces)
 

@@ -91,3 +91,23 @@ def test_the_adapter_and_the_gguf_answer_right(executed):
         assert f"> {prompt}\n{answer}\n" in shown
     export_cell = next(c for c in notebook.cells if "export_gguf.py" in c.source and c.cell_type == "code")
     assert text_of(export_cell).rstrip().endswith(next(iter(SMOKE_ANSWERS.values())))
+
+
+def test_the_install_cell_without_a_gpu_ends_with_how_to_attach_one(tmp_path):
+    """INSTALL on a Colab runtime with no GPU (this machine: no nvidia-smi, no NVIDIA kernel module): the install
+    cell runs scripts/install_gpu.sh, installs nothing, and its output ends with the one line that says what to do."""
+    if Path("/proc/driver/nvidia/version").exists():
+        pytest.skip("this machine has an NVIDIA GPU")
+    notebook = stored()
+    install = next(i for i, c in enumerate(notebook.cells) if c.cell_type == "code" and "install_gpu.sh" in c.source)
+    notebook.cells = notebook.cells[:install + 1]
+    notebook.cells.insert(parameters_cell(notebook) + 1, nbformat.v4.new_code_cell("INSTALL = True"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin", "/bin"]))
+        patch.setenv("COLAB_RELEASE_TAG", "release-colab-test")  # what Colab's runtime sets
+        NotebookClient(notebook, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT)}}).execute()
+    shown = text_of(notebook.cells[-1]).strip().splitlines()
+    assert shown[-1] == ("no GPU is attached to this Colab runtime: Runtime > Change runtime type > T4 GPU, then run "
+                         "this again")
+    assert not any("pip install" in line for line in shown)

@@ -1,5 +1,7 @@
-"""requirements.txt as a GPU or Colab user installs it: pip resolves the whole file (`pip install --dry-run --report`,
-nothing installed), the pins hold together, and the README names what the install brings besides them.
+"""requirements.txt as the GPU install (scripts/install_gpu.sh) resolves it: pip's dry run (`pip install --dry-run
+--report`, nothing installed) of the whole file with the installed torch as a constraint, once for the torch the install
+puts where none fits (the pinned 2.11.0) and once for Colab's (2.10.0, kept there). The pins hold together in both,
+and the README names what the install brings besides them.
 
 Needs the package index (CI has it). Linux x86-64 only: that is what Colab and the GPU hosts run, and the set of
 packages depends on the platform (Unsloth requires xformers on Linux x86-64 and Windows only).
@@ -15,12 +17,16 @@ import pytest
 from packaging.utils import canonicalize_name
 
 from conftest import ROOT
+from qlora.gpu_install import PINNED_TORCH, PINNED_TORCHVISION, in_range, supported_range
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64",
                                 reason="the GPU install is resolved for Linux x86-64, what Colab and GPU hosts run")
 
 # Not pinned in requirements.txt, pulled in by Unsloth 2026.10.9 on Linux x86-64; the README names their versions.
 BROUGHT_BY_UNSLOTH = ("xformers", "torchvision", "diffusers")
+# Colab's preinstalled torch and torchvision (its runtime moved to torch 2.10: googlecolab/colabtools#5801)
+COLAB = {"torch": "2.10.0", "torchvision": "0.25.0"}
+PINNED = {"torch": PINNED_TORCH, "torchvision": PINNED_TORCHVISION}
 
 
 def pins(path) -> dict[str, str]:
@@ -33,23 +39,44 @@ def pins(path) -> dict[str, str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def resolved(tmp_path_factory) -> dict[str, str]:
-    """name -> version of everything `pip install -r requirements.txt` would install into an empty environment."""
-    report = tmp_path_factory.mktemp("pip") / "report.json"
+def resolve(folder, installed: dict[str, str]) -> dict[str, str]:
+    """name -> version of everything the install puts into an empty environment holding only `installed` (the
+    constraint scripts/install_gpu.sh writes for the torch it keeps)."""
+    constraints, report = folder / "constraints.txt", folder / "report.json"
+    constraints.write_text("".join(f"{name}=={version}\n" for name, version in installed.items()))
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                             "--report", str(report), "-r", str(ROOT / "requirements.txt")],
+                             "--report", str(report), "-r", str(ROOT / "requirements.txt"), "-c", str(constraints)],
                             capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"requirements.txt does not resolve:\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"requirements.txt does not resolve with {installed}:\n{result.stderr[-3000:]}"
     installs = json.loads(report.read_text())["install"]
     return {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
 
 
-def test_the_pins_hold_together(resolved):
-    """Every pinned version is the one pip installs: no pin is overridden or conflicts with another's needs."""
+@pytest.fixture(scope="module")
+def resolved(tmp_path_factory) -> dict[str, str]:
+    """With the pinned torch, as installed where no torch fits the GPU."""
+    return resolve(tmp_path_factory.mktemp("pinned"), PINNED)
+
+
+@pytest.fixture(scope="module")
+def resolved_on_colab(tmp_path_factory) -> dict[str, str]:
+    return resolve(tmp_path_factory.mktemp("colab"), COLAB)
+
+
+@pytest.mark.parametrize("where", ["resolved", "resolved_on_colab"])
+def test_the_pins_hold_together(where, request):
+    """Every pinned version is the one pip installs, with either torch: no pin is overridden or conflicts."""
+    found = request.getfixturevalue(where)
     pinned = pins(ROOT / "requirements.txt")
-    assert {"torch", "unsloth", "transformers", "trl", "peft", "bitsandbytes"} <= set(pinned)
-    assert {name: resolved.get(name) for name in pinned} == pinned
+    assert {"unsloth", "transformers", "trl", "peft", "bitsandbytes"} <= set(pinned)
+    assert {name: found.get(name) for name in pinned} == pinned
+    assert {name: found[name] for name in PINNED} == (PINNED if where == "resolved" else COLAB)
+    assert "xformers" in found
+
+
+def test_both_torches_are_in_the_stated_range():
+    """requirements.txt states the range the install keeps a torch in; the pinned and Colab's torch are inside."""
+    assert in_range(PINNED_TORCH, supported_range()) and in_range(COLAB["torch"], supported_range())
 
 
 def test_the_readme_names_what_the_install_brings(resolved):

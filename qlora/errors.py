@@ -1,0 +1,44 @@
+"""The scripts' edge: every failure a user can cause ends in one `error:` line and a non-zero exit, never a traceback.
+
+Each script runs its work inside `one_line_errors(...)`, naming the toolkit's own errors (each already one line that
+names the file or setting and what to do). File-system failures on a user's path (an output folder that is a file,
+a folder that cannot be written, a full disk) come as OSError from wherever they happen; they become one line naming
+the path, so that no function needs its own try/except for them.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from contextlib import contextmanager
+
+ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space or choose a folder on another disk",
+    errno.EACCES: "choose a folder you can write to, or change its permissions",
+    errno.EPERM: "choose a folder you can write to, or change its permissions",
+    errno.EROFS: "the file system is read-only: choose a folder on another one",
+    errno.ENOTDIR: "a file is where a folder should be: choose another path, or move the file",
+    errno.EEXIST: "a file is where a folder should be: choose another path, or move the file",
+    errno.EISDIR: "a folder is where a file should be: choose another path, or move the folder",
+}
+
+
+def describe(err: OSError) -> str:
+    """`path: what happened; what to do` for an OSError (the toolkit's own, raised with a message, as it is)."""
+    if err.filename is None:
+        return str(err)
+    return f"{err.filename}: {err.strerror or err}; {ADVICE.get(err.errno, 'check the path')}"
+
+
+@contextmanager
+def one_line_errors(*expected: type[Exception]):
+    """Run a script's work: the `expected` errors and any OSError end the script with one `error:` line."""
+    try:
+        yield
+    except expected as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # Ctrl-C outside training (during it, qlora.train stops at the end of a step)
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except OSError as err:
+        sys.exit(f"error: {describe(err)}")
