@@ -29,7 +29,7 @@ SHARD_BYTES = 5 * 10**9  # output shards of at most 5 GB, as the hub's checkouts
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
 FLOAT16_MAX = 65504.0
-INDEX = "model.safetensors.index.json"
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 FLOATS = ("F16", "BF16", "F32", "F64")  # safetensors dtypes merged as float16; others are copied as they are
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -46,8 +46,8 @@ class Lora:
 
 
 def merge_into(adapter_dir: Path, base_dir: Path, target: Path) -> None:
-    """The merged model in float16 safetensors shards, with its index json and config, into `target` (a fresh folder,
-    written in place: the caller makes it atomic). Tokenizer files are the caller's."""
+    """The merged model in float16 safetensors shards (with an index json where there are several) and its config, into
+    `target` (a fresh folder, written in place: the caller makes it atomic). Tokenizer files are the caller's."""
     from safetensors import safe_open
 
     settings = adapter_settings(adapter_dir)
@@ -63,13 +63,14 @@ def merge_into(adapter_dir: Path, base_dir: Path, target: Path) -> None:
     shards = plan_shards(names)
     weight_map = {}
     for number, shard in enumerate(shards, 1):
-        shard_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        shard_name = SINGLE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         write_shard(target / shard_name, shard, lambda name: merged_tensor(
             name, names[name], loras.get(name), replaced.get(name), adapter_file))
         weight_map |= {entry.name: shard_name for entry in shard}
     total = sum(entry.nbytes for shard in shards for entry in shard)
-    (target / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-                                + "\n", encoding="utf-8")
+    if len(shards) > 1:  # one shard is model.safetensors alone, as save_pretrained writes it
+        (target / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+                                    + "\n", encoding="utf-8")
     write_config(base_dir, target)
 
 
@@ -124,7 +125,7 @@ def weight_files(base_dir: Path) -> list[Path]:
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         return [base_dir / f for f in dict.fromkeys(weight_map.values())]
-    single = base_dir / "model.safetensors"
+    single = base_dir / SINGLE
     if single.is_file():
         return [single]
     raise MergeError(f"{base_dir}: no model.safetensors or {INDEX} (pickled .bin weights are not read); "

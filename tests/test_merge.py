@@ -148,5 +148,5 @@ def test_a_full_disk_during_the_merge_is_one_line(sharded_base, tmp_path):
                             preexec_fn=small_files, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: {tmp_path / 'merged'}/model-00001-of-00001.safetensors: cannot write the merged "
+    assert line.startswith(f"error: {tmp_path / 'merged'}/model.safetensors: cannot write the merged "
                            f"model (File too large)"), line
