@@ -61,10 +61,8 @@ def test_streaming_merge_equals_peft_merge_and_unload(kind, sharded_base, tmp_pa
     want = {k: v.to(torch.float16) for k, v in peft_model.merge_and_unload().state_dict().items()}
     (tmp_path / "merged").mkdir()
     merge.merge_into(tmp_path / "adapter", sharded_base, tmp_path / "merged")
-    index = json.loads((tmp_path / "merged" / merge.INDEX).read_text())
-    got = {}
-    for shard in set(index["weight_map"].values()):
-        got |= load_file(tmp_path / "merged" / shard)
+    assert [f.name for f in (tmp_path / "merged").glob("*.safetensors")] == [merge.SINGLE]  # one shard: no index
+    got = load_file(tmp_path / "merged" / merge.SINGLE)
     assert got.keys() == want.keys() and all(t.dtype == torch.float16 for t in got.values())
     base = {}
     for shard in sharded_base.glob("model-*.safetensors"):
@@ -86,7 +84,9 @@ def test_merged_folder_loads_in_transformers_in_several_shards(sharded_base, tmp
     monkeypatch.setattr(merge, "SHARD_BYTES", 3 * 2**20)
     (tmp_path / "merged").mkdir()
     merge.merge_into(tmp_path / "adapter", sharded_base, tmp_path / "merged")
-    assert len(list((tmp_path / "merged").glob("model-*-of-*.safetensors"))) >= 3
+    index = json.loads((tmp_path / "merged" / merge.INDEX).read_text())
+    shards = sorted(f.name for f in (tmp_path / "merged").glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and sorted(set(index["weight_map"].values())) == shards
     ids = torch.tensor([[1, 733, 16289, 28793, 22557, 733, 28748, 16289, 28793]])
     with torch.no_grad():
         want = peft_model.merge_and_unload()(ids).logits
