@@ -53,15 +53,28 @@ def atomic_path(final: str | Path):
         tmp.unlink(missing_ok=True)
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Temporaries of writers that were killed (their pid is gone): never final, only wasted space."""
-    for tmp in folder.glob(".*.tmp-*"):
+def remove_stale_temporaries(folder: Path, prefix: str = ".") -> None:
+    """Temporaries of writers that were killed (their pid is gone): never final, only wasted space. `prefix` limits
+    them to those of some names (`.export`: an export folder's staging folder)."""
+    for tmp in [*folder.glob(f"{prefix}*.tmp-*"), *folder.glob(f"{prefix}*.old-*")]:
         pid = tmp.name.rsplit("-", 1)[1]
         if pid.isdigit() and not _alive(int(pid)):
             if tmp.is_dir():
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
+
+
+def recover_dir(final: Path) -> None:
+    """Undo `replace_dir` killed between its two renames: no `final`, the old folder aside under a dead pid. It is put
+    back, so the next writer replaces it as if nothing had happened."""
+    if final.exists():
+        return
+    for old in final.parent.glob(f".{final.name}.old-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            os.replace(old, final)
+            return
 
 
 def _alive(pid: int) -> bool:

@@ -159,7 +159,7 @@ class Config:
     gguf_types: list[str] = _f(["f16", "q8_0", "q4_k_m", "q5_k_m"], "export", "GGUF files to write (f16 is always written first)")
     merged_only: bool = _f(False, "export", "stop after the merged 16-bit safetensors")
     lora_only: bool = _f(False, "export", "no merge: write the adapter as adapter.gguf with a Modelfile that puts "
-                         "it on a base Ollama or llama.cpp already has")
+                         "it on a base llama.cpp (or Ollama up to 0.34.0) already has")
     ollama_base: str | None = _f(None, "export", "with --lora_only: the Modelfile's FROM, an Ollama model of the base "
                                  "or the path of a GGUF of it (default: the Ollama tag of a known base, "
                                  "mistral:7b-instruct-v0.2 for the default base)")

@@ -1,5 +1,11 @@
 """Adapter -> merged 16-bit model -> GGUF files (f16, then quantized) -> Ollama Modelfile, each file checked; or, with
---lora_only, adapter -> adapter.gguf + a Modelfile that puts it on a base Ollama or llama.cpp already has.
+--lora_only, adapter -> adapter.gguf + a Modelfile that puts it on a base llama.cpp (or an older Ollama) already has.
+
+The export is a transaction: it is built in a staging folder beside the export folder (`.export.tmp-PID`), its report
+written last, and swapped in whole when complete (qlora/atomic.py's pattern one level up). A failed or killed export
+leaves the old export as it was (or, killed in the instant between the swap's two renames, no export folder, which
+the next export puts back). The merge streams the base tensor by tensor (qlora/merge.py) and the checks' reference
+reads its weights layer by layer from disk (qlora/gguf_check.py), so neither holds the model in RAM.
 
 The GGUF converters are llama.cpp's own `convert_hf_to_gguf.py` and `convert_lora_to_gguf.py`, taken from
 llama-cpp-python's source distribution by `scripts/get_llama_cpp_converter.sh` (no git, no cmake); quantization is
@@ -11,6 +17,7 @@ ends with one line.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +34,9 @@ import yaml
 from . import atomic, isolate, runfolder
 from .chat import Conversation, find_tokenizer_file, load_prompt_format, tokenizer_file_in
 from .config import Config, to_yaml
-from .gguf_check import (CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_file, llama_cpp_check,
-                         load_reference, mismatches, reference, reference_device)
+from .gguf_check import CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_all, check_file, mismatches, prompt_set
 from .hub import fetching
+from .merge import MergeError, base_checkout, dequantized_checkout, merge_into
 from .model import LOCAL_BASE, check_safetensors_adapter, parameter_count
 from .modelfile import modelfile, ollama_template
 
@@ -74,8 +82,10 @@ STRICT_BASE_TYPES = ("ALL_F32", "MOSTLY_F16")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors") + TOKENIZER_FILES
-
-
+REPORT = "export_report.json"
+# What an export writes: a re-export drops the old export's files of these names (they would be taken for the new
+# adapter's); anything else in the old folder (the user's own files, a base GGUF) is carried over into the new one.
+EXPORT_OUTPUTS = ("merged", "adapter", ADAPTER_GGUF, "Modelfile", "config.yaml", REPORT)
 
 
 class ExportError(RuntimeError):
@@ -94,19 +104,29 @@ class Plan:
     # --lora_only
     trained_on: str = ""  # the adapter's base: its config.json is all llama.cpp's LoRA converter reads of it
     ollama_base: str = ""  # the Modelfile's FROM
-    base_gguf: Path | None = None  # the base GGUF adapter.gguf is checked on (None: not checked)
+    base_gguf: Path | None = None  # the base GGUF adapter.gguf is checked on (None: not checked), where it ends up
     convert_base: bool = False  # base_gguf is to be converted from the 16-bit base
+    work_dir: Path | None = None  # where the files are written: the staging folder, swapped in for export_dir
+
+    @property
+    def folder(self) -> Path:
+        return self.work_dir or self.export_dir
 
     @property
     def merged_dir(self) -> Path:
-        return self.export_dir / "merged"
+        return self.folder / "merged"
 
     @property
     def adapter_gguf(self) -> Path:
-        return self.export_dir / ADAPTER_GGUF
+        return self.folder / ADAPTER_GGUF
+
+    @property
+    def base_gguf_file(self) -> Path | None:
+        """The base GGUF as the export reads it: --convert_base writes it into the staging folder."""
+        return self.folder / BASE_GGUF if self.convert_base else self.base_gguf
 
     def gguf(self, gguf_type: str) -> Path:
-        return self.export_dir / f"model-{gguf_type}.gguf"
+        return self.folder / f"model-{gguf_type}.gguf"
 
 
 # ---------------------------------------------------------------- planning
@@ -228,6 +248,8 @@ def estimated_bytes(p: Plan, lora_only: bool) -> dict[str, int]:
     if lora_only:
         adapter = sum(f.stat().st_size for f in p.adapter_dir.iterdir() if f.name in ADAPTER_FILES)
         sizes = {"adapter": adapter, ADAPTER_GGUF: 2 * adapter}  # f32: at most twice a 16-bit adapter
+        if p.base_gguf is not None:  # the check's reference: the merged model, on disk while the check runs
+            sizes["the check's merged reference"] = 2 * parameter_count(p.base)
         return sizes | ({BASE_GGUF: 2 * parameter_count(p.base)} if p.convert_base else {})
     n = parameter_count(p.base)
     sizes = {"merged": 2 * n}
@@ -236,7 +258,8 @@ def estimated_bytes(p: Plan, lora_only: bool) -> dict[str, int]:
 
 
 def check_disk_space(folder: Path, sizes: dict[str, int], margin: float = 1.1) -> None:
-    """Fail before any work when the export's files would not fit (HF cache downloads not counted)."""
+    """Fail before any work when the export's files would not fit beside the old export, which stays until the new one
+    is complete (HF cache downloads not counted)."""
     folder.mkdir(parents=True, exist_ok=True)
     needed = int(sum(sizes.values()) * margin)
     free = shutil.disk_usage(folder).free
@@ -249,39 +272,21 @@ def check_disk_space(folder: Path, sizes: dict[str, int], margin: float = 1.1) -
 
 
 def merge(adapter_dir: Path, base: str, target: Path, dequantize: bool = False) -> None:
-    """Base in float16 + adapter, merged (PEFT merge_and_unload), saved as safetensors with tokenizer and generation
-    config. float16 rather than Mistral's bfloat16: the LoRA update survives rounding 8x better, and the f16 GGUF is
-    then a lossless copy of the merged weights."""
-    model = merge_adapter(_load_peft(adapter_dir, base, dequantize))
-    save_merged(model, adapter_dir, base, target)
-
-
-def _load_peft(adapter_dir: Path, base: str, dequantize: bool):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from .model import load_with_adapter
-
-    if not dequantize:
-        return load_with_adapter(adapter_dir, base, dtype=torch.float16, device="cpu")
-    if not torch.cuda.is_available():
-        raise ExportError(f"{base}: dequantizing a 4-bit model needs a CUDA GPU; on this machine pass "
-                          f"--base_model_16bit with its 16-bit original")
-    with fetching(base, "base model", LOCAL_BASE):
-        quantized = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16, device_map={"": 0},
-                                                         use_safetensors=True)
-    return PeftModel.from_pretrained(quantized.dequantize().to("cpu", torch.float16), str(adapter_dir)).eval()
-
-
-def merge_adapter(peft_model):
-    """The plain transformers model with the LoRA update added to its weights (checked for NaNs)."""
-    return peft_model.merge_and_unload(safe_merge=True)
-
-
-def save_merged(model, adapter_dir: Path, base: str, target: Path) -> None:
+    """Base + adapter merged in float16 safetensors shards, tensor by tensor (qlora/merge.py), with the tokenizer,
+    config and generation config: the whole model is never in RAM. A 4-bit base without a known original is first
+    dequantized on the GPU into a float16 copy beside `target`, removed after."""
     with atomic.atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)  # safetensors, config.json, generation_config.json
+        try:
+            if dequantize:
+                source = target.with_name(f".{target.name}-base.tmp-{os.getpid()}")
+                try:
+                    merge_into(adapter_dir, dequantized_checkout(base, source), tmp)
+                finally:
+                    shutil.rmtree(source, ignore_errors=True)
+            else:
+                merge_into(adapter_dir, base_checkout(base, "base model"), tmp)
+        except MergeError as err:
+            raise ExportError(f"{err}; the old export is as it was") from None
         save_tokenizer(adapter_dir, base, tmp)
 
 
@@ -381,21 +386,6 @@ def write_base_config(base: str, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
 
 
-def base_checkout(base: str) -> Path:
-    """The 16-bit base as a folder for llama.cpp's converter: its own, else its hub snapshot (safetensors weights,
-    configs and tokenizer.model, without which the converter would tokenize unlike Mistral; Tekken's tokenizer.json
-    is among the configs)."""
-    if Path(base).is_dir():
-        return Path(base)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
-    except (OSError, ValueError) as err:  # offline, gated, no such repo
-        raise ExportError(f"--convert_base: cannot download {base} ({first_line(err)}); pass --base_gguf with a GGUF "
-                          f"of it instead") from None
-
-
 def first_line(err: Exception) -> str:
     """The hub's errors span several lines; the first says what happened."""
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -427,20 +417,24 @@ def modelfile_target(types: list[str]) -> str:
 
 
 def check_adapter(p: Plan, prompts: list[Conversation]) -> dict:
-    """adapter.gguf on the base GGUF in llama.cpp against the merged model: on an f16 (or f32) base it must match as
-    an f16 file does; on a quantized base it is reported. Unchecked without a base GGUF."""
-    import torch
+    """adapter.gguf on the base GGUF in llama.cpp against the merged model (streamed to a folder in the staging folder
+    for the check, removed after): on an f16 (or f32) base it must match as an f16 file does; on a quantized base it
+    is reported. Unchecked without a base GGUF."""
     from gguf import LlamaFileType
 
     entry = {"file": ADAPTER_GGUF, "type": f"lora {LORA_OUTTYPE}", "bytes": p.adapter_gguf.stat().st_size}
     if p.base_gguf is None:
         return entry | {"not_checked": "no base GGUF to apply it to (--base_gguf PATH or --convert_base)",
                         "problems": []}
-    merged = merge_adapter(_load_peft(p.adapter_dir, p.base, p.dequantize))
-    merged = merged.to(reference_device(merged), torch.float32)
-    ref = reference(merged, load_prompt_format(prompt_tokenizer(p.adapter_dir, p.base)), prompts)
-    entry |= {"base_gguf": str(p.base_gguf)} | llama_cpp_check(f"{ADAPTER_GGUF} on {p.base_gguf.name}", p.base_gguf,
-                                                                 ref, p.adapter_gguf)
+    reference = p.folder / ".reference"
+    merge(p.adapter_dir, p.base, reference, p.dequantize)
+    try:
+        checks = prompt_set(load_prompt_format(prompt_tokenizer(p.adapter_dir, p.base)), prompts)
+        what = f"{ADAPTER_GGUF} on {p.base_gguf.name}"
+        checked = check_all(reference, {what: (p.base_gguf_file, p.adapter_gguf)}, checks)[what]
+    finally:
+        shutil.rmtree(reference, ignore_errors=True)
+    entry |= {"base_gguf": str(p.base_gguf)} | checked
     if "metadata" in entry:
         entry["metadata"].pop("chat_template")  # the base's own: Ollama uses the Modelfile's TEMPLATE
         file_type = entry["metadata"]["file_type"]
@@ -455,17 +449,19 @@ def check_exports(p: Plan, prompts: list[Conversation] = CHECK_PROMPTS) -> dict:
     from transformers import AutoTokenizer
 
     prompt_format = load_prompt_format(tokenizer_file_in(p.merged_dir))
-    ref = reference(load_reference(p.merged_dir), prompt_format, prompts)
+    checks = prompt_set(prompt_format, prompts)
+    checked = check_all(p.merged_dir, {p.gguf(t).name: (p.gguf(t), None) for t in p.gguf_types}, checks)
     chat_template = AutoTokenizer.from_pretrained(p.merged_dir).chat_template
-    return write_report(p, [check_file(p.gguf(t), t, ref, chat_template, prompt_format.vocab.gguf_tokenizer)
-                            for t in p.gguf_types])
+    return write_report(p, [check_file(p.gguf(t), t, checked[p.gguf(t).name], chat_template,
+                                       prompt_format.vocab.gguf_tokenizer) for t in p.gguf_types])
 
 
 def write_report(p: Plan, files: list[dict]) -> dict:
+    """The report, the export's last file: it vouches for the files beside it."""
     report = {"base": p.base, "base_note": p.base_note, "adapter_dir": str(p.adapter_dir),
               "criteria": {"near_tie": NEAR_TIE, "min_cosine_f16": MIN_COSINE, "greedy_steps": GREEDY_STEPS},
               "files": files}
-    atomic.write_text(p.export_dir / "export_report.json", json.dumps(report, indent=2) + "\n")
+    atomic.write_text(p.folder / REPORT, json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -541,34 +537,70 @@ def export_planned(config: Config, p: Plan, prompts: list[Conversation]) -> Plan
     print(p.base_note, flush=True)
     atomic.check_writable(p.export_dir)
     check_disk_space(p.export_dir, estimated_bytes(p, config.lora_only))
-    atomic.remove_stale_temporaries(p.export_dir)
-    atomic.write_text(p.export_dir / "config.yaml", to_yaml(config))
-    if config.lora_only:
-        export_adapter(p, converter, prompts)
-        return p
+    with staged(p.export_dir) as p.work_dir:
+        atomic.write_text(p.folder / "config.yaml", to_yaml(config))
+        if config.lora_only:
+            report = export_adapter(p, converter, prompts)
+        else:
+            report = export_merged(p, converter, config.merged_only, prompts)
+    p.work_dir = None
+    if report is not None:
+        print(table(report), flush=True)
+        verdict(report)
+    return p
+
+
+def export_merged(p: Plan, converter: Path | None, merged_only: bool, prompts: list[Conversation]) -> dict | None:
+    """The merged folder, the GGUF files, the Modelfile, then the report (None with --merged_only)."""
     merge(p.adapter_dir, p.base, p.merged_dir, p.dequantize)
-    if config.merged_only:
-        return p
+    if merged_only:
+        return None
     convert_f16(p.merged_dir, p.gguf("f16"), converter)
     for t in p.gguf_types[1:]:
         quantize(p.gguf("f16"), p.gguf(t), t)
     template = ollama_template(load_prompt_format(tokenizer_file_in(p.merged_dir)))
-    atomic.write_text(p.export_dir / "Modelfile", modelfile(f"./{p.gguf(modelfile_target(p.gguf_types)).name}",
-                                                            p.system_prompt, template=template))
-    report = check_exports(p, prompts)
-    print(table(report), flush=True)
-    verdict(report)
-    return p
+    atomic.write_text(p.folder / "Modelfile", modelfile(f"./{p.gguf(modelfile_target(p.gguf_types)).name}",
+                                                        p.system_prompt, template=template))
+    return check_exports(p, prompts)
 
 
-def export_adapter(p: Plan, converter: Path, prompts: list[Conversation]) -> None:
+def export_adapter(p: Plan, converter: Path, prompts: list[Conversation]) -> dict:
     """--lora_only: the PEFT adapter copied, adapter.gguf, its Modelfile, then (when asked) its check in llama.cpp."""
-    copy_adapter(p.adapter_dir, p.export_dir / "adapter")
+    copy_adapter(p.adapter_dir, p.folder / "adapter")
     convert_lora(p.adapter_dir, p.trained_on, p.adapter_gguf, converter)
     template = ollama_template(load_prompt_format(prompt_tokenizer(p.adapter_dir, p.trained_on)))
-    atomic.write_text(p.export_dir / "Modelfile", modelfile(p.ollama_base, p.system_prompt, ADAPTER_GGUF, template))
+    atomic.write_text(p.folder / "Modelfile", modelfile(p.ollama_base, p.system_prompt, ADAPTER_GGUF, template))
     if p.convert_base:
-        convert_f16(base_checkout(p.base), p.base_gguf, converter)
-    report = write_report(p, [check_adapter(p, prompts)])
-    print(table(report), flush=True)
-    verdict(report)
+        convert_f16(base_checkout(p.base, "--convert_base"), p.base_gguf_file, converter)
+    return write_report(p, [check_adapter(p, prompts)])
+
+
+@contextmanager
+def staged(export_dir: Path):
+    """A fresh staging folder beside `export_dir`, swapped in for it when the block ends without error (else removed):
+    the export is all new or all old. The old folder's other files (the user's own, a base GGUF) are carried over into
+    the new one first, by hard links; its export outputs are not (they belong to the old adapter)."""
+    atomic.recover_dir(export_dir)
+    atomic.remove_stale_temporaries(export_dir.parent, prefix=f".{export_dir.name}")
+    with atomic.atomic_dir(export_dir) as staging:
+        try:
+            yield staging
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            raise ExportError(f"{err.filename or staging}: {err.strerror}; free some space (df -h {export_dir.parent}) "
+                              f"and export again; the old export is as it was") from None
+        carry_over(export_dir, staging)
+
+
+def carry_over(old: Path, new: Path) -> None:
+    if not old.is_dir():
+        return
+    for item in old.iterdir():
+        ours = item.name in EXPORT_OUTPUTS or (item.name.startswith("model-") and item.suffix == ".gguf")
+        if ours or (new / item.name).exists() or ".tmp-" in item.name:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, new / item.name, copy_function=os.link, symlinks=True)
+        else:
+            os.link(item, new / item.name, follow_symlinks=False)

@@ -136,18 +136,22 @@ def save_tiny_model(target: Path, seed: int = 0, name: str = TINY_MODEL) -> None
     save_like_a_hub_checkout(model, target, None if name == TINY_MODEL else mistral_common_file(tokenizer_file))
 
 
-def save_like_a_hub_checkout(model, target: Path, tokenizer_file: Path | None = None) -> None:
-    """Weights (safetensors), generation config and the real tokenizer, as a hub model folder has them."""
+def save_like_a_hub_checkout(model, target: Path, tokenizer_file: Path | None = None,
+                              max_shard_size: str = "5GB") -> None:
+    """Weights (safetensors, in shards of at most 5 GB as on the hub), generation config and the real tokenizer, as a
+    hub model folder has them."""
     from transformers import GenerationConfig
 
-    model.save_pretrained(target, safe_serialization=True)
+    model.save_pretrained(target, safe_serialization=True, max_shard_size=max_shard_size)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(target)
     save_tokenizer(target, tokenizer_file)
 
 
-def save_standin(target: Path, num_layers: int = 32, device: str = "cuda") -> Path:
+def save_standin(target: Path, num_layers: int = 32, device: str = "cuda", config: dict | None = None,
+                 max_shard_size: str = "5GB") -> Path:
     """The 7.24 B stand-in for Mistral-7B-Instruct-v0.2 (random bf16 weights, real tokenizer), built on `device`
-    directly in bf16 (14.5 GB) and saved like a hub checkout. `num_layers` below 32 makes a quick small check."""
+    directly in bf16 (14.5 GB) and saved like a hub checkout. `num_layers` below 32 makes a quick small check;
+    `config` changes other settings of the architecture."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -156,13 +160,37 @@ def save_standin(target: Path, num_layers: int = 32, device: str = "cuda") -> Pa
     torch.set_default_dtype(torch.bfloat16)  # never materialise the 29 GB float32 copy
     try:
         with torch.device(device):
-            model = MistralForCausalLM(MistralConfig(**{**MISTRAL_7B_V02_CONFIG, "num_hidden_layers": num_layers}))
+            model = MistralForCausalLM(MistralConfig(**MISTRAL_7B_V02_CONFIG | {"num_hidden_layers": num_layers}
+                                                     | (config or {})))
     finally:
         torch.set_default_dtype(previous)
-    save_like_a_hub_checkout(model, target)
+    save_like_a_hub_checkout(model, target, max_shard_size=max_shard_size)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()  # hand the 14.5 GB back: the benchmarks train in other processes on this GPU
+    return Path(target)
+
+
+def save_random_adapter(base: Path, target: Path, r: int = 8, alpha: int = 16) -> Path:
+    """A random LoRA (r 8 on all 7 projections, B and A both random) for the model in `base`, made by PEFT on the
+    model without its weights (meta device): only the LoRA matrices get memory."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .config import LORA_TARGETS
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    model.name_or_path = str(base)  # what PEFT records as the adapter's base
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=LORA_TARGETS,
+                                                  task_type="CAUSAL_LM"))
+    for name, module in peft_model.named_modules():
+        if name.endswith(("lora_A.default", "lora_B.default")):
+            module.to_empty(device="cpu")
+            torch.nn.init.normal_(module.weight, std=0.02)
+    peft_model.save_pretrained(target)
     return Path(target)
 
 

@@ -1,9 +1,10 @@
 """Checks of a GGUF file against the merged Hugging Face model it came from, in llama.cpp.
 
-The reference is the merged model in float32, decoding greedily from Mistral's own ids for each check prompt. llama.cpp
-decodes from the same ids (not its own tokenization, which is checked separately: it must give the same ids from the
-text Ollama hands it). An f16 file must give the same greedy tokens up to the first near-tie and logits with cosine at
-least MIN_COSINE; quantized files are reported. llama.cpp runs in a child process (`isolate.run_isolated`), so a crash
+The reference is the merged model in float32, decoding greedily from Mistral's own ids for each check prompt, computed
+by teacher forcing on each file's own answers (one pass over the weights, which stay on disk; `reference_runs`).
+llama.cpp decodes from the same ids (not its own tokenization, which is checked separately: it must give the same ids
+from the text Ollama hands it). An f16 file must give the same greedy tokens up to the first near-tie and logits with
+cosine at least MIN_COSINE; quantized files are reported. llama.cpp runs in a child process (`isolate.run_isolated`), so a crash
 there (SIGILL where llama-cpp-python was built for another CPU) becomes an entry in the report, not the export's end.
 """
 
@@ -52,21 +53,39 @@ class Run:
 
 
 @dataclass
-class Reference:
-    """What every file is checked against: the merged model's greedy runs from the prompts' ids, and the prompts as
-    the text Ollama hands to llama.cpp (whose tokenization must give the same ids)."""
-    runs: list[Run]
+class Prompts:
+    """What every file is checked on: the prompts' ids (as in training), and the prompts as the text Ollama hands to
+    llama.cpp (whose tokenization must give the same ids)."""
     ids: list[list[int]]
     texts: list[str]
 
 
-def load_reference(merged_dir: Path):
-    """The merged HF model in float32 (on the GPU when it fits there): the reference every file is checked against."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def prompt_set(prompt_format: PromptFormat, conversations: list[Conversation]) -> Prompts:
+    return Prompts([prompt_format.prompt_ids(c) for c in conversations],
+                   [ollama_text(prompt_format, c) for c in conversations])
 
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, use_safetensors=True)
-    return model.to(reference_device(model)).eval()
+
+def load_reference(merged_dir: Path):
+    """The merged HF model in float32, without a float32 copy of it in RAM: on the GPU when it fits there, else on
+    the CPU with its weights left in the merged safetensors, where accelerate's offload hooks (`cpu_offload` over a
+    lazy safetensors map) load each layer's weights in float32 just before it runs and drop them after."""
+    import torch
+    from accelerate import cpu_offload, init_empty_weights
+    from accelerate.utils import OffloadedWeightsLoader
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .merge import tensor_names, weight_files
+
+    config = AutoConfig.from_pretrained(merged_dir)
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if reference_device(model) == "cuda":
+        return AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": 0},
+                                                    use_safetensors=True).eval()
+    index = {name: {"safetensors_file": str(file), "weight_name": name}
+             for file in weight_files(merged_dir) for name in tensor_names(file)}
+    cpu_offload(model, execution_device=torch.device("cpu"), state_dict=OffloadedWeightsLoader(index=index))
+    return model.eval()
 
 
 def reference_device(model) -> str:
@@ -79,22 +98,40 @@ def reference_device(model) -> str:
     return "cuda" if 1.2 * 4 * model.num_parameters() < torch.cuda.mem_get_info()[0] else "cpu"
 
 
-def reference(model, prompt_format: PromptFormat, prompts: list[Conversation], steps: int = GREEDY_STEPS) -> Reference:
-    """Greedy decoding of the reference model from each prompt's ids, with the top-2 logit margin at every step."""
+def reference_runs(model, prompts: Prompts, continuations: dict[str, list[list[int]]]) -> dict[str, list[Run]]:
+    """The reference's greedy runs against each file's: every prompt followed by the tokens the file chose, all in one
+    batched forward pass (teacher forcing, so the weights are read once). Up to the first step where the reference
+    would choose another token, its greedy run is the file's, so its tokens up to and including that step, and the
+    top-2 margins there, are exactly those of its own greedy decoding: the split, the near-ties before it and the
+    first logits come out as from `generate`, for one pass over the weights instead of one a step."""
+    keys = [(name, n) for name, runs in continuations.items() for n in range(len(runs))]
+    sequences = [prompts.ids[n] + continuations[name][n][:-1] for name, n in keys]
+    logits = forward(model, sequences)
+    runs = {name: [] for name in continuations}
+    for (name, n), row in zip(keys, logits, strict=True):
+        steps = row[len(prompts.ids[n]) - 1:]
+        tokens, margins = [], []
+        for step, chosen in zip(steps, continuations[name][n]):
+            top2 = step.topk(2)
+            tokens.append(int(top2.indices[0]))
+            margins.append(float(top2.values[0] - top2.values[1]))
+            if tokens[-1] != chosen:
+                break
+        runs[name].append(Run(tokens, steps[0].numpy(), margins))
+    return runs
+
+
+def forward(model, sequences: list[list[int]]):
+    """Float32 logits at every position of each sequence (right-padded into one batch: a causal model's logits at the
+    real positions never see the padding after them), on the CPU."""
     import torch
 
-    ids = [prompt_format.prompt_ids(c) for c in prompts]
-    runs = []
-    for prompt in ids:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=steps, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True,
-                                 pad_token_id=model.config.eos_token_id)
-        logits = torch.cat(out.logits).float().cpu()
-        top2 = logits.topk(2, dim=-1).values
-        runs.append(Run(out.sequences[0, len(prompt):].tolist(), logits[0].numpy(),
-                        (top2[:, 0] - top2[:, 1]).tolist()))
-    return Reference(runs, ids, [ollama_text(prompt_format, c) for c in prompts])
+    width = max(map(len, sequences))
+    device = "cpu" if model.device.type == "meta" else model.device  # offloaded: the hooks run it on the CPU
+    batch = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=device)
+    with torch.no_grad():
+        logits = model(batch).logits.float().cpu()
+    return [logits[i, :len(s)] for i, s in enumerate(sequences)]
 
 
 def load_gguf(path: Path, n_ctx: int, lora: Path | None = None):
@@ -158,19 +195,36 @@ def f16_failure(m: dict) -> str | None:
     return None
 
 
-def llama_cpp_check(what: str, model: Path, ref: Reference, lora: Path | None = None) -> dict:
-    """llama.cpp's figures for `model` (with `lora` applied) against the reference, measured in a child process. If
-    llama.cpp dies there, the entry says why (`not_checked`, `signal`) and the export goes on with the next file."""
+def llama_cpp_run(what: str, model: Path, prompts: Prompts, lora: Path | None = None) -> dict:
+    """llama.cpp's facts for `model` (with `lora` applied), measured in a child process: {"facts": ...}. If llama.cpp
+    dies there, an entry saying why (`not_checked`, `signal`) instead, and the export goes on with the next file."""
     try:
-        facts = isolate.run_isolated(f"llama.cpp's check of {what}", llama_cpp_facts, model, ref.ids, ref.texts, lora)
+        return {"facts": isolate.run_isolated(f"llama.cpp's check of {what}", llama_cpp_facts, model, prompts.ids,
+                                              prompts.texts, lora)}
     except isolate.ChildCrashed as crash:
         return {"not_checked": str(crash), "signal": crash.signal, "problems": []}
     except isolate.ChildFailed as err:
         return {"not_checked": str(err), "problems": [f"llama.cpp could not run it ({err})"]}
-    tokenizer_ok = facts["tokenized"] == ref.ids
+
+
+def judged(outcome: dict, ref: list[Run] | None, prompts: Prompts) -> dict:
+    """llama.cpp's figures against the reference's runs (an outcome without facts passes through)."""
+    if "facts" not in outcome:
+        return outcome
+    facts = outcome["facts"]
+    tokenizer_ok = facts["tokenized"] == prompts.ids
     problems = [] if tokenizer_ok else ["llama.cpp's tokenizer does not give Mistral's ids for the rendered prompts"]
-    return {"prompts": [compare(r, g) for r, g in zip(ref.runs, facts["runs"], strict=True)],
+    return {"prompts": [compare(r, g) for r, g in zip(ref, facts["runs"], strict=True)],
             "tokenizer_ok": tokenizer_ok, "metadata": facts["metadata"], "problems": problems}
+
+
+def check_all(merged_dir: Path, files: dict[str, tuple[Path, Path | None]], prompts: Prompts) -> dict[str, dict]:
+    """Each file (name: its GGUF and the LoRA applied to it, or None) run in llama.cpp, then the merged model run once
+    over all their answers; the entries by name."""
+    outcomes = {name: llama_cpp_run(name, path, prompts, lora) for name, (path, lora) in files.items()}
+    answered = {name: [run.tokens for run in o["facts"]["runs"]] for name, o in outcomes.items() if "facts" in o}
+    refs = reference_runs(load_reference(merged_dir), prompts, answered) if answered else {}
+    return {name: judged(outcome, refs.get(name), prompts) for name, outcome in outcomes.items()}
 
 
 def mismatches(entry: dict) -> list[str]:
@@ -180,12 +234,12 @@ def mismatches(entry: dict) -> list[str]:
     return [f"prompt {n}: {why}" for n, m in enumerate(entry["prompts"]) if (why := f16_failure(m))]
 
 
-def check_file(path: Path, gguf_type: str, ref: Reference, chat_template: str, gguf_tokenizer: str) -> dict:
+def check_file(path: Path, gguf_type: str, checked: dict, chat_template: str, gguf_tokenizer: str) -> dict:
     """One GGUF of the full export against the reference: f16 must match, every file carries the model's tokenizer
     (`gguf_tokenizer`: llama.cpp's name for its kind) and the chat template."""
     entry = {"file": path.name, "type": gguf_type, "bytes": path.stat().st_size, "strict": gguf_type == "f16"}
-    entry |= llama_cpp_check(path.name, path, ref)
-    entry["problems"] += mismatches(entry)
+    entry |= checked
+    entry["problems"] = list(entry["problems"]) + mismatches(entry)
     if "metadata" in entry:
         meta = entry["metadata"]
         meta["chat_template_ok"] = meta.pop("chat_template") == chat_template

@@ -44,10 +44,21 @@ def ollama_template(prompt_format: PromptFormat) -> str:
     return OLLAMA_TEMPLATE if isinstance(prompt_format, MistralV1) else OLLAMA_CONTROL_TEMPLATE
 
 
+# Ollama's `create` took ADAPTER up to 0.34.0; ollama/ollama#14969 (merged 2026-09-15, in 0.34.1) made it refuse any
+# Modelfile holding it, while models created before still run (generative-computing/mellea#1651). Its sources up to
+# then (parser/parser.go's "adapter" case, server/create.go's adapter layers) still took it.
+ADAPTER_NOTE = """# ADAPTER needs Ollama 0.34.0 or older: from 0.34.1 on, `ollama create` refuses a Modelfile with
+# ADAPTER (ollama/ollama#14969); models created before still run. With a newer Ollama, export the merged model instead
+# (export_gguf.py without --lora_only: it needs little RAM). adapter.gguf also runs in llama.cpp:
+#   llama-server -m BASE.gguf --lora {adapter}      python infer.py BASE.gguf --lora {adapter}"""
+
+
 def modelfile(source: str, system: str | None, adapter: str | None = None, template: str = OLLAMA_TEMPLATE) -> str:
-    """Ollama Modelfile: FROM a GGUF or an Ollama model, optionally with a LoRA ADAPTER beside the Modelfile; the
-    prompt `template` (ollama_template's), stops on the next turn or end of answer, optional SYSTEM."""
-    lines = [f"FROM {source}"] + ([f"ADAPTER ./{adapter}"] if adapter else []) + [
+    """Ollama Modelfile: FROM a GGUF or an Ollama model, optionally with a LoRA ADAPTER beside the Modelfile (after a
+    comment on which Ollama versions take it); the prompt `template` (ollama_template's), stops on the next turn or end
+    of answer, optional SYSTEM."""
+    note = ADAPTER_NOTE.format(adapter=adapter).splitlines() if adapter else []
+    lines = note + [f"FROM {source}"] + ([f"ADAPTER ./{adapter}"] if adapter else []) + [
         f'TEMPLATE """{template}"""', 'PARAMETER stop "[INST]"', 'PARAMETER stop "</s>"']
     if system:
         lines.append(f'SYSTEM """{system}"""')

@@ -1,7 +1,7 @@
 """Export end to end on the tiny model's smoke fine-tune (conftest's trained_adapter): adapter -> merged 16-bit ->
 GGUF f16, q8_0, q4_k_m -> llama.cpp, checked against the merged Hugging Face model; the adapter alone (--lora_only) ->
-adapter.gguf on the base's GGUF in llama.cpp; the Ollama template rendered by Go's text/template; a kill in mid-write;
-llama.cpp dying in a check.
+adapter.gguf on the base's GGUF in llama.cpp; the Ollama template rendered by Go's text/template; a killed, failed or
+finished re-export into a good export folder; llama.cpp dying in a check.
 
 Needs llama.cpp's converter (`sh scripts/get_llama_cpp_converter.sh`); the template test needs `go` (golang-go).
 """
@@ -177,9 +177,12 @@ def test_lora_only_writes_adapter_gguf_and_a_modelfile_with_adapter(lora_exporte
     assert sorted(p.name for p in plan.export_dir.iterdir()) == [  # no merged/ and no model-*.gguf: nothing merged
         "Modelfile", "adapter", "adapter.gguf", "base-f16.gguf", "config.yaml", "export_report.json"]
     text = (plan.export_dir / "Modelfile").read_text()
-    assert text.startswith(f"FROM {TINY_OLLAMA_BASE}\nADAPTER ./adapter.gguf\nTEMPLATE")
+    note = modelfile.ADAPTER_NOTE.format(adapter="adapter.gguf")
+    assert text.startswith(f"{note}\nFROM {TINY_OLLAMA_BASE}\nADAPTER ./adapter.gguf\nTEMPLATE")
+    assert "0.34.0 or older" in note and "ollama/ollama#14969" in note and "--lora adapter.gguf" in note
     full = (exported[0].export_dir / "Modelfile").read_text()
-    assert text.split("\n", 2)[2] == full.split("\n", 1)[1], "TEMPLATE, stops and SYSTEM as in the full export"
+    instructions = text.removeprefix(note + "\n")
+    assert instructions.split("\n", 2)[2] == full.split("\n", 1)[1], "TEMPLATE, stops and SYSTEM as in the full export"
     reader = GGUFReader(plan.adapter_gguf)
     assert reader.fields["general.type"].contents() == "adapter"
     assert reader.fields["adapter.type"].contents() == "lora"
@@ -249,7 +252,7 @@ def test_adapter_on_a_quantized_base_is_reported(lora_exported, trained_adapter,
     # q4_k_m moves a 256-wide model's logits: one smoke prompt is at 0.977 on an AMD EPYC (0.997 for the others);
     # without the adapter the fine-tune's logits are far off (eval loss 13.3 before training, 0.03 after)
     assert all(0.95 < m["cosine"] < 1 for m in entry["prompts"]), entry["prompts"]
-    assert (out / "Modelfile").read_text().startswith(f"FROM {base.resolve()}\nADAPTER ./adapter.gguf\n")
+    assert f"\nFROM {base.resolve()}\nADAPTER ./adapter.gguf\n" in (out / "Modelfile").read_text()
 
 
 def test_lora_only_reads_no_base_weights(lora_exported, trained_adapter, tiny_model, tmp_path):
@@ -505,36 +508,95 @@ def test_an_adapter_trained_on_the_instruction_template_gets_no_inst_modelfile(t
     assert export.plan(Config(adapter_dir=str(adapter), merged_only=True)).gguf_types == []
 
 
-@pytest.mark.parametrize("stage", ["merged", "model-f16.gguf", "model-q8_0.gguf"])
-def test_kill_in_mid_write_leaves_no_partial_file(stage, exported, trained_adapter, tmp_path):
-    """SIGKILL the export (converter included) while it writes `stage`: nothing half-written under a final name, and
-    every final name that exists holds the same bytes count as the complete export's."""
+@pytest.fixture
+def old_export(exported, trained_adapter, tmp_path):
+    """A good export folder (a copy of the full export, with a file of the user's in it) and a second adapter (the
+    same weights in another folder: another adapter_dir in the report) to re-export into it."""
     plan, _ = exported
     out = tmp_path / "export"
-    process = subprocess.Popen([sys.executable, "export_gguf.py", "--adapter_dir", str(trained_adapter), "--export_dir",
+    shutil.copytree(plan.export_dir, out)
+    (out / "notes.txt").write_text("the user's own file\n")
+    other = tmp_path / "other-adapter"
+    shutil.copytree(trained_adapter, other, ignore=shutil.ignore_patterns("checkpoint-*"))
+    return out, other, snapshot(out)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.stat().st_size < 2**16 else p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_whole_and_consistent(out: Path, adapter: Path) -> None:
+    """The report vouches for `adapter`, and for files that are there; the Modelfile's FROM file exists."""
+    report = json.loads((out / export.REPORT).read_text())
+    assert report["adapter_dir"] == str(adapter)
+    for f in report["files"]:
+        assert (out / f["file"]).stat().st_size == f["bytes"], f["file"]
+    source = (out / "Modelfile").read_text().splitlines()[0].removeprefix("FROM ")
+    assert (out / source).is_file(), source
+
+
+@pytest.mark.parametrize("stage", ["merged", "model-f16.gguf", "model-q8_0.gguf"])
+def test_a_killed_reexport_leaves_the_old_export_whole(stage, old_export, trained_adapter):
+    """SIGKILL a re-export of another adapter into a good export folder (converter included) while it writes `stage`
+    (the merge, the f16 conversion, the quantization): the old export is exactly as it was, its report still true."""
+    out, other, before = old_export
+    process = subprocess.Popen([sys.executable, "export_gguf.py", "--adapter_dir", str(other), "--export_dir",
                                 str(out), "--gguf_types", "f16", "q8_0"], cwd=ROOT, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    temporary = wait_for_writing(out, f".{stage}.tmp-", process)
+    temporary = wait_for_writing(out.parent, f".{out.name}.tmp-*/.{stage}.tmp-", process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert temporary.exists(), "the write finished before the kill; nothing was tested"
-    assert not (out / stage).exists()
-    for final in [p for p in out.iterdir() if p.name == "merged" or p.suffix == ".gguf"]:
-        assert size(final) == size(plan.export_dir / final.name), final.name
-    atomic.remove_stale_temporaries(out)
-    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert snapshot(out) == before
+    assert_whole_and_consistent(out, trained_adapter)
+    atomic.remove_stale_temporaries(out.parent, prefix=f".{out.name}")
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
 
 
-def wait_for_writing(folder: Path, prefix: str, process, timeout: float = 120) -> Path:
-    """The temporary with this prefix once it holds over 1 MiB: tensor data being written, not just a header."""
+def test_a_reexport_replaces_the_old_export_whole_and_keeps_the_users_files(old_export):
+    """A finished re-export with fewer types: none of the old adapter's files stay (no model-q4_k_m.gguf), the report
+    and Modelfile are the new ones, and the user's file is still there."""
+    out, other, before = old_export
+    run_script("export_gguf.py", "--adapter_dir", str(other), "--export_dir", str(out), "--gguf_types", "f16")
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "config.yaml", "export_report.json", "merged",
+                                                     "model-f16.gguf", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "the user's own file\n"
+    assert_whole_and_consistent(out, other)
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_a_full_disk_during_the_merge_keeps_the_old_export(old_export, trained_adapter):
+    """The file system refuses the merged shard (files over 1 MB, RLIMIT_FSIZE, as a full disk refuses any write):
+    one error line, the old export as it was, no staging folder left."""
+    import resource
+
+    out, other, before = old_export
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    result = subprocess.run([sys.executable, "export_gguf.py", "--adapter_dir", str(other), "--export_dir", str(out),
+                             "--gguf_types", "f16"], cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "cannot write the merged model (File too large)" in line, line
+    assert line.endswith("the old export is as it was")
+    assert snapshot(out) == before
+    assert_whole_and_consistent(out, trained_adapter)
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+
+
+def wait_for_writing(folder: Path, pattern: str, process, timeout: float = 120) -> Path:
+    """The temporary matching this pattern once it holds over 1 MiB: tensor data being written, not just a header."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        found = [p for p in folder.glob(".*") if p.name.startswith(prefix)] if folder.exists() else []
+        found = list(folder.glob(pattern + "*"))
         if found and size(found[0]) > 2**20:
             return found[0]
         time.sleep(0.002)
     os.killpg(process.pid, signal.SIGKILL)
-    pytest.fail(f"no {prefix}* being written in {folder} (export exited {process.poll()})")
+    pytest.fail(f"no {pattern}* being written in {folder} (export exited {process.poll()})")
 
 
 def size(path: Path) -> int:

@@ -1,0 +1,79 @@
+"""Peak memory of a command together with every process it starts (the GGUF converter, llama.cpp's check children).
+
+Two figures, because llama.cpp memory-maps the GGUF files it reads:
+- `max_rss`: the largest resident set of any one process of the tree, as the kernel kept it (`wait4`'s ru_maxrss,
+  what `/usr/bin/time -v` prints). It counts the pages of memory-mapped files that were read, which are page cache:
+  the kernel drops them under memory pressure and reads them again when needed.
+- `peak_anon`: the most anonymous memory (heap, tensors: what must fit in RAM or swap) that the whole tree held at
+  once, sampled every `interval` seconds as each process's proportional share (Pss_Anon of /proc/PID/smaps_rollup).
+  Not RssAnon: a child between fork and exec reports all of its parent's pages, which it only shares, and a sample
+  that fell there counted them twice (the same export measured 0.71, 0.99 and 1.57 GiB).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Measured:
+    returncode: int
+    seconds: float
+    max_rss: int  # bytes
+    peak_anon: int  # bytes
+    peak_tree_rss: int  # bytes: RSS of the whole tree at once, mapped files included
+
+
+def tree(root: int) -> list[int]:
+    """`root` and its descendants, from /proc/*/stat's parent ids."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile
+                continue
+            parents[int(entry.name)] = int(fields[1])
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def status_bytes(pid: int, *keys: str, table: str = "status") -> int:
+    try:
+        lines = Path(f"/proc/{pid}/{table}").read_text().splitlines()
+    except OSError:
+        return 0
+    return sum(int(line.split()[1]) * 1024 for line in lines if line.split(":")[0] in keys)
+
+
+def measure(command: list[str], interval: float = 0.05, **popen) -> Measured:
+    """Run `command` (subprocess.Popen arguments in `popen`) to its end, sampling its tree's memory."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, **popen)
+    peaks = {"anon": 0, "rss": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            pids = tree(process.pid)
+            peaks["anon"] = max(peaks["anon"], sum(status_bytes(p, "Pss_Anon", table="smaps_rollup")
+                                                    for p in pids))
+            peaks["rss"] = max(peaks["rss"], sum(status_bytes(p, "VmRSS") for p in pids))
+            done.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    done.set()
+    sampler.join()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return Measured(process.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024, peaks["anon"],
+                    peaks["rss"])
