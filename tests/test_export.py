@@ -601,3 +601,21 @@ def wait_for_writing(folder: Path, pattern: str, process, timeout: float = 120) 
 
 def size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
+
+
+def test_an_f16_parting_within_the_logits_own_difference_is_a_near_tie():
+    """The 7.24 B stand-in's f16 file: first logits up to 0.027 off the float32 reference (llama.cpp's CPU kernels round
+    activations to f16), and its greedy run parted at step 1 where the reference's top-2 margin was 0.014. Twice the
+    difference covers that; a parting at a margin beyond it still fails, as does one before any near-tie."""
+    import numpy as np
+
+    logits = np.linspace(-5, 5, 32000, dtype=np.float32)
+    off = logits + np.where(np.arange(32000) % 2, 0.027, -0.027).astype(np.float32)
+    ref = gguf_check.Run([7, 8, 9], logits, [0.5, 0.014, 0.3])
+    m = gguf_check.compare(ref, gguf_check.Run([7, 5, 6], off, []))
+    assert m["split"] == 1 and m["near_tie_margin"] == pytest.approx(0.054, abs=1e-4)
+    assert gguf_check.f16_failure(m) is None
+    m = gguf_check.compare(gguf_check.Run([7, 8, 9], logits, [0.5, 0.07, 0.3]), gguf_check.Run([7, 5, 6], off, []))
+    assert "greedy tokens part at step 1 with HF margin 0.0700 >= 0.0540" in gguf_check.f16_failure(m)
+    exact = gguf_check.compare(gguf_check.Run([7, 8, 9], logits, [0.5, 0.014, 0.3]), gguf_check.Run([7, 5], logits, []))
+    assert exact["near_tie_margin"] == gguf_check.NEAR_TIE and gguf_check.f16_failure(exact) is not None
