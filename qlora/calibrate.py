@@ -291,6 +291,11 @@ def main() -> None:
     from .train import GROUPS
 
     config, _ = parse(GROUPS, main.__doc__)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("error: the calibration is of a CUDA GPU, and this machine has none (torch.cuda.is_available() "
+                         "is False)")
     record = load_cached(card_key(config))
     print(describe(record) if record else f"calibration: nothing cached for this card in {cache_dir()}; the next "
           f"run measures it")

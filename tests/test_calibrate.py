@@ -73,3 +73,21 @@ def test_a_keep_slope_in_range_is_kept_and_recomputing_is_raised_to_its_bound():
     assert per_token["false"] == 58e-6 and per_token["true"] == calibrate.RECOMPUTE_AT_LEAST * 58e-6
     offloaded = calibrate.bounded({"false": 58e-6, "unsloth": 95e-6}, "unsloth", moved=9.5e-6)
     assert offloaded["unsloth"] == 95e-6 and offloaded["true"] == 95e-6 - 9.5e-6
+
+
+def test_looking_up_the_calibration_without_a_gpu_is_one_line():
+    import subprocess
+    import sys
+
+    import pytest
+    import torch
+
+    from conftest import ROOT
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+
+    done = subprocess.run([sys.executable, "-m", "qlora.calibrate"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "error: the calibration is of a CUDA GPU, and this machine has none (torch.cuda.is_available() is False)"]
