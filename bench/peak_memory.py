@@ -27,6 +27,7 @@ class Measured:
     max_rss: int  # bytes
     peak_anon: int  # bytes
     peak_tree_rss: int  # bytes: RSS of the whole tree at once, mapped files included
+    at_peak: list  # (anonymous bytes, command line) of each process at the anonymous peak, largest first
 
 
 def tree(root: int) -> list[int]:
@@ -54,18 +55,28 @@ def status_bytes(pid: int, *keys: str, table: str = "status") -> int:
     return sum(int(line.split()[1]) * 1024 for line in lines if line.split(":")[0] in keys)
 
 
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return "?"
+
+
 def measure(command: list[str], interval: float = 0.05, **popen) -> Measured:
     """Run `command` (subprocess.Popen arguments in `popen`) to its end, sampling its tree's memory."""
     start = time.perf_counter()
     process = subprocess.Popen(command, **popen)
     peaks = {"anon": 0, "rss": 0}
+    at_peak = []
     done = threading.Event()
 
     def sample():
         while not done.is_set():
             pids = tree(process.pid)
-            peaks["anon"] = max(peaks["anon"], sum(status_bytes(p, "Pss_Anon", table="smaps_rollup")
-                                                    for p in pids))
+            anon = {p: status_bytes(p, "Pss_Anon", table="smaps_rollup") for p in pids}
+            if sum(anon.values()) > peaks["anon"]:
+                peaks["anon"] = sum(anon.values())
+                at_peak[:] = sorted(((size, command_line(p)) for p, size in anon.items()), reverse=True)
             peaks["rss"] = max(peaks["rss"], sum(status_bytes(p, "VmRSS") for p in pids))
             done.wait(interval)
 
@@ -76,4 +87,4 @@ def measure(command: list[str], interval: float = 0.05, **popen) -> Measured:
     sampler.join()
     process.returncode = os.waitstatus_to_exitcode(status)
     return Measured(process.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024, peaks["anon"],
-                    peaks["rss"])
+                    peaks["rss"], at_peak)
