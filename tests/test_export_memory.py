@@ -39,9 +39,10 @@ def test_the_full_export_peaks_well_below_the_models_size(tmp_path, capsys):
               f"{run.max_rss / 2**30:.2f} GiB (one process, memory-mapped GGUF pages included); at the peak: "
               f"{[(round(size / 2**30, 2), command[:70]) for size, command in run.at_peak]}")
     assert (out / "export_report.json").is_file() and (out / "model-q4_k_m.gguf").is_file()
-    # what must fit in RAM: 0.52 to 0.57 of this model alone on a 2-core AMD EPYC (0.71 to 0.78 GiB), 0.89 once in the
-    # full suite; most of it is Python and torch in the export and in the converter or quantizer beside it, a constant
-    # (at 7.24 B the whole export held 3.55 GiB, a quarter of the model). The old export held 3.2 times the model.
+    # what must fit in RAM: 0.52 to 0.57 of this model alone on a 2-core development machine (0.71 to 0.78 GiB), 0.89
+    # once in the full suite; most of it is Python and torch in the export and in the converter or quantizer beside
+    # it, a constant (at 7.24 B the whole export held 3.55 GiB, a quarter of the model). The old export held 3.2 times
+    # the model.
     assert run.peak_anon < model_bytes, [(f"{size / 2**30:.2f} GiB", command) for size, command in run.at_peak]
     # llama.cpp maps the f16 GGUF it checks (the model's size, in page cache): still below the float32 reference
     assert run.max_rss < 2 * model_bytes
