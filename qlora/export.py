@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from . import atomic, isolate, runfolder
-from .chat import Conversation, find_tokenizer_file, load_prompt_format, tokenizer_file_in
+from .chat import Conversation, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in
 from .config import Config, to_yaml
 from .gguf_check import CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_all, check_file, mismatches, prompt_set
 from .hub import fetching
@@ -444,11 +444,11 @@ def check_adapter(p: Plan, prompts: list[Conversation]) -> dict:
     return entry
 
 
-def check_exports(p: Plan, prompts: list[Conversation] = CHECK_PROMPTS) -> dict:
-    """Every GGUF of the plan against the merged model; the report is written whatever the verdict."""
+def check_exports(p: Plan, prompt_format: PromptFormat, prompts: list[Conversation]) -> dict:
+    """Every GGUF of the plan against the merged model (prompted as `prompt_format`, the merged folder's); the report
+    is written whatever the verdict."""
     from transformers import AutoTokenizer
 
-    prompt_format = load_prompt_format(tokenizer_file_in(p.merged_dir))
     checks = prompt_set(prompt_format, prompts)
     checked = check_all(p.merged_dir, {p.gguf(t).name: (p.gguf(t), None) for t in p.gguf_types}, checks)
     chat_template = AutoTokenizer.from_pretrained(p.merged_dir).chat_template
@@ -558,10 +558,10 @@ def export_merged(p: Plan, converter: Path | None, merged_only: bool, prompts: l
     convert_f16(p.merged_dir, p.gguf("f16"), converter)
     for t in p.gguf_types[1:]:
         quantize(p.gguf("f16"), p.gguf(t), t)
-    template = ollama_template(load_prompt_format(tokenizer_file_in(p.merged_dir)))
+    prompt_format = load_prompt_format(tokenizer_file_in(p.merged_dir))
     atomic.write_text(p.folder / "Modelfile", modelfile(f"./{p.gguf(modelfile_target(p.gguf_types)).name}",
-                                                        p.system_prompt, template=template))
-    return check_exports(p, prompts)
+                                                        p.system_prompt, template=ollama_template(prompt_format)))
+    return check_exports(p, prompt_format, prompts)
 
 
 def export_adapter(p: Plan, converter: Path, prompts: list[Conversation]) -> dict:
