@@ -6,9 +6,12 @@ GGUF pages included) and the most anonymous memory the whole tree held at once.
 
     python bench/bench_export_memory.py --workdir /scratch/bm                    # 7.24 B: about 50 GB of disk
     python bench/bench_export_memory.py --workdir /scratch/bm --cpus 0,1         # the same on 2 cores (taskset)
+    python bench/bench_export_memory.py --workdir /scratch/bm --cpus 0,1 --ram_gib 12.7   # as in a Colab session
     python bench/bench_export_memory.py --layers 4 --workdir /tmp/bm             # a quick 4-layer stand-in
     python bench/bench_export_memory.py --layers 4 --workdir /tmp/bm --repo /old/checkout   # another checkout's export
 
+--ram_gib runs the export in a memory cgroup of that limit (root, cgroup v1 or v2): as on a machine with that much RAM,
+page cache included, which the kernel then evicts against the limit; the export sees the limit too (qlora/ram.py).
 The stand-in and its adapter are built once in --workdir and reused; the export goes to WORKDIR/export-N (removed
 after unless --keep). Prints a markdown table row for bench/RESULTS.md.
 """
@@ -19,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +39,7 @@ def parse():
     parser.add_argument("--layers", type=int, default=32, help="stand-in layers (32: the full 7.24 B model)")
     parser.add_argument("--workdir", required=True, help="folder for the stand-in, its adapter and the export")
     parser.add_argument("--cpus", help="run the export on these cores only (taskset -c, e.g. 0,1 as on Colab)")
+    parser.add_argument("--ram_gib", type=float, help="run the export in a memory cgroup of this limit (12.7: Colab)")
     parser.add_argument("--repo", default=str(ROOT), help="the checkout whose export_gguf.py runs (default: this)")
     parser.add_argument("--gguf_types", nargs="+", default=["f16", "q4_k_m"])
     parser.add_argument("--keep", action="store_true", help="keep the export folder")
@@ -53,6 +58,25 @@ def build_inputs(workdir: Path, layers: int) -> tuple[Path, Path]:
     return base, adapter
 
 
+@contextmanager
+def memory_cgroup(limit_gib: float | None):
+    """A fresh memory cgroup limited to `limit_gib` (v2, else v1), as (command prefix that moves a command into it,
+    a function reading its peak usage, page cache included); removed after. Without a limit, no prefix."""
+    if limit_gib is None:
+        yield [], lambda: None
+        return
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").is_file()
+    folder = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/memory") / f"qlora-bench-{os.getpid()}"
+    folder.mkdir()
+    try:
+        (folder / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(int(limit_gib * 2**30)))
+        peak = folder / ("memory.peak" if v2 else "memory.max_usage_in_bytes")
+        # the shell joins the cgroup, then becomes the command
+        yield ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(folder / "cgroup.procs")], lambda: int(peak.read_text())
+    finally:
+        folder.rmdir()
+
+
 def main() -> None:
     args = parse()
     workdir = Path(args.workdir)
@@ -64,16 +88,21 @@ def main() -> None:
                "--gguf_types", *args.gguf_types]
     if args.cpus:
         command = ["taskset", "-c", args.cpus] + command
-    run = measure(command, cwd=args.repo)
+    with memory_cgroup(args.ram_gib) as (prefix, cgroup_peak):
+        run = measure(prefix + command, cwd=args.repo)
+        held = cgroup_peak()
+    for what, processes in (("anonymous", run.at_peak), ("RSS", run.at_rss_peak)):
+        print(f"at the {what} peak: " + "; ".join(f"{size / 2**30:.2f} GiB {cmd[:90]}" for size, cmd in processes[:4]))
     if run.returncode != 0:
         sys.exit(f"error: the export exited with {run.returncode}")
     commit = subprocess.run(["git", "-C", args.repo, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     cores = len(args.cpus.split(",")) if args.cpus else len(os.sched_getaffinity(0))
-    print("\n| device | date | commit | layers | params | cores | types | whole export | peak anonymous (tree) "
+    ram = "all" if args.ram_gib is None else f"{args.ram_gib:g} GiB (peak {held / 2**30:.2f}, page cache included)"
+    print("\n| device | date | commit | layers | params | cores | RAM | types | whole export | peak anonymous (tree) "
           "| largest RSS (one process) | peak RSS (tree) | versions |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {device()} | {datetime.date.today()} | {commit} | {args.layers} | {n / 1e9:.2f} B | {cores} "
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {device()} | {datetime.date.today()} | {commit} | {args.layers} | {n / 1e9:.2f} B | {cores} | {ram} "
           f"| {' '.join(args.gguf_types)} | {run.seconds:.0f} s | {run.peak_anon / 2**30:.2f} GiB "
           f"| {run.max_rss / 2**30:.2f} GiB | {run.peak_tree_rss / 2**30:.2f} GiB | {versions()} |")
     if not args.keep:

@@ -28,6 +28,7 @@ class Measured:
     peak_anon: int  # bytes
     peak_tree_rss: int  # bytes: RSS of the whole tree at once, mapped files included
     at_peak: list  # (anonymous bytes, command line) of each process at the anonymous peak, largest first
+    at_rss_peak: list  # (RSS bytes, command line) of each process when the tree's RSS peaked, largest first
 
 
 def tree(root: int) -> list[int]:
@@ -67,7 +68,7 @@ def measure(command: list[str], interval: float = 0.05, **popen) -> Measured:
     start = time.perf_counter()
     process = subprocess.Popen(command, **popen)
     peaks = {"anon": 0, "rss": 0}
-    at_peak = []
+    at_peak, at_rss_peak = [], []
     done = threading.Event()
 
     def sample():
@@ -77,7 +78,10 @@ def measure(command: list[str], interval: float = 0.05, **popen) -> Measured:
             if sum(anon.values()) > peaks["anon"]:
                 peaks["anon"] = sum(anon.values())
                 at_peak[:] = sorted(((size, command_line(p)) for p, size in anon.items()), reverse=True)
-            peaks["rss"] = max(peaks["rss"], sum(status_bytes(p, "VmRSS") for p in pids))
+            rss = {p: status_bytes(p, "VmRSS") for p in pids}
+            if sum(rss.values()) > peaks["rss"]:
+                peaks["rss"] = sum(rss.values())
+                at_rss_peak[:] = sorted(((size, command_line(p)) for p, size in rss.items()), reverse=True)
             done.wait(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -87,4 +91,4 @@ def measure(command: list[str], interval: float = 0.05, **popen) -> Measured:
     sampler.join()
     process.returncode = os.waitstatus_to_exitcode(status)
     return Measured(process.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024, peaks["anon"],
-                    peaks["rss"], at_peak)
+                    peaks["rss"], at_peak, at_rss_peak)

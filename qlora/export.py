@@ -480,6 +480,10 @@ def table(report: dict) -> str:
             "|---|---|---|---|---|---|---|---|"]
     for f in report["files"]:
         name = f"{f['file']} on {Path(f['base_gguf']).name}" if "base_gguf" in f else f["file"]
+        if "tensors" in f and "not_checked" not in f:
+            verdict = "FAIL" if f["problems"] else f"ok: its {f['tensors']['compared']} tensors are the merged model's"
+            rows.append(f"| {name} | {f['bytes'] / 2**20:.1f} | - | - | - | - | - | {verdict} ({f['llama_cpp']}) |")
+            continue
         if "prompts" not in f:
             rows.append(f"| {name} | {f['bytes'] / 2**20:.1f} | - | - | - | - | - | not checked: {f['not_checked']} |")
             continue

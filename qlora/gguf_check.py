@@ -6,14 +6,22 @@ llama.cpp decodes from the same ids (not its own tokenization, which is checked 
 from the text Ollama hands it). An f16 file must give the same greedy tokens up to the first near-tie and logits with
 cosine at least MIN_COSINE; quantized files are reported. llama.cpp runs in a child process (`isolate.run_isolated`), so a crash
 there (SIGILL where llama-cpp-python was built for another CPU) becomes an entry in the report, not the export's end.
+
+llama.cpp maps a GGUF file and reads all of it for every token it decodes: from the page cache where the file fits in
+the RAM available, else from disk again each time (13.5 GiB a token for a 7 B f16 file in a standard Colab session's
+12.7 GB). A file that does not fit is not run there: an f16 file is checked tensor by tensor against the merged
+safetensors instead (`tensor_check`: each tensor as llama.cpp's converter writes it, to the bit), with llama.cpp's
+tokenizer and the file's metadata read from its vocabulary alone; the quantized files, which fit, run as before.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import isolate
+from . import isolate, ram
 from .chat import Conversation, Message, PromptFormat
 
 # HF top-2 logit margin under which f16 rounding may legitimately flip the greedy choice: this, or twice the largest
@@ -23,6 +31,8 @@ from .chat import Conversation, Message, PromptFormat
 NEAR_TIE = 1e-2
 MIN_COSINE = 0.9999  # f16 next-token logits must match the float32 reference at least this well
 GREEDY_STEPS = 32
+RUN_MARGIN = 2**30  # RAM llama.cpp's context and this process need beside a mapped GGUF (a few hundred MiB measured)
+F16_FILE_TYPE = 1  # general.file_type of an f16 GGUF (gguf.LlamaFileType.MOSTLY_F16)
 
 # Prompts the finished files are checked on: single-turn, with a system message, and multi-turn.
 CHECK_PROMPTS = [
@@ -168,10 +178,22 @@ def llama_cpp_facts(path: Path, ids: list[list[int]], texts: list[str], lora: Pa
     another CPU) is reported instead of ending the export."""
     llm = load_gguf(path, n_ctx=max(map(len, ids)) + GREEDY_STEPS + 8, lora=lora)
     return {"runs": [gguf_run(llm, i) for i in ids], "tokenized": [llama_cpp_tokenize(llm, t) for t in texts],
-            "metadata": {"tokenizer": llm.metadata.get("tokenizer.ggml.model"), "n_vocab": llm.n_vocab(),
-                         "add_bos_token": llm.metadata.get("tokenizer.ggml.add_bos_token"),
-                         "chat_template": llm.metadata.get("tokenizer.chat_template"),
-                         "file_type": llm.metadata.get("general.file_type")}}
+            "metadata": metadata(llm)}
+
+
+def llama_cpp_vocab_facts(path: Path, texts: list[str]) -> dict:
+    """The tokenization and metadata facts of `llama_cpp_facts` from the file's vocabulary alone (no weights read)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    return {"tokenized": [llama_cpp_tokenize(llm, t) for t in texts], "metadata": metadata(llm)}
+
+
+def metadata(llm) -> dict:
+    return {"tokenizer": llm.metadata.get("tokenizer.ggml.model"), "n_vocab": llm.n_vocab(),
+            "add_bos_token": llm.metadata.get("tokenizer.ggml.add_bos_token"),
+            "chat_template": llm.metadata.get("tokenizer.chat_template"),
+            "file_type": llm.metadata.get("general.file_type")}
 
 
 def compare(ref: Run, got: Run) -> dict:
@@ -225,13 +247,120 @@ def judged(outcome: dict, ref: list[Run] | None, prompts: Prompts) -> dict:
             "tokenizer_ok": tokenizer_ok, "metadata": facts["metadata"], "problems": problems}
 
 
-def check_all(merged_dir: Path, files: dict[str, tuple[Path, Path | None]], prompts: Prompts) -> dict[str, dict]:
-    """Each file (name: its GGUF and the LoRA applied to it, or None) run in llama.cpp, then the merged model run once
-    over all their answers; the entries by name."""
-    outcomes = {name: llama_cpp_run(name, path, prompts, lora) for name, (path, lora) in files.items()}
+def check_all(merged_dir: Path, files: dict[str, tuple[Path, Path | None]], prompts: Prompts,
+              ram_bytes: int | None = None) -> dict[str, dict]:
+    """Each file (name: its GGUF and the LoRA applied to it, or None) run in llama.cpp where it fits in `ram_bytes`
+    (default: the RAM available now), then the merged model run once over all their answers; a file too large for
+    that is checked by its tensors if it is f16, else marked not checked. The entries by name."""
+    room = ram.available_bytes() if ram_bytes is None else ram_bytes
+    sizes = {name: sum(f.stat().st_size for f in (path, lora) if f) for name, (path, lora) in files.items()}
+    too_large = {name for name in files if sizes[name] + RUN_MARGIN > room}
+    outcomes = {name: llama_cpp_run(name, path, prompts, lora) for name, (path, lora) in files.items()
+                if name not in too_large}
     answered = {name: [run.tokens for run in o["facts"]["runs"]] for name, o in outcomes.items() if "facts" in o}
     refs = reference_runs(load_reference(merged_dir), prompts, answered) if answered else {}
-    return {name: judged(outcome, refs.get(name), prompts) for name, outcome in outcomes.items()}
+    checked = {name: judged(outcome, refs.get(name), prompts) for name, outcome in outcomes.items()}
+    for name in too_large:
+        path, lora = files[name]
+        why = f"{sizes[name] / 2**30:.1f} GiB does not fit in the {room / 2**30:.1f} GiB of RAM available"
+        checked[name] = (by_tensors(path, merged_dir, prompts, why) if lora is None and file_type(path) == F16_FILE_TYPE
+                         else {"not_checked": f"not run in llama.cpp: {why}", "problems": []})
+    return {name: checked[name] for name in files}
+
+
+def file_type(path: Path) -> int | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("general.file_type")
+    return None if field is None else int(field.contents())
+
+
+def by_tensors(path: Path, merged_dir: Path, prompts: Prompts, why: str) -> dict:
+    """An f16 file too large to run in llama.cpp here: its tensors against the merged model's, and llama.cpp's
+    tokenizer and the metadata from its vocabulary alone (in a child process, as every llama.cpp check)."""
+    tensors = tensor_check(path, merged_dir)
+    problems = [f"tensor {name}: {fault}" for name, fault in tensors["faults"].items()]
+    entry = {"checked_by": "tensors", "tensors": tensors, "llama_cpp": f"not run: {why}", "problems": problems}
+    try:
+        facts = isolate.run_isolated(f"llama.cpp's vocabulary of {path.name}", llama_cpp_vocab_facts, path,
+                                     prompts.texts)
+    except isolate.ChildCrashed as crash:
+        return entry | {"not_checked": str(crash), "signal": crash.signal}
+    except isolate.ChildFailed as err:
+        return entry | {"problems": problems + [f"llama.cpp could not read its vocabulary ({err})"]}
+    tokenizer_ok = facts["tokenized"] == prompts.ids
+    if not tokenizer_ok:
+        problems.append("llama.cpp's tokenizer does not give Mistral's ids for the rendered prompts")
+    return entry | {"tokenizer_ok": tokenizer_ok, "metadata": facts["metadata"]}
+
+
+def tensor_check(path: Path, merged_dir: Path) -> dict:
+    """Every tensor of an f16 GGUF against the merged safetensors it was converted from, one pair at a time: each must
+    be what llama.cpp's converter makes of its merged tensor (its GGUF name, q and k rows in llama.cpp's rotary
+    order, the file's type), bit for bit. The GGUF is read with plain reads at each tensor's offset, so its pages go
+    to the page cache, which the kernel drops as it needs, not into this process's memory."""
+    import gguf
+
+    from .merge import tensor_names, weight_files
+
+    reader = gguf.GGUFReader(path)  # memory-mapped: only its header is read
+    arch_name = reader.fields["general.architecture"].contents()
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    names = gguf.get_tensor_name_map(arch, int(reader.fields[f"{arch_name}.block_count"].contents()))
+    in_file = {t.name: t for t in reader.tensors}
+    config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+    faults, compared = {}, 0
+    with open(path, "rb") as raw:
+        for file in weight_files(merged_dir):
+            for name in tensor_names(file):
+                tensor = in_file.pop(names.get_name(name, try_suffixes=(".weight", ".bias")) or "", None)
+                if tensor is None:
+                    faults[name] = "missing from the GGUF"
+                    continue
+                expected = as_converted(merged_tensor(file, name), name, config)
+                fault = tensor_fault(expected, tensor, os.pread(raw.fileno(), tensor.n_bytes, tensor.data_offset))
+                compared += 1
+                if fault:
+                    faults[tensor.name] = fault
+    faults |= {name: "not in the merged model" for name in in_file}
+    return {"compared": compared, "faults": faults}
+
+
+def merged_tensor(file: Path, name: str):
+    from safetensors import safe_open
+
+    with safe_open(file, "np") as f:  # one tensor, then closed: no shard stays mapped (merged floats are float16)
+        return f.get_tensor(name)
+
+
+def as_converted(tensor, name: str, config: dict):
+    """A merged tensor as llama.cpp's converter writes it for a Llama-family model (convert_hf_to_gguf.py's
+    `LlamaModel.permute`): the rows of q and k from Hugging Face's rotary halves back to interleaved pairs."""
+    heads = config["num_attention_heads"]
+    if name.endswith(("k_proj.weight", "k_proj.bias")):
+        heads = config.get("num_key_value_heads", heads)
+    elif not name.endswith(("q_proj.weight", "q_proj.bias")):
+        return tensor
+    rows = tensor.shape[0]
+    return tensor.reshape(heads, 2, rows // heads // 2, *tensor.shape[1:]).swapaxes(1, 2).reshape(tensor.shape)
+
+
+def tensor_fault(expected, tensor, data: bytes) -> str | None:
+    """Why a GGUF tensor (its reader entry and raw bytes) is not `expected` in the file's type, or None."""
+    import numpy as np
+
+    dtype = {"F16": np.float16, "F32": np.float32}.get(tensor.tensor_type.name)
+    if dtype is None:
+        return f"type {tensor.tensor_type.name}, where an f16 file has F16 and F32"
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+    if shape != expected.shape:
+        return f"shape {shape}, the merged model's {expected.shape}"
+    got, want = np.frombuffer(data, dtype=dtype).reshape(shape), expected.astype(dtype)
+    unequal = int(np.count_nonzero(got != want))
+    if unequal:
+        worst = float(np.abs(got.astype(np.float32) - want.astype(np.float32)).max())
+        return f"{unequal:,} of {got.size:,} values differ (up to {worst:.3g})"
+    return None
 
 
 def mismatches(entry: dict) -> list[str]:
