@@ -1,9 +1,11 @@
 """Peak memory of a command together with every process it starts (the GGUF converter, llama.cpp's check children).
 
 Two figures, because llama.cpp memory-maps the GGUF files it reads:
-- `max_rss`: the largest resident set of any one process of the tree, as the kernel kept it (`wait4`'s ru_maxrss,
-  what `/usr/bin/time -v` prints). It counts the pages of memory-mapped files that were read, which are page cache:
-  the kernel drops them under memory pressure and reads them again when needed.
+- `max_rss`: the largest resident set of any one process of the tree: the most of each process's VmHWM (its
+  high-water mark since it was exec'd) seen. It counts the pages of memory-mapped files that were read, which are page
+  cache: the kernel drops them under memory pressure and reads them again when needed. Not `wait4`'s ru_maxrss (what
+  `/usr/bin/time -v` prints): a child inherits its parent's RSS at fork as its own high-water mark and keeps it
+  through exec, so a bench that had just built a 14.5 GB stand-in read 13.87 GiB for an export that never held 8.
 - `peak_anon`: the most anonymous memory (heap, tensors: what must fit in RAM or swap) that the whole tree held at
   once, sampled every `interval` seconds as each process's proportional share (Pss_Anon of /proc/PID/smaps_rollup).
   Not RssAnon: a child between fork and exec reports all of its parent's pages, which it only shares, and a sample
@@ -24,7 +26,7 @@ from pathlib import Path
 class Measured:
     returncode: int
     seconds: float
-    max_rss: int  # bytes
+    max_rss: int  # bytes: the largest VmHWM of one process
     peak_anon: int  # bytes
     peak_tree_rss: int  # bytes: RSS of the whole tree at once, mapped files included
     at_peak: list  # (anonymous bytes, command line) of each process at the anonymous peak, largest first
@@ -67,7 +69,7 @@ def measure(command: list[str], interval: float = 0.05, **popen) -> Measured:
     """Run `command` (subprocess.Popen arguments in `popen`) to its end, sampling its tree's memory."""
     start = time.perf_counter()
     process = subprocess.Popen(command, **popen)
-    peaks = {"anon": 0, "rss": 0}
+    peaks = {"anon": 0, "rss": 0, "hwm": 0}
     at_peak, at_rss_peak = [], []
     done = threading.Event()
 
@@ -79,6 +81,7 @@ def measure(command: list[str], interval: float = 0.05, **popen) -> Measured:
                 peaks["anon"] = sum(anon.values())
                 at_peak[:] = sorted(((size, command_line(p)) for p, size in anon.items()), reverse=True)
             rss = {p: status_bytes(p, "VmRSS") for p in pids}
+            peaks["hwm"] = max([peaks["hwm"]] + [status_bytes(p, "VmHWM") for p in pids])
             if sum(rss.values()) > peaks["rss"]:
                 peaks["rss"] = sum(rss.values())
                 at_rss_peak[:] = sorted(((size, command_line(p)) for p, size in rss.items()), reverse=True)
@@ -86,9 +89,9 @@ def measure(command: list[str], interval: float = 0.05, **popen) -> Measured:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, status, usage = os.wait4(process.pid, 0)
+    _, status, _ = os.wait4(process.pid, 0)
     done.set()
     sampler.join()
     process.returncode = os.waitstatus_to_exitcode(status)
-    return Measured(process.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024, peaks["anon"],
+    return Measured(process.returncode, time.perf_counter() - start, peaks["hwm"], peaks["anon"],
                     peaks["rss"], at_peak, at_rss_peak)
