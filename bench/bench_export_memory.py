@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_export import device, versions  # noqa: E402  (after the path insert, like the scripts it benchmarks)
-from peak_memory import measure  # noqa: E402
+from peak_memory import measure, memory_cgroup  # noqa: E402
 from qlora import export, fixtures  # noqa: E402
 
 
@@ -56,25 +55,6 @@ def build_inputs(workdir: Path, layers: int) -> tuple[Path, Path]:
     if not (adapter / "adapter_config.json").exists():
         fixtures.save_random_adapter(base, adapter)
     return base, adapter
-
-
-@contextmanager
-def memory_cgroup(limit_gib: float | None):
-    """A fresh memory cgroup limited to `limit_gib` (v2, else v1), as (command prefix that moves a command into it,
-    a function reading its peak usage, page cache included); removed after. Without a limit, no prefix."""
-    if limit_gib is None:
-        yield [], lambda: None
-        return
-    v2 = Path("/sys/fs/cgroup/cgroup.controllers").is_file()
-    folder = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/memory") / f"qlora-bench-{os.getpid()}"
-    folder.mkdir()
-    try:
-        (folder / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(int(limit_gib * 2**30)))
-        peak = folder / ("memory.peak" if v2 else "memory.max_usage_in_bytes")
-        # the shell joins the cgroup, then becomes the command
-        yield ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(folder / "cgroup.procs")], lambda: int(peak.read_text())
-    finally:
-        folder.rmdir()
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import os
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,3 +96,22 @@ def measure(command: list[str], interval: float = 0.05, **popen) -> Measured:
     process.returncode = os.waitstatus_to_exitcode(status)
     return Measured(process.returncode, time.perf_counter() - start, peaks["hwm"], peaks["anon"],
                     peaks["rss"], at_peak, at_rss_peak)
+
+
+@contextmanager
+def memory_cgroup(limit_gib: float | None):
+    """A fresh memory cgroup limited to `limit_gib` (v2, else v1), as (command prefix that moves a command into it,
+    a function reading its peak usage, page cache included); removed after. Without a limit, no prefix."""
+    if limit_gib is None:
+        yield [], lambda: None
+        return
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").is_file()
+    folder = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/memory") / f"qlora-bench-{os.getpid()}"
+    folder.mkdir()
+    try:
+        (folder / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(int(limit_gib * 2**30)))
+        peak = folder / ("memory.peak" if v2 else "memory.max_usage_in_bytes")
+        # the shell joins the cgroup, then becomes the command
+        yield ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(folder / "cgroup.procs")], lambda: int(peak.read_text())
+    finally:
+        folder.rmdir()
