@@ -32,7 +32,6 @@ NEAR_TIE = 1e-2
 MIN_COSINE = 0.9999  # f16 next-token logits must match the float32 reference at least this well
 GREEDY_STEPS = 32
 RUN_MARGIN = 2**30  # RAM llama.cpp's context and this process need beside a mapped GGUF (a few hundred MiB measured)
-F16_FILE_TYPE = 1  # general.file_type of an f16 GGUF (gguf.LlamaFileType.MOSTLY_F16)
 
 # Prompts the finished files are checked on: single-turn, with a system message, and multi-turn.
 CHECK_PROMPTS = [
@@ -224,12 +223,12 @@ def f16_failure(m: dict) -> str | None:
     return None
 
 
-def llama_cpp_run(what: str, model: Path, prompts: Prompts, lora: Path | None = None) -> dict:
-    """llama.cpp's facts for `model` (with `lora` applied), measured in a child process: {"facts": ...}. If llama.cpp
-    dies there, an entry saying why (`not_checked`, `signal`) instead, and the export goes on with the next file."""
+def llama_cpp_run(what: str, facts, *args) -> dict:
+    """llama.cpp's facts (`facts(*args)`: `llama_cpp_facts` or `llama_cpp_vocab_facts`), measured in a child process:
+    {"facts": ...}. If llama.cpp dies there, an entry saying why (`not_checked`, `signal`) instead, and the export goes
+    on with the next file."""
     try:
-        return {"facts": isolate.run_isolated(f"llama.cpp's check of {what}", llama_cpp_facts, model, prompts.ids,
-                                              prompts.texts, lora)}
+        return {"facts": isolate.run_isolated(f"llama.cpp's check of {what}", facts, *args)}
     except isolate.ChildCrashed as crash:
         return {"not_checked": str(crash), "signal": crash.signal, "problems": []}
     except isolate.ChildFailed as err:
@@ -241,10 +240,14 @@ def judged(outcome: dict, ref: list[Run] | None, prompts: Prompts) -> dict:
     if "facts" not in outcome:
         return outcome
     facts = outcome["facts"]
+    return {"prompts": [compare(r, g) for r, g in zip(ref, facts["runs"], strict=True)]} | vocabulary(facts, prompts)
+
+
+def vocabulary(facts: dict, prompts: Prompts) -> dict:
+    """Whether llama.cpp's tokenizer gives Mistral's ids for the rendered prompts, and the file's metadata."""
     tokenizer_ok = facts["tokenized"] == prompts.ids
     problems = [] if tokenizer_ok else ["llama.cpp's tokenizer does not give Mistral's ids for the rendered prompts"]
-    return {"prompts": [compare(r, g) for r, g in zip(ref, facts["runs"], strict=True)],
-            "tokenizer_ok": tokenizer_ok, "metadata": facts["metadata"], "problems": problems}
+    return {"tokenizer_ok": tokenizer_ok, "metadata": facts["metadata"], "problems": problems}
 
 
 def check_all(merged_dir: Path, files: dict[str, tuple[Path, Path | None]], prompts: Prompts,
@@ -255,24 +258,24 @@ def check_all(merged_dir: Path, files: dict[str, tuple[Path, Path | None]], prom
     room = ram.available_bytes() if ram_bytes is None else ram_bytes
     sizes = {name: sum(f.stat().st_size for f in (path, lora) if f) for name, (path, lora) in files.items()}
     too_large = {name for name in files if sizes[name] + RUN_MARGIN > room}
-    outcomes = {name: llama_cpp_run(name, path, prompts, lora) for name, (path, lora) in files.items()
-                if name not in too_large}
+    outcomes = {name: llama_cpp_run(name, llama_cpp_facts, path, prompts.ids, prompts.texts, lora)
+                for name, (path, lora) in files.items() if name not in too_large}
     answered = {name: [run.tokens for run in o["facts"]["runs"]] for name, o in outcomes.items() if "facts" in o}
     refs = reference_runs(load_reference(merged_dir), prompts, answered) if answered else {}
     checked = {name: judged(outcome, refs.get(name), prompts) for name, outcome in outcomes.items()}
     for name in too_large:
         path, lora = files[name]
         why = f"{sizes[name] / 2**30:.1f} GiB does not fit in the {room / 2**30:.1f} GiB of RAM available"
-        checked[name] = (by_tensors(path, merged_dir, prompts, why) if lora is None and file_type(path) == F16_FILE_TYPE
+        checked[name] = (by_tensors(path, merged_dir, prompts, why) if lora is None and is_f16(path)
                          else {"not_checked": f"not run in llama.cpp: {why}", "problems": []})
     return {name: checked[name] for name in files}
 
 
-def file_type(path: Path) -> int | None:
-    from gguf import GGUFReader
+def is_f16(path: Path) -> bool:
+    from gguf import GGUFReader, LlamaFileType
 
     field = GGUFReader(path).fields.get("general.file_type")
-    return None if field is None else int(field.contents())
+    return field is not None and int(field.contents()) == LlamaFileType.MOSTLY_F16
 
 
 def by_tensors(path: Path, merged_dir: Path, prompts: Prompts, why: str) -> dict:
@@ -280,18 +283,10 @@ def by_tensors(path: Path, merged_dir: Path, prompts: Prompts, why: str) -> dict
     tokenizer and the metadata from its vocabulary alone (in a child process, as every llama.cpp check)."""
     tensors = tensor_check(path, merged_dir)
     problems = [f"tensor {name}: {fault}" for name, fault in tensors["faults"].items()]
-    entry = {"checked_by": "tensors", "tensors": tensors, "llama_cpp": f"not run: {why}", "problems": problems}
-    try:
-        facts = isolate.run_isolated(f"llama.cpp's vocabulary of {path.name}", llama_cpp_vocab_facts, path,
-                                     prompts.texts)
-    except isolate.ChildCrashed as crash:
-        return entry | {"not_checked": str(crash), "signal": crash.signal}
-    except isolate.ChildFailed as err:
-        return entry | {"problems": problems + [f"llama.cpp could not read its vocabulary ({err})"]}
-    tokenizer_ok = facts["tokenized"] == prompts.ids
-    if not tokenizer_ok:
-        problems.append("llama.cpp's tokenizer does not give Mistral's ids for the rendered prompts")
-    return entry | {"tokenizer_ok": tokenizer_ok, "metadata": facts["metadata"]}
+    entry = {"checked_by": "tensors", "tensors": tensors, "llama_cpp": f"not run: {why}"}
+    outcome = llama_cpp_run(f"the vocabulary of {path.name}", llama_cpp_vocab_facts, path, prompts.texts)
+    found = vocabulary(outcome.pop("facts"), prompts) if "facts" in outcome else outcome
+    return entry | found | {"problems": problems + found["problems"]}
 
 
 def tensor_check(path: Path, merged_dir: Path) -> dict:

@@ -126,7 +126,7 @@ def test_an_f16_file_larger_than_the_ram_is_checked_by_its_tensors(exported, sam
     """With RAM for q8_0 but not for f16 (a 7 B export in Colab's 12.7 GB), llama.cpp runs q8_0 alone; the f16 file's
     every tensor is found equal to the merged model's as the converter writes it (q and k rows permuted, 4 heads and
     2 KV heads here), and its tokenizer and metadata are still read by llama.cpp."""
-    from safetensors import safe_open
+    from qlora.merge import tensor_names
 
     plan, _ = exported
     f16, q8 = plan.gguf("f16"), plan.gguf("q8_0")
@@ -134,8 +134,7 @@ def test_an_f16_file_larger_than_the_ram_is_checked_by_its_tensors(exported, sam
     room = q8.stat().st_size + gguf_check.RUN_MARGIN + 2**20
     assert f16.stat().st_size + gguf_check.RUN_MARGIN > room
     checked = gguf_check.check_all(plan.merged_dir, {"f16": (f16, None), "q8_0": (q8, None)}, prompts, ram_bytes=room)
-    with safe_open(plan.merged_dir / "model.safetensors", "np") as merged:
-        tensors = len(list(merged.keys()))
+    tensors = len(tensor_names(plan.merged_dir / "model.safetensors"))
     assert checked["f16"]["checked_by"] == "tensors" and "prompts" not in checked["f16"]
     assert checked["f16"]["tensors"] == {"compared": tensors, "faults": {}} and checked["f16"]["tokenizer_ok"]
     assert "does not fit in the" in checked["f16"]["llama_cpp"] and "prompts" in checked["q8_0"]
@@ -157,17 +156,11 @@ def test_the_tensor_check_names_a_changed_value_and_a_wrong_rotary_order(exporte
         f.seek(value.data_offset)
         f.write(b"\0\0\0\0")  # one float32 scale set to 0
         f.seek(q.data_offset)  # layer 0's q rows as Hugging Face orders them, not llama.cpp
-        f.write(merged_rows(plan.merged_dir, "model.layers.0.self_attn.q_proj.weight").tobytes())
+        f.write(gguf_check.merged_tensor(plan.merged_dir / "model.safetensors",
+                                         "model.layers.0.self_attn.q_proj.weight").tobytes())
     faults = gguf_check.tensor_check(changed, plan.merged_dir)["faults"]
     assert set(faults) == {"output_norm.weight", "blk.0.attn_q.weight"}, faults
     assert faults["output_norm.weight"].startswith("1 of 256 values differ"), faults
-
-
-def merged_rows(merged_dir: Path, name: str):
-    from safetensors import safe_open
-
-    with safe_open(merged_dir / "model.safetensors", "np") as f:
-        return f.get_tensor(name)
 
 
 def test_quantized_files_are_reported(exported, capsys):
