@@ -42,7 +42,10 @@ def parse():
     parser.add_argument("--repo", default=str(ROOT), help="the checkout whose export_gguf.py runs (default: this)")
     parser.add_argument("--gguf_types", nargs="+", default=["f16", "q4_k_m"])
     parser.add_argument("--keep", action="store_true", help="keep the export folder")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.ram_gib is not None and args.ram_gib <= 0:
+        parser.error(f"--ram_gib {args.ram_gib:g}: give the RAM limit in GiB, above 0 (12.7 for a Colab session)")
+    return args
 
 
 def build_inputs(workdir: Path, layers: int) -> tuple[Path, Path]:

@@ -46,6 +46,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return decode(args.gguf, args.tokens)
+    if not Path(args.gguf).is_file() or args.ram_gib <= 0 or args.tokens < 1:
+        parser.error("--gguf names a GGUF file, --ram_gib a limit above 0 GiB, --tokens at least 1")
     size = Path(args.gguf).stat().st_size / 2**30
     for limit in (None, args.ram_gib):
         subprocess.run(["sh", "-c", "sync && echo 1 > /proc/sys/vm/drop_caches"], check=True)
