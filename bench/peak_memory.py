@@ -114,4 +114,15 @@ def memory_cgroup(limit_gib: float | None):
         # the shell joins the cgroup, then becomes the command
         yield ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(folder / "cgroup.procs")], lambda: int(peak.read_text())
     finally:
+        remove_cgroup(folder)
+
+
+def remove_cgroup(folder: Path, seconds: float = 30) -> None:
+    """rmdir once the command's last process has left (multiprocessing's resource tracker outlives it briefly)."""
+    deadline = time.monotonic() + seconds
+    while (folder / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    try:
         folder.rmdir()
+    except OSError as err:
+        print(f"note: {folder} stays ({err.strerror}); rmdir it once its processes end")
