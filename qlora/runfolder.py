@@ -12,7 +12,7 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .atomic import _alive
+from .atomic import _alive, check_writable
 
 # What the Trainer reads back on resume; a missing optimizer.pt or scheduler.pt it skips without a word
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "optimizer.pt",
@@ -40,8 +40,10 @@ def locked(folder: str | Path):
     reused. On a file system without flock the pid alone decides."""
     path = lock_path(folder)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(path.parent)  # made if missing
         descriptor = _acquire(path, Path(folder))
+    except NotADirectoryError as err:  # a file where a folder of the path would go: name it
+        raise Locked(f"{err.filename}: {err.strerror}; choose another output folder") from None
     except OSError as err:
         raise Locked(f"{path}: cannot write the lock file of {folder} ({err.strerror}); choose a folder you can "
                      f"write to") from None

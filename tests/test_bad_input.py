@@ -143,6 +143,8 @@ def test_an_output_folder_that_is_a_file_is_one_line(fixture_dir, sample_data, f
          f"{taken}: is a file, not a folder"),
         (run_script("train_unsloth.py", *QUICK, "--output_dir", str(taken), check=False),
          f"{taken}: is a file, not a folder"),
+        (run_script("train_unsloth.py", *QUICK, "--output_dir", str(below), check=False),
+         f"{taken}: is a file, not a folder"),
         (run_script("export_gguf.py", "--adapter_dir", str(finished_run), "--export_dir", str(taken), "--merged_only",
                     check=False), f"{taken}: is a file, not a folder"),
         (run_script("infer.py", str(finished_run), "--input", str(sample_data), "--output", str(below / "a.jsonl"),
