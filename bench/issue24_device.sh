@@ -6,6 +6,7 @@
 #   bash bench/issue24_device.sh          # needs .gpu/bundle.tar.xz and .gpu/tokenizer.model (bench/gpu_host.sh)
 #   ISSUE24_CARDS=h200 bash bench/issue24_device.sh     # the whole H200 instead, at 15 and 23 GiB free
 #   ISSUE24_CARDS=whole bash bench/issue24_device.sh    # the whole H200 with all its memory
+#   ISSUE24_CARDS=4090 bash bench/issue24_device.sh     # the 4090-class card alone, 8 steps (2 untimed), twice
 # Everything it prints, and the runs' metrics.json, calibration caches and logs, go to $OUT/issue24.tar.gz.
 set -uo pipefail
 PY=$(command -v python || command -v python3)  # hosts with only python3
@@ -63,6 +64,12 @@ h200)
     finish ;;
 whole)
     bench h200_whole $(( $(left) - 15 )) --steps 6 --warmup 2 --stock notebook+packing
+    finish ;;
+4090)  # the 4090-class ratio alone, with more timed steps, twice in turn: ours and the stock recipe, then again
+    bench 4090_class_a $(( $(left) / 2 )) --gpu_sm_percent 20 --gpu_memory_gib 23 --steps 8 --warmup 2 \
+        --stock notebook+packing
+    bench 4090_class_b $(( $(left) - 15 )) --gpu_sm_percent 20 --gpu_memory_gib 23 --steps 8 --warmup 2 \
+        --stock notebook+packing
     finish ;;
 esac
 
