@@ -277,7 +277,9 @@ def build_parser(groups: tuple[str, ...], description: str) -> argparse.Argument
         tp, _ = _base_type(typing.get_type_hints(Config)[name])
         # SUPPRESS: a flag not given stays out of the namespace, so the YAML file's value is not overwritten
         # a help text that says its own default ("default: as save_steps") gets no "(default: None)" after it
-        help_text = f.metadata["help"] if "(default:" in f.metadata["help"] else f"{f.metadata['help']} (default: {default})"
+        help_text = f.metadata["help"]
+        if "(default:" not in help_text:
+            help_text += f" (default: {default})"
         # argparse %-formats help texts: a literal % ("about 7%") must be doubled
         help_text = help_text.replace("%", "%%")
         kwargs = {"help": help_text, "default": argparse.SUPPRESS}
