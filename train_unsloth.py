@@ -20,8 +20,8 @@ if __name__ == "__main__":
 
     with one_line_errors(BackendError, HubError):
         backend = pick_backend(config)  # before any weights are read
-    if backend == "unsloth":
-        import unsloth  # noqa: F401  (first, so that its patches reach transformers, trl and peft)
+        if backend == "unsloth":
+            import unsloth  # noqa: F401  (first, so that its patches reach transformers, trl and peft)
 
     from qlora.data import DataError
     from qlora.train import RunError, run

@@ -23,6 +23,17 @@ ADVICE = {
 }
 
 
+def missing_package(err: ModuleNotFoundError) -> str:
+    """What to run for a package this Python lacks: llama.cpp's own install script, else the requirements (often the
+    script was started with a Python other than the virtualenv's, so the message names it)."""
+    if str(err.name).split(".")[0] in ("llama_cpp", "llama-cpp-python"):
+        how = "run `sh scripts/install_llama_cpp.sh`"
+    else:
+        how = ("install the requirements: `sh scripts/install_gpu.sh` on a GPU, or `bash scripts/setup.sh` on a CPU "
+               "and run the scripts with .venv/bin/python")
+    return f"the Python package {err.name!r} is not installed for {sys.executable}; {how}"
+
+
 def describe(err: OSError) -> str:
     """`path: what happened; what to do` for an OSError (the toolkit's own, raised with a message, as it is)."""
     if err.filename is None:
@@ -32,11 +43,14 @@ def describe(err: OSError) -> str:
 
 @contextmanager
 def one_line_errors(*expected: type[Exception]):
-    """Run a script's work: the `expected` errors and any OSError end the script with one `error:` line."""
+    """Run a script's work: the `expected` errors, a missing package and any OSError end the script with one `error:`
+    line."""
     try:
         yield
     except expected as err:
         sys.exit(f"error: {err}")
+    except ModuleNotFoundError as err:  # also importlib.metadata's PackageNotFoundError
+        sys.exit(f"error: {missing_package(err)}")
     except KeyboardInterrupt:  # Ctrl-C outside training (during it, qlora.train stops at the end of a step)
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)

@@ -3,13 +3,15 @@ one `error:` line, no traceback, and whatever the user had is still there."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import one_line_error, run_script
+from conftest import ROOT, one_line_error, run_script
 
 # A finished run in seconds: two steps, no evaluation
 QUICK = ["--config", "configs/smoke.yaml", "--max_steps", "2", "--save_steps", "1", "--eval_fraction", "0"]
@@ -238,4 +240,26 @@ def test_file_system_failures_name_the_path_and_what_to_do():
         "/srv/out: Permission denied; choose a folder you can write to, or change its permissions"
     assert describe(OSError(errno.ENOSPC, "No space left on device", "/srv/out/x")).endswith(
         "the disk is full: free some space or choose a folder on another disk")
-    assert describe(FileNotFoundError("adapter: no adapter_model.safetensors")) == "adapter: no adapter_model.safetensors"
+    missing = "adapter: no adapter_model.safetensors"
+    assert describe(FileNotFoundError(missing)) == missing
+
+
+def test_a_missing_package_is_one_line_naming_it_the_python_and_the_install(fixture_dir, tmp_path):
+    """data_prep.py run by a Python that lacks `datasets` (blocked in sys.modules, as import finds it absent)."""
+    start = ("import runpy, sys; sys.modules['datasets'] = None; sys.argv = sys.argv[1:]; "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", start, "data_prep.py", "--config", "configs/smoke.yaml",
+                             "--output_dir", str(tmp_path / "data")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    one_line_error(result, "'datasets' is not installed for", sys.executable, "bash scripts/setup.sh")
+    assert not (tmp_path / "data").exists()
+
+
+def test_llama_cpp_missing_points_to_its_install_script():
+    from importlib.metadata import PackageNotFoundError
+
+    from qlora.errors import missing_package
+
+    for err in (ModuleNotFoundError("No module named 'llama_cpp'", name="llama_cpp"),
+                PackageNotFoundError("llama-cpp-python")):
+        assert missing_package(err).endswith("run `sh scripts/install_llama_cpp.sh`"), missing_package(err)
