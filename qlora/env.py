@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 
 from . import gpu, probe
+from .isolate import REBUILD_LLAMA_CPP
 from .report import PACKAGES, git_commit, package_version
 
 STACK = PACKAGES + ("xformers", "llama_cpp_python", "gguf", "sentencepiece", "safetensors", "mistral_common")
@@ -49,7 +50,7 @@ def llama_cpp_lines() -> list[str]:
     try:
         import llama_cpp
     except ImportError:
-        return ["llama.cpp: llama-cpp-python not installed (sh scripts/install_llama_cpp.sh)"]
+        return [f"llama.cpp: llama-cpp-python not installed ({REBUILD_LLAMA_CPP})"]
     lines = [f"llama.cpp system info: {llama_cpp.llama_print_system_info().decode().strip()}"]
     results = probe.check()
     lines.append("llama.cpp check: " + ", ".join(f"{t} {why}" for t, why in results.items()))

@@ -12,6 +12,8 @@ import errno
 import sys
 from contextlib import contextmanager
 
+from .isolate import REBUILD_LLAMA_CPP
+
 ADVICE = {
     errno.ENOSPC: "the disk is full: free some space or choose a folder on another disk",
     errno.EACCES: "choose a folder you can write to, or change its permissions",
@@ -27,7 +29,7 @@ def missing_package(err: ModuleNotFoundError) -> str:
     """What to run for a package this Python lacks: llama.cpp's own install script, else the requirements (often the
     script was started with a Python other than the virtualenv's, so the message names it)."""
     if str(err.name).split(".")[0] in ("llama_cpp", "llama-cpp-python"):
-        how = "run `sh scripts/install_llama_cpp.sh`"
+        how = f"run `{REBUILD_LLAMA_CPP}`"
     else:
         how = ("install the requirements: `sh scripts/install_gpu.sh` on a GPU, or `bash scripts/setup.sh` on a CPU "
                "and run the scripts with .venv/bin/python")
