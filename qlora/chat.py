@@ -34,27 +34,32 @@ TOKENIZER_FILES = (SENTENCEPIECE, TOKENIZER_JSON)  # the order a model's folder 
 MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>")
 INST, END_INST = "[INST]", "[/INST]"
 
-# Mistral-Instruct's Hugging Face chat templates, stored with the tokenizer and in GGUF metadata so that other tools
-# render the same text; our ids come from `PromptFormat`, not from rendering these.
-MISTRAL_CHAT_TEMPLATE = (  # v0.2's own (v1 tokenizer): the system message opens the first user turn
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+# The chat templates the export writes (`PromptFormat.chat_template`): Jinja that renders a conversation as the text
+# whose tokenization gives the training ids, in transformers and vLLM (the merged folder's) and in llama.cpp, LM Studio
+# and Jan (the GGUF's). Python's jinja2 and llama.cpp's own engine both run them, so they use only what both have.
+# The system message is the first message, empty counting as none, as in `_split_system`; {lead} and {gap} are the
+# text before a segment that follows a special token and before one that follows text (see `PromptFormat.lead`).
+_TEMPLATE_HEAD = (
+    "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else '' %}"
+    "{%- set turns = messages[1:] if messages and messages[0]['role'] == 'system' else messages %}"
 )
-CONTROL_CHAT_TEMPLATE = (  # v3 and Tekken: control tokens, the system message in the last user turn
-    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-    "{% set messages = messages[1:] %}{% endif %}"
-    "{% set users = messages | selectattr('role', 'equalto', 'user') | list %}"
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '[INST]' }}"
-    "{% if system is defined and message == users[-1] %}{{ system + '\n\n' }}{% endif %}"
-    "{{ message['content'] + '[/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-)
+_TEMPLATE_ROLE_ERROR = ("{%- else %}{{ raise_exception('Mistral-Instruct takes a system message first, then user and "
+                        "assistant messages') }}{%- endif %}{%- endfor %}")
+TEXT_TURNS_TEMPLATE = _TEMPLATE_HEAD + (  # v1 and the instruction template: the system message opens the first turn
+    "{{- bos_token }}{%- for message in turns %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- {lead} + {before} + (system + '\n\n' if loop.first and system else '') + message['content'] + {after} }}"
+    "{%- elif message['role'] == 'assistant' %}{{- {gap} + message['content'] + eos_token }}"
+) + _TEMPLATE_ROLE_ERROR
+CONTROL_TEMPLATE = _TEMPLATE_HEAD + (  # v2, v3, Tekken: control tokens, the system message in the last user turn
+    "{%- set ns = namespace(last=-1) %}{%- for message in turns %}"
+    "{%- if message['role'] == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{{- bos_token }}{%- for message in turns %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- '[INST]' + {lead} + (system + '\n\n' if loop.index0 == ns.last and system else '') + message['content']"
+    " + '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- {lead} + message['content'].rstrip(' ') + eos_token }}"
+) + _TEMPLATE_ROLE_ERROR
 
 
 @dataclass
@@ -202,7 +207,6 @@ class PromptFormat:
     Each family's subclass says how a conversation becomes segments (`_segments`); `load_prompt_format` picks it."""
 
     control_pieces: tuple[str, ...] = ()  # the control tokens this renderer writes, besides BOS and EOS
-    chat_template = MISTRAL_CHAT_TEMPLATE
 
     def __init__(self, vocab: SentencePieceVocab | TekkenVocab, version: str):
         self.vocab, self.version = vocab, version
@@ -220,6 +224,23 @@ class PromptFormat:
 
     def _segments(self, conversation: Conversation):
         """(ids, trained) pieces in order, after BOS."""
+        raise NotImplementedError
+
+    @property
+    def gap(self) -> str:
+        """The text a segment gets before it: each segment is encoded alone, and SentencePiece starts each with `▁`
+        (a space); Tekken adds nothing."""
+        return " " if isinstance(self.vocab, SentencePieceVocab) else ""
+
+    def chat_template(self, space_after_special: bool) -> str:
+        """The Jinja chat template whose text, tokenized by a runtime, gives this renderer's ids. A segment that
+        follows a special token gets its space written out only for a tokenizer that does not add it there itself
+        (`space_after_special`): llama.cpp adds it after every special token (the GGUF's add_space_prefix),
+        transformers' tokenizer of Mistral's tokenizer.model does not."""
+        lead = self.gap if space_after_special else ""
+        return self._template(_literal(lead), _literal(self.gap))
+
+    def _template(self, lead: str, gap: str) -> str:
         raise NotImplementedError
 
     def encode(self, conversation: Conversation, train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
@@ -256,6 +277,11 @@ class PromptFormat:
         return self.text(ids, spell=self.controls - {self.bos, self.eos})
 
 
+def _literal(text: str) -> str:
+    """`text` as a Jinja string literal (JSON's escapes are a subset of those both engines read)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def _split_system(conversation: Conversation) -> tuple[str | None, Conversation]:
     if conversation and conversation[0].role == "system":
         return conversation[0].content, conversation[1:]
@@ -267,6 +293,11 @@ class TextTurns(PromptFormat):
     opens the first user turn."""
 
     user_turn: str
+
+    def _template(self, lead: str, gap: str) -> str:
+        before, after = self.user_turn.split("{content}")
+        return (TEXT_TURNS_TEMPLATE.replace("{lead}", lead).replace("{gap}", gap)
+                .replace("{before}", _literal(before)).replace("{after}", _literal(after)))
 
     def _segments(self, conversation: Conversation):
         system, turns = _split_system(conversation)
@@ -289,7 +320,9 @@ class MistralControl(PromptFormat):
     last user turn; the answer without trailing spaces."""
 
     control_pieces = (INST, END_INST)
-    chat_template = CONTROL_CHAT_TEMPLATE
+
+    def _template(self, lead: str, gap: str) -> str:
+        return CONTROL_TEMPLATE.replace("{lead}", lead)
 
     def _segments(self, conversation: Conversation):
         system, turns = _split_system(conversation)

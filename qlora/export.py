@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from . import atomic, isolate, runfolder
+from . import atomic, isolate, runfolder, runtimes
 from .chat import Conversation, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in
 from .config import Config, to_yaml
 from .gguf_check import CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_all, check_file, mismatches, prompt_set
@@ -293,17 +293,27 @@ def merge(adapter_dir: Path, base: str, target: Path, dequantize: bool = False) 
 def save_tokenizer(adapter_dir: Path, base: str, target: Path) -> None:
     """The adapter's tokenizer files (else the base's) plus the tokenizer file the prompts were rendered with, as it
     was: `tokenizer.model`, which transformers 5 does not write and without which llama.cpp's converter falls back on
-    tokenizer.json and tokenizes unlike Mistral, or Tekken's `tokenizer.json`."""
+    tokenizer.json and tokenizes unlike Mistral, or Tekken's `tokenizer.json`. Its chat template is ours, written for
+    this tokenizer (`PromptFormat.chat_template`): the hub's Mistral templates give transformers and vLLM other ids
+    than training (v0.2's joins each answer to `[/INST]` without SentencePiece's space, and refuses a system
+    message)."""
     from transformers import AutoTokenizer
+
+    from .runtimes import space_after_special
 
     source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     with fetching(source, "base model", LOCAL_BASE):
         tokenizer = AutoTokenizer.from_pretrained(source)
     rendered_with = prompt_tokenizer(adapter_dir, base)
-    # lands in the GGUF metadata
-    tokenizer.chat_template = tokenizer.chat_template or load_prompt_format(rendered_with).chat_template
+    prompt_format = trained_prompt_format(adapter_dir, rendered_with)
+    tokenizer.chat_template = prompt_format.chat_template(space_after_special(tokenizer, prompt_format))
     tokenizer.save_pretrained(target)
     shutil.copyfile(rendered_with, target / rendered_with.name)
+
+
+def trained_prompt_format(adapter_dir: Path, tokenizer_file: Path) -> PromptFormat:
+    """The renderer the adapter was trained with: its run's template (mistral unless config.yaml says otherwise)."""
+    return load_prompt_format(tokenizer_file, trained_setting(adapter_dir, "template") or "mistral")
 
 
 def prompt_tokenizer(adapter_dir: Path, base: str) -> Path:
@@ -356,8 +366,16 @@ def run_converter(converter: Path, script: str, *args: str, target: Path) -> Non
             raise ExportError(f"{target}: llama.cpp's {script} failed (exit {result.returncode}); see its log above")
 
 
-def convert_f16(merged_dir: Path, target: Path, converter: Path) -> None:
-    run_converter(converter, HF_CONVERTER, str(merged_dir), "--outtype", "f16", target=target)
+def convert_f16(model_dir: Path, target: Path, converter: Path, chat_template: str) -> None:
+    """`model_dir` to an f16 GGUF whose tokenizer.chat_template is `chat_template` (the one written for llama.cpp's
+    tokenizer, which adds SentencePiece's space after a special token itself): the converter reads a view of the
+    folder, links to its files beside that template."""
+    with tempfile.TemporaryDirectory(prefix=".convert-", dir=target.parent) as view:
+        for item in model_dir.iterdir():
+            if item.name != "chat_template.jinja":
+                os.symlink(item.resolve(), Path(view) / item.name)
+        Path(view, "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+        run_converter(converter, HF_CONVERTER, view, "--outtype", "f16", target=target)
 
 
 def convert_lora(adapter_dir: Path, base: str, target: Path, converter: Path) -> None:
@@ -445,22 +463,33 @@ def check_adapter(p: Plan, prompts: list[Conversation]) -> dict:
 
 
 def check_exports(p: Plan, prompt_format: PromptFormat, prompts: list[Conversation]) -> dict:
-    """Every GGUF of the plan against the merged model (prompted as `prompt_format`, the merged folder's); the report
-    is written whatever the verdict."""
-    from transformers import AutoTokenizer
-
+    """Every GGUF of the plan against the merged model (prompted as `prompt_format`, the merged folder's), then the
+    runtimes users load the files into against the training ids; the report is written whatever the verdict."""
     checks = prompt_set(prompt_format, prompts)
     checked = check_all(p.merged_dir, {p.gguf(t).name: (p.gguf(t), None) for t in p.gguf_types}, checks)
-    chat_template = AutoTokenizer.from_pretrained(p.merged_dir).chat_template
-    return write_report(p, [check_file(p.gguf(t), t, checked[p.gguf(t).name], chat_template,
-                                       prompt_format.vocab.gguf_tokenizer) for t in p.gguf_types])
+    gguf_template = prompt_format.chat_template(space_after_special=False)
+    files = [check_file(p.gguf(t), t, checked[p.gguf(t).name], gguf_template, prompt_format.vocab.gguf_tokenizer)
+             for t in p.gguf_types]
+    return write_report(p, files, check_runtimes(p, prompt_format, prompts))
 
 
-def write_report(p: Plan, files: list[dict]) -> dict:
+def check_runtimes(p: Plan, prompt_format: PromptFormat, prompts: list[Conversation]) -> list[dict]:
+    """transformers on the merged folder, llama.cpp (llama-cpp-python's formatter and llama-server) on the smallest
+    GGUF (they share one template), Ollama's template engine on the Modelfile: each one's ids against training's."""
+    conversations = runtimes.CONVERSATIONS + prompts
+    smallest = min((p.gguf(t) for t in p.gguf_types), key=lambda f: f.stat().st_size)
+    template = ollama_template(prompt_format)
+    return [runtimes.check_transformers(p.merged_dir, prompt_format, conversations),
+            runtimes.check_llama_cpp_python(smallest, prompt_format, conversations),
+            runtimes.check_llama_server(smallest, prompt_format, conversations),
+            runtimes.check_ollama(template, p.system_prompt, smallest, prompt_format, conversations)]
+
+
+def write_report(p: Plan, files: list[dict], runtime_checks: list[dict] | None = None) -> dict:
     """The report, the export's last file: it vouches for the files beside it."""
     report = {"base": p.base, "base_note": p.base_note, "adapter_dir": str(p.adapter_dir),
               "criteria": {"near_tie": NEAR_TIE, "min_cosine_f16": MIN_COSINE, "greedy_steps": GREEDY_STEPS},
-              "files": files}
+              "files": files, "runtimes": runtime_checks or []}
     atomic.write_text(p.folder / REPORT, json.dumps(report, indent=2) + "\n")
     return report
 
@@ -495,11 +524,25 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def runtime_lines(report: dict) -> str:
+    """One line a runtime: how many conversations it renders to the training ids (see qlora/runtimes.py)."""
+    lines = ["runtimes (the ids each gives a conversation, against training's):"]
+    for r in report["runtimes"]:
+        if "not_checked" in r:
+            lines.append(f"  {r['runtime']}: not checked: {r['not_checked']}")
+            continue
+        status = "FAIL" if r["problems"] else "ok"
+        edges = f"; {r['edges']} differ only at a known edge: {r['edge_note']}" if r["edges"] else ""
+        lines.append(f"  {r['runtime']}: {status}, {r['equal']} of {r['conversations']} conversations{edges}")
+    return "\n".join(lines)
+
+
 def verdict(report: dict) -> None:
     """Raise when llama.cpp died in a check (the files stay; the message names them, the signal and the rebuild), on
     an f16 file that disagrees with the merged model, or on any file with a tokenizer/metadata fault."""
     crashed = [f for f in report["files"] if "signal" in f]
     problems = [f"{f['file']}: {why}" for f in report["files"] for why in f["problems"]]
+    problems += [why for r in report["runtimes"] for why in r["problems"]]
     also = f"; also {problems[0]} ({len(problems)} problem(s))" if problems else ""
     if crashed:
         raise ExportError(f"{', '.join(f['not_checked'] for f in crashed)}: the GGUF files are written, the checks "
@@ -550,6 +593,8 @@ def export_planned(config: Config, p: Plan, prompts: list[Conversation]) -> Plan
     p.work_dir = None
     if report is not None:
         print(table(report), flush=True)
+        if report["runtimes"]:
+            print(runtime_lines(report), flush=True)
         verdict(report)
     return p
 
@@ -559,10 +604,10 @@ def export_merged(p: Plan, converter: Path | None, merged_only: bool, prompts: l
     merge(p.adapter_dir, p.base, p.merged_dir, p.dequantize)
     if merged_only:
         return None
-    convert_f16(p.merged_dir, p.gguf("f16"), converter)
+    prompt_format = trained_prompt_format(p.adapter_dir, tokenizer_file_in(p.merged_dir))
+    convert_f16(p.merged_dir, p.gguf("f16"), converter, prompt_format.chat_template(space_after_special=False))
     for t in p.gguf_types[1:]:
         quantize(p.gguf("f16"), p.gguf(t), t)
-    prompt_format = load_prompt_format(tokenizer_file_in(p.merged_dir))
     atomic.write_text(p.folder / "Modelfile", modelfile(f"./{p.gguf(modelfile_target(p.gguf_types)).name}",
                                                         p.system_prompt, template=ollama_template(prompt_format)))
     return check_exports(p, prompt_format, prompts)
@@ -572,10 +617,12 @@ def export_adapter(p: Plan, converter: Path, prompts: list[Conversation]) -> dic
     """--lora_only: the PEFT adapter copied, adapter.gguf, its Modelfile, then (when asked) its check in llama.cpp."""
     copy_adapter(p.adapter_dir, p.folder / "adapter")
     convert_lora(p.adapter_dir, p.trained_on, p.adapter_gguf, converter)
-    template = ollama_template(load_prompt_format(prompt_tokenizer(p.adapter_dir, p.trained_on)))
+    prompt_format = trained_prompt_format(p.adapter_dir, prompt_tokenizer(p.adapter_dir, p.trained_on))
+    template = ollama_template(prompt_format)
     atomic.write_text(p.folder / "Modelfile", modelfile(p.ollama_base, p.system_prompt, ADAPTER_GGUF, template))
     if p.convert_base:
-        convert_f16(base_checkout(p.base, "--convert_base"), p.base_gguf_file, converter)
+        convert_f16(base_checkout(p.base, "--convert_base"), p.base_gguf_file, converter,
+                    prompt_format.chat_template(space_after_special=False))
     return write_report(p, [check_adapter(p, prompts)])
 
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_dir, write_text
-from .chat import CONTROL_CHAT_TEMPLATE, load_prompt_format
+from .chat import read_vocab
 
 TINY_MODEL = "tiny-mistral"
 TINY_V3, TINY_TEKKEN = "tiny-mistral-v3", "tiny-mistral-tekken"
@@ -55,6 +55,30 @@ STANDINS = {TINY_MODEL: ("tokenizer.model.v1", TINY_CONFIG),
             TINY_TEKKEN: ("tekken_240718.json", TINY_TEKKEN_CONFIG)}
 
 LM_HEAD_SCALE = 8.0
+
+# The chat templates Mistral's Hugging Face checkouts carry, which the stand-ins carry too (the export replaces them
+# with templates that reproduce training, `PromptFormat.chat_template`). v0.2's refuses a system message and joins an
+# answer to `[/INST]` without the space SentencePiece gives it; v0.3's and Nemo's put the system message in the last
+# user turn.
+HUB_V1_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+HUB_CONTROL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% endif %}"
+    "{% set users = messages | selectattr('role', 'equalto', 'user') | list %}"
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST]' }}"
+    "{% if system is defined and message == users[-1] %}{{ system + '\n\n' }}{% endif %}"
+    "{{ message['content'] + '[/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
 
 _WORDS = ("apple river stone cloud maple tiger ocean lamp violet paper garden silver rocket candle harbor "
           "meadow pencil falcon copper window basket summer winter autumn spring bridge castle forest desert").split()
@@ -99,7 +123,8 @@ def save_tokenizer(target: Path, source: Path | None = None) -> None:
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "legacy": False}))
     tokenizer = LlamaTokenizer.from_pretrained(target)
-    tokenizer.chat_template = load_prompt_format(target / "tokenizer.model").chat_template
+    _, family = read_vocab(target / "tokenizer.model")
+    tokenizer.chat_template = HUB_V1_CHAT_TEMPLATE if family == "v1" else HUB_CONTROL_CHAT_TEMPLATE
     tokenizer.save_pretrained(target)
 
 
@@ -116,7 +141,7 @@ def save_tekken_tokenizer(tekken_json: Path, target: Path) -> None:
         converted.post_processor, processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token="<s>", eos_token="</s>",
                                         unk_token="<unk>")
-    tokenizer.chat_template = CONTROL_CHAT_TEMPLATE
+    tokenizer.chat_template = HUB_CONTROL_CHAT_TEMPLATE
     tokenizer.save_pretrained(target)
 
 

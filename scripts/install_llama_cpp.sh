@@ -7,24 +7,14 @@
 # Why not `pip install llama-cpp-python`: pip compiles it with llama.cpp's default GGML_NATIVE=ON (-march=native), so
 # the library uses every instruction the build machine's CPU advertises (AVX-512, AMX). On a machine without them, or
 # whose kernel does not grant them, quantized GGUF files die with SIGILL. And pip caches that wheel by source archive,
-# not by flags or CPU, so the next machine reuses it. Here the flags are fixed (x86-64-v3: AVX, AVX2, FMA, F16C, BMI2;
-# no AVX-512, no AMX), the build never reads or writes pip's cache, and the wheel is kept in a folder whose name carries
-# the version and a hash of the flags: a rerun with the same flags reinstalls it instead of compiling again.
-# LLAMA_CPP_CMAKE_ARGS adds flags (e.g. "-DGGML_CUDA=on" for a CUDA build); they change the folder name too.
+# not by flags or CPU, so the next machine reuses it. Here the flags are fixed (scripts/llama_cpp_flags.sh), the build
+# never reads or writes pip's cache, and the wheel is kept in a folder whose name carries the version and a hash of the
+# flags: a rerun with the same flags reinstalls it instead of compiling again.
 set -eu
 cd "$(dirname "$0")/.."
+. scripts/llama_cpp_flags.sh
 
 PYTHON=${PYTHON:-python}
-VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
-if [ "$(uname -m)" = x86_64 ]; then
-  FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
-  FLAGS="$FLAGS -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"
-else
-  FLAGS="-DGGML_NATIVE=OFF"  # the architecture's baseline (armv8 on Arm)
-fi
-FLAGS="$FLAGS ${LLAMA_CPP_CMAKE_ARGS:-}"
-TAG=$(printf '%s' "$FLAGS" | sha256sum | cut -c1-12)
-WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/qlora-mistral/llama-cpp-python-$VERSION-$TAG"
 
 wheel=$(ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then

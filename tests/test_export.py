@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, run_script
-from qlora import atomic, export, gguf_check, isolate, modelfile
+from qlora import atomic, export, gguf_check, isolate, modelfile, runtimes
 from qlora.chat import Message
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
@@ -99,11 +99,14 @@ def test_merged_only(trained_adapter, tmp_path):
 # ---------------------------------------------------------------- GGUF files
 
 
-def test_every_gguf_loads_with_tokenizer_and_chat_template(exported):
+def test_every_gguf_loads_with_tokenizer_and_chat_template(exported, prompt_format):
+    """The GGUF carries the template written for llama.cpp's tokenizer, the merged folder the one written for
+    transformers' (which adds no space after <s> and </s>): both render the training ids (tests/test_runtimes.py)."""
     from gguf import GGUFReader
 
     plan, _ = exported
-    template = (plan.merged_dir / "chat_template.jinja").read_text()
+    template = prompt_format.chat_template(space_after_special=False)
+    assert (plan.merged_dir / "chat_template.jinja").read_text() == prompt_format.chat_template(True) != template
     for gguf_type in TYPES:
         fields = GGUFReader(plan.gguf(gguf_type)).fields
         assert fields["tokenizer.ggml.model"].contents() == "llama"
@@ -138,7 +141,7 @@ def test_an_f16_file_larger_than_the_ram_is_checked_by_its_tensors(exported, sam
     assert checked["f16"]["checked_by"] == "tensors" and "prompts" not in checked["f16"]
     assert checked["f16"]["tensors"] == {"compared": tensors, "faults": {}} and checked["f16"]["tokenizer_ok"]
     assert "does not fit in the" in checked["f16"]["llama_cpp"] and "prompts" in checked["q8_0"]
-    entry = gguf_check.check_file(f16, "f16", checked["f16"], (plan.merged_dir / "chat_template.jinja").read_text(),
+    entry = gguf_check.check_file(f16, "f16", checked["f16"], prompt_format.chat_template(space_after_special=False),
                                   "llama")
     assert entry["problems"] == [] and entry["metadata"]["chat_template_ok"]
     assert f"ok: its {tensors} tensors are the merged model's" in export.table({"files": [entry]})
@@ -348,109 +351,16 @@ def test_adapter_route_settings(tmp_path):
 # ---------------------------------------------------------------- Ollama
 
 
-GO_RENDER = """package main
-
-// Renders an Ollama TEMPLATE as Ollama's template/template.go does: system messages joined by blank lines into
-// .System and kept in .Messages, missingkey=zero; legacy cases run once per turn with .System/.Prompt/.Response.
-import (
-	"encoding/json"
-	"os"
-	"strings"
-	"text/template"
-)
-
-type Message struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
-}
-
-type Case struct {
-	Messages []Message `json:"messages"`
-	Legacy   bool      `json:"legacy"`
-}
-
-func must(err error) {
-	if err != nil {
-		panic(err)
-	}
-}
-
-func legacy(t *template.Template, b *strings.Builder, messages []Message) {
-	var system, prompt, response string
-	execute := func() {
-		must(t.Execute(b, map[string]any{"System": system, "Prompt": prompt, "Response": response}))
-		system, prompt, response = "", "", ""
-	}
-	for _, m := range messages {
-		switch m.Role {
-		case "system":
-			if prompt != "" || response != "" {
-				execute()
-			}
-			system = m.Content
-		case "user":
-			if response != "" {
-				execute()
-			}
-			prompt = m.Content
-		case "assistant":
-			response = m.Content
-		}
-	}
-	// Ollama cuts the last turn's template after {{ .Response }}; ours guards all that follows it with
-	// {{ if .Response }}, so running it with the (empty) last response renders the same text.
-	execute()
-}
-
-func main() {
-	var input struct {
-		Template string `json:"template"`
-		Cases    []Case `json:"cases"`
-	}
-	must(json.NewDecoder(os.Stdin).Decode(&input))
-	t := template.Must(template.New("").Option("missingkey=zero").Parse(input.Template))
-	out := []string{}
-	for _, c := range input.Cases {
-		var b strings.Builder
-		if c.Legacy {
-			legacy(t, &b, c.Messages)
-		} else {
-			var system []string
-			for _, m := range c.Messages {
-				if m.Role == "system" {
-					system = append(system, m.Content)
-				}
-			}
-			must(t.Execute(&b, map[string]any{"System": strings.Join(system, "\\n\\n"), "Messages": c.Messages,
-				"Response": ""}))
-		}
-		out = append(out, b.String())
-	}
-	must(json.NewEncoder(os.Stdout).Encode(out))
-}
-"""
-
-
-def go_render(template: str, cases: list[dict], tmp_path: Path) -> list[str]:
-    (tmp_path / "render.go").write_text(GO_RENDER)
-    subprocess.run(["go", "build", "-o", "render", "render.go"], cwd=tmp_path, check=True)
-    result = subprocess.run([str(tmp_path / "render")], input=json.dumps({"template": template, "cases": cases}),
-                            capture_output=True, text=True, check=True)
-    return json.loads(result.stdout)
-
-
 @pytest.mark.skipif(shutil.which("go") is None,
                     reason="needs Go to run Ollama's template engine (apt-get install golang-go)")
 def test_ollama_template_renders_the_training_text(conversations, prompt_format, tmp_path):
     """Ollama renders the TEMPLATE, then puts <s> before it: the result must be the training text exactly, for
     prompts (ending with a user turn) and for whole conversations, with and without a system message."""
     shapes = conversations + [c[:-1] for c in conversations]
-    cases = [{"messages": [{"role": m.role, "content": m.content} for m in c], "legacy": legacy}
-             for legacy in (False, True) for c in shapes]
-    rendered = go_render(modelfile.OLLAMA_TEMPLATE, cases, tmp_path)
-    for case, text in zip(cases, rendered, strict=True):
-        conversation = [Message(m["role"], m["content"]) for m in case["messages"]]
-        assert "<s>" + text == gguf_check.rendered_text(prompt_format, conversation), case
+    for legacy in (False, True):
+        rendered = runtimes.ollama_render(modelfile.OLLAMA_TEMPLATE, None, shapes, tmp_path, legacy=legacy)
+        for conversation, text in zip(shapes, rendered, strict=True):
+            assert "<s>" + text == gguf_check.rendered_text(prompt_format, conversation), (legacy, conversation)
 
 
 def test_modelfile(exported):

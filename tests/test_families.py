@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from conftest import run_script
-from qlora import export, gguf_check, infer, modelfile
+from qlora import export, gguf_check, infer, modelfile, runtimes
 from qlora.chat import Message, MistralControl, load_prompt_format, tokenizer_file_in
 from qlora.config import Config
 
@@ -75,16 +75,13 @@ def test_llama_cpp_answers_as_the_adapter(chain):
 @pytest.mark.skipif(shutil.which("go") is None,
                     reason="needs Go to run Ollama's template engine (apt-get install golang-go)")
 def test_modelfile_template_renders_the_training_text(chain, tmp_path):
-    from test_export import go_render
-
     fmt = chain["format"]
     shapes = PROMPTS + [PROMPTS[2] + [Message("assistant", "1, 2, 3, 4")],
                         [Message("system", SYSTEM)] + PROMPTS[2] + [Message("assistant", "1, 2, 3, 4")]]
     for plan in (chain["merged"], chain["lora"]):
         text = (plan.export_dir / "Modelfile").read_text()
         assert f'TEMPLATE """{modelfile.OLLAMA_CONTROL_TEMPLATE}"""' in text
-    cases = [{"messages": [{"role": m.role, "content": m.content} for m in c], "legacy": False} for c in shapes]
-    rendered = go_render(modelfile.OLLAMA_CONTROL_TEMPLATE, cases, tmp_path)
+    rendered = runtimes.ollama_render(modelfile.OLLAMA_CONTROL_TEMPLATE, None, shapes, tmp_path)
     for conversation, text in zip(shapes, rendered, strict=True):
         assert "<s>" + text == gguf_check.rendered_text(fmt, conversation), conversation
 
