@@ -85,7 +85,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors") + TOKENIZER
 REPORT = "export_report.json"
 # What an export writes: a re-export drops the old export's files of these names (they would be taken for the new
 # adapter's); anything else in the old folder (the user's own files, a base GGUF) is carried over into the new one.
-EXPORT_OUTPUTS = ("merged", "adapter", ADAPTER_GGUF, "Modelfile", "config.yaml", REPORT)
+LLAMA_CPP_TEMPLATE = "chat_template.jinja"  # beside adapter.gguf: the template for llama-server --chat-template-file
+EXPORT_OUTPUTS = ("merged", "adapter", ADAPTER_GGUF, LLAMA_CPP_TEMPLATE, "Modelfile", "config.yaml", REPORT)
 
 
 class ExportError(RuntimeError):
@@ -620,9 +621,11 @@ def export_adapter(p: Plan, converter: Path, prompts: list[Conversation]) -> dic
     prompt_format = trained_prompt_format(p.adapter_dir, prompt_tokenizer(p.adapter_dir, p.trained_on))
     template = ollama_template(prompt_format)
     atomic.write_text(p.folder / "Modelfile", modelfile(p.ollama_base, p.system_prompt, ADAPTER_GGUF, template))
+    # a base GGUF carries its own template (v0.2's gives other ids than training): llama-server takes this one instead
+    gguf_template = prompt_format.chat_template(space_after_special=False)
+    atomic.write_text(p.folder / LLAMA_CPP_TEMPLATE, gguf_template)
     if p.convert_base:
-        convert_f16(base_checkout(p.base, "--convert_base"), p.base_gguf_file, converter,
-                    prompt_format.chat_template(space_after_special=False))
+        convert_f16(base_checkout(p.base, "--convert_base"), p.base_gguf_file, converter, gguf_template)
     return write_report(p, [check_adapter(p, prompts)])
 
 

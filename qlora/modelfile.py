@@ -49,8 +49,10 @@ def ollama_template(prompt_format: PromptFormat) -> str:
 # then (parser/parser.go's "adapter" case, server/create.go's adapter layers) still took it.
 ADAPTER_NOTE = """# ADAPTER needs Ollama 0.34.0 or older: from 0.34.1 on, `ollama create` refuses a Modelfile with
 # ADAPTER (ollama/ollama#14969); models created before still run. With a newer Ollama, export the merged model instead
-# (export_gguf.py without --lora_only: it needs little RAM). adapter.gguf also runs in llama.cpp:
-#   llama-server -m BASE.gguf --lora {adapter}      python infer.py BASE.gguf --lora {adapter}"""
+# (export_gguf.py without --lora_only: it needs little RAM). adapter.gguf also runs in llama.cpp, with the training
+# prompt's template (the base GGUF's own may differ):
+#   llama-server -m BASE.gguf --lora {adapter} --jinja --chat-template-file chat_template.jinja
+#   python infer.py BASE.gguf --lora {adapter}"""
 
 
 def modelfile(source: str, system: str | None, adapter: str | None = None, template: str = OLLAMA_TEMPLATE) -> str:

@@ -213,13 +213,18 @@ def lora_exported(trained_adapter, tmp_path_factory, sample_prompts):
     return plan, json.loads((plan.export_dir / "export_report.json").read_text())
 
 
-def test_lora_only_writes_adapter_gguf_and_a_modelfile_with_adapter(lora_exported, exported, trained_adapter):
+def test_lora_only_writes_adapter_gguf_and_a_modelfile_with_adapter(lora_exported, exported, trained_adapter,
+                                                                     prompt_format):
     from gguf import GGUFReader
     from safetensors import safe_open
 
     plan, _ = lora_exported
     assert sorted(p.name for p in plan.export_dir.iterdir()) == [  # no merged/ and no model-*.gguf: nothing merged
-        "Modelfile", "adapter", "adapter.gguf", "base-f16.gguf", "config.yaml", "export_report.json"]
+        "Modelfile", "adapter", "adapter.gguf", "base-f16.gguf", "chat_template.jinja", "config.yaml",
+        "export_report.json"]
+    llama_cpp_template = prompt_format.chat_template(space_after_special=False)
+    assert (plan.export_dir / "chat_template.jinja").read_text() == llama_cpp_template  # for --chat-template-file
+    assert GGUFReader(plan.base_gguf_file).fields["tokenizer.chat_template"].contents() == llama_cpp_template
     text = (plan.export_dir / "Modelfile").read_text()
     note = modelfile.ADAPTER_NOTE.format(adapter="adapter.gguf")
     assert text.startswith(f"{note}\nFROM {TINY_OLLAMA_BASE}\nADAPTER ./adapter.gguf\nTEMPLATE")

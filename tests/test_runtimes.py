@@ -64,14 +64,20 @@ def test_transformers_renders_the_training_ids(export_of, sample_conversations):
     assert result["edges"] == expected_edges
 
 
-def test_the_hub_template_does_not_render_the_training_ids(tiny_model, prompt_format):
+def test_the_hub_template_does_not_render_the_training_ids(tiny_model, prompt_format, tmp_path):
     """What the export replaces: Mistral v0.2's own template (the stand-in carries it, as the hub's checkout does)
-    gives other ids than training for every conversation with an answer, and refuses a system message."""
+    gives other ids than training in transformers and in a GGUF for conversations with an answer (one `▁` off after
+    `<s>` in transformers, before each answer in both), and refuses a system message."""
     conversations = [c for c in runtimes.CONVERSATIONS if "system" not in {m.role for m in c}]
-    result = runtimes.check_transformers(tiny_model, prompt_format, conversations)
-    assert result["problems"] and result["equal"] < len(conversations)
+    in_transformers = runtimes.check_transformers(tiny_model, prompt_format, conversations)
+    assert in_transformers["problems"] and in_transformers["equal"] == 0, in_transformers
     with pytest.raises(Exception, match="roles must alternate"):
         runtimes.check_transformers(tiny_model, prompt_format, [runtimes.CONVERSATIONS[1]])
+    gguf = tmp_path / "hub-template.gguf"
+    export.convert_f16(tiny_model, gguf, export.find_converter(), fixtures.HUB_V1_CHAT_TEMPLATE)
+    in_gguf = runtimes.check_llama_cpp_python(gguf, prompt_format, conversations)
+    with_answers = [c for c in conversations if len(c) > 1]
+    assert len(in_gguf["problems"]) == len(with_answers) and in_gguf["equal"] == len(conversations) - len(with_answers)
 
 
 def test_llama_cpp_python_renders_the_training_ids(export_of, sample_conversations):
