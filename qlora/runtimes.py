@@ -88,6 +88,8 @@ def space_after_special(tokenizer, prompt_format: PromptFormat) -> bool:
 
 TRANSFORMERS_EDGE = ("transformers' tokenizer splits a run of spaces, or a space opening a message, unlike "
                      "SentencePiece, in any text")
+LLAMA_SERVER_EDGE = ("a chat ending with an answer asks llama-server to continue it: it appends that answer's text "
+                     "to the prompt as it is, without the space v1 training puts before an answer")
 OLLAMA_EDGE = ("an earlier answer ending in spaces keeps them in Ollama: Go's text/template cannot trim them, as v3 and "
                "Tekken training does")
 
@@ -221,7 +223,11 @@ def check_llama_server(gguf: Path, prompt_format: PromptFormat, conversations: l
             got = [server.chat_ids(as_dicts(c)) for c in conversations]
     except (OSError, RuntimeError) as err:
         return {"runtime": name, "not_checked": str(err), "problems": [f"{name}: {err}"]}
-    return verdict(name, [prompt_format.encode(c)[0] for c in conversations], got)
+    # a chat ending with an answer asks llama-server to continue that answer: the training ids up to its EOS
+    want = [prompt_format.encode(c)[0][:-1 if c[-1].role == "assistant" else None] for c in conversations]
+    edges = [c[-1].role == "assistant" and prompt_format.gap != "" and not isinstance(prompt_format, MistralControl)
+             for c in conversations]
+    return verdict(name, want, got, edges, LLAMA_SERVER_EDGE)
 
 
 # ---------------------------------------------------------------- Ollama
@@ -234,7 +240,7 @@ def ollama_render(template: str, system: str | None, conversations: list[Convers
     binary = work_dir / "ollama_render"
     shutil.copyfile(OLLAMA_RENDER, work_dir / OLLAMA_RENDER.name)
     subprocess.run(["go", "build", "-o", str(binary), OLLAMA_RENDER.name], cwd=work_dir, check=True,
-                   capture_output=True)
+                   capture_output=True, text=True)
     cases = [{"messages": as_dicts(c), "system": system or "", "legacy": legacy} for c in conversations]
     result = subprocess.run([str(binary)], input=json.dumps({"template": template, "cases": cases}),
                             capture_output=True, text=True, check=True)
@@ -263,10 +269,19 @@ def check_ollama(template: str, system: str | None, gguf: Path, prompt_format: P
     if shutil.which("go") is None:
         return verdict(name, [], None, why_not="Go is not installed (apt-get install golang-go), which renders "
                                                "Ollama's TEMPLATE as Ollama does")
-    with tempfile.TemporaryDirectory(prefix="ollama-render-") as work_dir:
-        texts = ollama_render(template, system, conversations, Path(work_dir))
-    got = isolate.run_isolated(f"llama.cpp's tokenizer on {gguf.name}", ollama_ids, gguf, texts)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ollama-render-") as work_dir:
+            texts = ollama_render(template, system, conversations, Path(work_dir))
+    except subprocess.CalledProcessError as err:  # Go could not build the renderer, or the template failed in it
+        why = ((err.stderr or "").strip().splitlines() or [str(err)])[-1]
+        if err.cmd[0] == "go":
+            return verdict(name, [], None, why_not=f"Go could not build {OLLAMA_RENDER.name}: {why}")
+        return {"runtime": name, "not_checked": why, "problems": [f"{name}: the TEMPLATE fails in Go: {why}"]}
+    try:
+        got = isolate.run_isolated(f"llama.cpp's tokenizer on {gguf.name}", ollama_ids, gguf, texts)
+    except (isolate.ChildCrashed, isolate.ChildFailed) as err:
+        return {"runtime": name, "not_checked": str(err), "problems": [f"{name}: {err}"]}
     want = [prompt_format.encode(with_modelfile_system(c, system))[0] for c in conversations]
-    edges = [isinstance(prompt_format, MistralControl) and any(m.role == "assistant" and m.content.endswith(" ") for m in c)
-             for c in conversations]
+    edges = [isinstance(prompt_format, MistralControl) and any(m.role == "assistant" and m.content.endswith(" ")
+                                                               for m in c) for c in conversations]
     return verdict(name, want, got, edges, OLLAMA_EDGE)
