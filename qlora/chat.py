@@ -38,7 +38,7 @@ INST, END_INST = "[INST]", "[/INST]"
 # whose tokenization gives the training ids, in transformers and vLLM (the merged folder's) and in llama.cpp, LM Studio
 # and Jan (the GGUF's). Python's jinja2 and llama.cpp's own engine both run them, so they use only what both have.
 # The system message is the first message, empty counting as none, as in `_split_system`; {lead} and {gap} are the
-# text before a segment that follows a special token and before one that follows text (see `PromptFormat.lead`).
+# text before a segment that follows a special token and before one that follows text (see `PromptFormat.chat_template`).
 _TEMPLATE_HEAD = (
     "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else '' %}"
     "{%- set turns = messages[1:] if messages and messages[0]['role'] == 'system' else messages %}"
