@@ -33,7 +33,7 @@ import yaml
 
 from . import atomic, isolate, runfolder
 from .chat import Conversation, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in
-from .config import Config, to_yaml
+from .config import FIELDS, Config, is_dump, to_yaml
 from .gguf_check import CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_all, check_file, mismatches, prompt_set
 from .hub import fetching
 from .merge import MergeError, base_checkout, dequantized_checkout, merge_into
@@ -170,6 +170,10 @@ def plan(config: Config) -> Plan:
         raise ExportError("--merged_only and --lora_only exclude each other; pass one")
     if not config.lora_only and (config.ollama_base or config.base_gguf or config.convert_base):
         raise ExportError("--ollama_base, --base_gguf and --convert_base go with --lora_only; add it or drop them")
+    if (config.lora_only or config.merged_only) and config.gguf_types != FIELDS["gguf_types"].default_factory():
+        only = "--lora_only writes adapter.gguf alone (f32)" if config.lora_only else "--merged_only writes no GGUF"
+        raise ExportError(f"--gguf_types are the merged model's GGUF files, and {only}; drop one of them")
+    check_export_dir(adapter_dir, export_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ExportError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter or training output folder)")
     check_safetensors_adapter(adapter_dir)  # FileNotFoundError: a one-line error from export_gguf.py
@@ -184,6 +188,21 @@ def plan(config: Config) -> Plan:
         return adapter_plan(config, adapter_dir, export_dir, system)
     base, dequantize, note = resolve_base(adapter_dir, config.base_model_16bit)
     return Plan(adapter_dir, export_dir, base, note, dequantize, [] if config.merged_only else types, system)
+
+
+def check_export_dir(adapter_dir: Path, export_dir: Path) -> None:
+    """The export replaces its folder whole (carrying the user's files over): it must not be the training folder, one
+    that holds it, or one whose config.yaml (an export's own output) is not an export's."""
+    adapter, folder = adapter_dir.resolve(), export_dir.resolve()
+    if folder == adapter or folder in adapter.parents:
+        raise ExportError(f"--export_dir {export_dir}: holds the adapter {adapter_dir}, and an export replaces its "
+                          f"folder whole; choose a folder of its own, such as {adapter_dir / 'export'}")
+    if (folder / "adapter_config.json").exists() or any(folder.glob("checkpoint-*")):
+        raise ExportError(f"--export_dir {export_dir}: holds a training run or an adapter, whose config.yaml the "
+                          f"export would replace; choose a folder of its own")
+    if (folder / "config.yaml").exists() and not is_dump(folder / "config.yaml"):
+        raise ExportError(f"--export_dir {export_dir}: its config.yaml is not an export's (a file of yours?), and "
+                          f"the export writes its own there; choose another folder, or move the file")
 
 
 def adapter_plan(config: Config, adapter_dir: Path, export_dir: Path, system: str | None) -> Plan:
@@ -284,10 +303,23 @@ def merge(adapter_dir: Path, base: str, target: Path, dequantize: bool = False) 
                 finally:
                     shutil.rmtree(source, ignore_errors=True)
             else:
-                merge_into(adapter_dir, base_checkout(base, "base model"), tmp)
+                source = base_checkout(base, "base model")
+                check_vocabulary(adapter_dir, base, source)
+                merge_into(adapter_dir, source, tmp)
         except MergeError as err:
             raise ExportError(f"{err}; the old export is as it was") from None
         save_tokenizer(adapter_dir, base, tmp)
+
+
+def check_vocabulary(adapter_dir: Path, base: str, base_dir: Path) -> None:
+    """The base has as many token embeddings as the adapter's tokenizer has tokens: a base of another vocabulary (v1
+    against v3 or Tekken) merges without an error into a model whose GGUF speaks another language."""
+    tokenizer = prompt_tokenizer(adapter_dir, base)
+    tokens = load_prompt_format(tokenizer).vocab_size
+    embeddings = json.loads((base_dir / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    if embeddings not in (None, tokens):
+        raise MergeError(f"{base_dir}: {embeddings} token embeddings, but the adapter was trained with {tokenizer} "
+                         f"({tokens} tokens); pass --base_model_16bit with the base it was trained on")
 
 
 def save_tokenizer(adapter_dir: Path, base: str, target: Path) -> None:
@@ -351,9 +383,21 @@ def run_converter(converter: Path, script: str, *args: str, target: Path) -> Non
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
         str(converter / "gguf-py"), os.environ.get("PYTHONPATH")])))
     with atomic.atomic_path(target) as tmp:
-        result = subprocess.run([sys.executable, str(converter / script), *args, "--outfile", str(tmp)], env=env)
-        if result.returncode != 0:
-            raise ExportError(f"{target}: llama.cpp's {script} failed (exit {result.returncode}); see its log above")
+        process = subprocess.Popen([sys.executable, str(converter / script), *args, "--outfile", str(tmp)], env=env,
+                                   stderr=subprocess.PIPE, text=True, errors="replace")
+        traceback = []  # its log goes on as it comes; a traceback is held back until it says what failed
+        for line in process.stderr:
+            if traceback or line.startswith("Traceback (most recent call last)"):
+                traceback.append(line)
+            else:
+                sys.stderr.write(line)
+        if process.wait() != 0:
+            said = traceback[-1].strip() if traceback else ""
+            if "No space left on device" in said or "Errno 28" in said:
+                raise OSError(errno.ENOSPC, "No space left on device", str(target))  # said in one line by staged()
+            sys.stderr.writelines(traceback)
+            raise ExportError(f"{target}: llama.cpp's {script} failed (exit {process.returncode}"
+                              f"{': ' + said if said else ''}); see its log above")
 
 
 def convert_f16(merged_dir: Path, target: Path, converter: Path) -> None:
@@ -585,7 +629,7 @@ def staged(export_dir: Path):
     the export is all new or all old. The old folder's other files (the user's own, a base GGUF) are carried over into
     the new one first, by hard links; its export outputs are not (they belong to the old adapter)."""
     atomic.recover_dir(export_dir)
-    atomic.remove_stale_temporaries(export_dir.parent, prefix=f".{export_dir.name}")
+    atomic.remove_stale_temporaries(export_dir.parent, prefix=f".{export_dir.name}.")
     with atomic.atomic_dir(export_dir) as staging:
         try:
             yield staging
