@@ -629,7 +629,7 @@ def staged(export_dir: Path):
     the export is all new or all old. The old folder's other files (the user's own, a base GGUF) are carried over into
     the new one first, by hard links; its export outputs are not (they belong to the old adapter)."""
     atomic.recover_dir(export_dir)
-    atomic.remove_stale_temporaries(export_dir.parent, prefix=f".{export_dir.name}.")
+    atomic.remove_stale_temporaries(export_dir.parent, prefix=f".{export_dir.name}")
     with atomic.atomic_dir(export_dir) as staging:
         try:
             yield staging

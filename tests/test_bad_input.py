@@ -296,8 +296,8 @@ def interrupted_run(finished_run, tmp_path) -> Path:
 def test_resume_with_a_setting_the_checkpoint_fixes_is_refused_and_the_run_kept(interrupted_run, flag, value, was):
     before = snapshot(interrupted_run)
     for how in (["--resume"], ["--resume_from_checkpoint", str(interrupted_run / "checkpoint-1")]):
-        result = run_script("train_unsloth.py", "--config", str(interrupted_run / "config.yaml"), *how, flag, value,
-                            check=False)
+        result = run_script("train_unsloth.py", "--config", str(interrupted_run / "config.yaml"), "--output_dir",
+                            str(interrupted_run), *how, flag, value, check=False)
         one_line_error(result, "was trained with", was, f"leave out {flag}",
                        f"resume with --config {interrupted_run / 'config.yaml'}")
         assert snapshot(interrupted_run) == before  # config.yaml above all: the README's resume command still works
@@ -318,7 +318,7 @@ def reshaped_base(tiny_model, tmp_path) -> Path:
 
 def test_a_16bit_base_of_another_shape_or_vocabulary_is_refused_before_the_merge(finished_run, reshaped_base,
                                                                                   tiny_v3, tmp_path):
-    for base, says in [(reshaped_base, f"but {reshaped_base} has [512, 256]"),
+    for base, says in [(reshaped_base, f"is [256, 512] but {reshaped_base} has [256, 1024]"),
                        (tiny_v3, f"{tiny_v3}: 32768 token embeddings, but the adapter was trained with")]:
         export = tmp_path / "export"
         result = run_script("export_gguf.py", "--adapter_dir", str(finished_run), "--export_dir", str(export),
@@ -412,8 +412,7 @@ def test_a_prompt_that_is_not_text_is_one_line_and_a_chat_goes_on(finished_run):
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert b"this line: character 5 ('\\udcff') is a lone surrogate" in chat.stderr
     assert b"Traceback" not in chat.stderr
-    answers = chat.stdout.decode().strip().splitlines()
-    assert len(answers) == 2 and all(answers), answers  # both good turns answered, the bad one dropped
+    assert chat.stdout.count(b"\n") == 2, chat.stdout  # both good turns answered (a line each), the bad one dropped
 
 
 def test_report_to_an_integration_that_is_not_installed_is_one_line_before_the_model_loads(fixture_dir, tmp_path):
