@@ -42,8 +42,10 @@ def missing_package(err: ModuleNotFoundError) -> str:
 
 
 # How libraries that write files say a write failed without raising an OSError: torch.save's RuntimeError
-# ("PytorchStreamWriter failed writing file ...: file write failed"), safetensors' SafetensorError (an IoError)
-WRITE_FAILED = ("write failed", "No space left on device", "StorageFull", "File too large", "FileTooLarge", "IoError")
+# ("PytorchStreamWriter failed writing file ...: file write failed", "basic_ios::clear: iostream error", its zip
+# writer's "unexpected pos" after a short write), safetensors' SafetensorError (an IoError), tokenizers' "os error"
+WRITE_FAILED = ("write failed", "iostream error", "unexpected pos", "No space left on device", "StorageFull",
+                "File too large", "FileTooLarge", "IoError")
 NEARLY_FULL = 64 * 2**20  # free bytes under which a write that failed without an errno is taken for a full disk
 
 
@@ -67,16 +69,27 @@ def writing(path: str | Path, consequence: str = ""):
             raise
         raise OSError(err.errno, f"{err.strerror or err}{also}", err.filename or str(path)) from None
     except Exception as err:
-        said = (str(err).strip().splitlines() or [""])[-1]
-        if not any(words in str(err) for words in WRITE_FAILED):
+        told = _chain(err)
+        if not any(words in told for words in WRITE_FAILED):
             raise
+        said = next((line for line in told.splitlines() if any(words in line for words in WRITE_FAILED)), "")
         code = errno.EFBIG if "too large" in said.lower() or "FileTooLarge" in said else \
-            errno.ENOSPC if "No space" in said or "StorageFull" in said or _nearly_full(Path(path)) else errno.EIO
+            errno.ENOSPC if "No space" in said or "StorageFull" in said or nearly_full(Path(path)) else errno.EIO
         what = "No space left on device" if code == errno.ENOSPC else f"could not be written ({said})"
         raise OSError(code, f"{what}{also}", str(path)) from None
 
 
-def _nearly_full(path: Path) -> bool:
+def _chain(err: BaseException) -> str:
+    """The messages of an error and those it was raised during (torch's "unexpected pos" hides a "write failed")."""
+    told = []
+    while err is not None and len(told) < 8:
+        told.append(str(err))
+        err = err.__cause__ or err.__context__
+    return "\n".join(told)
+
+
+def nearly_full(path: Path) -> bool:
+    """Whether the disk `path` is on (or would be) has so little room left that a failed write was for want of it."""
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     return shutil.disk_usage(existing).free < NEARLY_FULL
 

@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ import yaml
 from . import atomic, isolate, runfolder
 from .chat import Conversation, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in
 from .config import FIELDS, Config, is_dump, to_yaml
+from .errors import nearly_full
 from .gguf_check import CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_all, check_file, mismatches, prompt_set
 from .hub import fetching
 from .merge import MergeError, base_checkout, dequantized_checkout, merge_into
@@ -44,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONVERTER_ENV = "LLAMA_CPP_CONVERTER"  # a folder holding the converters, conversion/ and gguf-py/
 HF_CONVERTER, LORA_CONVERTER = "convert_hf_to_gguf.py", "convert_lora_to_gguf.py"
 CONVERTER_DIR = ROOT / ".llama.cpp"
+TRACEBACK = "Traceback (most recent call last)"
 INSTALL_CONVERTER = "sh scripts/get_llama_cpp_converter.sh"
 
 # 4-bit repos whose 16-bit original is known: merging into the original avoids NF4's rounding of the base weights.
@@ -387,13 +390,14 @@ def run_converter(converter: Path, script: str, *args: str, target: Path) -> Non
                                    stderr=subprocess.PIPE, text=True, errors="replace")
         traceback = []  # its log goes on as it comes; a traceback is held back until it says what failed
         for line in process.stderr:
-            if traceback or line.startswith("Traceback (most recent call last)"):
-                traceback.append(line)
-            else:
-                sys.stderr.write(line)
+            if not traceback and TRACEBACK in line:
+                sys.stderr.write(line[: line.index(TRACEBACK)])
+                line = line[line.index(TRACEBACK):]
+            (traceback.append if traceback or TRACEBACK in line else sys.stderr.write)(line)
         if process.wait() != 0:
-            said = traceback[-1].strip() if traceback else ""
-            if "No space left on device" in said or "Errno 28" in said:
+            said = next((line.strip() for line in reversed(traceback) if re.match(r"\w+(Error|Exception)\b", line)), "")
+            # numpy's short write ("N requested and M written") names no errno: a disk with no room left says why
+            if said.startswith("OSError") and ("Errno 28" in said or nearly_full(target)):
                 raise OSError(errno.ENOSPC, "No space left on device", str(target))  # said in one line by staged()
             sys.stderr.writelines(traceback)
             raise ExportError(f"{target}: llama.cpp's {script} failed (exit {process.returncode}"

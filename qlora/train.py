@@ -398,6 +398,13 @@ def resume_command(out: Path) -> str:
     return f"python train_unsloth.py --config {out / 'config.yaml'} --resume"
 
 
+def close_progress_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
+            if bar is not None:
+                bar.close()
+
+
 class AtLastStep(Exception):
     """The checkpoint resumed from holds the run's last step: nothing is left to train."""
 
@@ -732,6 +739,9 @@ def train_run(config: Config, backend: str) -> int:
         trainer.train(resume_from_checkpoint=resume_from)
     except torch.cuda.OutOfMemoryError as error:
         advice = oom_advice(config, error, trainer.state.global_step)
+    except OSError:  # a full disk (qlora/errors.py says it in one line): the step's progress bar is closed first,
+        close_progress_bars(trainer)  # or it would draw itself again at exit, after that line
+        raise
     except AtLastStep:
         if is_main_process():
             print(f"{Path(resume_from).name} holds the run's last step: nothing left to train; writing the adapter "

@@ -449,3 +449,47 @@ def test_gguf_types_with_an_export_that_writes_none_is_refused(finished_run, tmp
                         only, "--gguf_types", "q4_k_m", check=False)
     one_line_error(result, "--gguf_types are the merged model's GGUF files", "drop one of them")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size): a tmpfs of that size, a disk that fills up (unmounted after the test); skipped where mounting is
+    not allowed (not root)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk-{size}"
+        folder.mkdir()
+        made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if made.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+# what the smoke run's checkpoint writes first: the adapter (2.1 MB), the tokenizer (3.4 MB), the optimizer (4.1 MB)
+@pytest.mark.parametrize("size", ["4m", "7m"], ids=["full at the tokenizer", "full at torch.save"])
+def test_a_full_disk_while_a_checkpoint_is_saved_is_one_line_naming_it(prepared, small_disk, size):
+    out = small_disk(size) / "run"
+    result = run_script("train_unsloth.py", *QUICK, "--dataset", str(prepared), "--output_dir", str(out), check=False)
+    one_line_error(result, f"{out / '.checkpoint-staging' / 'checkpoint-1'}", "No space left on device",
+                   "checkpoint-1 is not saved", f"--config {out / 'config.yaml'} --resume",
+                   "the disk is full: free some space")
+
+
+def test_a_full_disk_during_gguf_conversion_is_one_line_naming_the_file(tiny_model, small_disk, capfd):
+    from qlora import export
+
+    folder = small_disk("1m") / "export"
+    with pytest.raises(export.ExportError) as caught:
+        with export.staged(folder) as staging:
+            export.convert_f16(tiny_model, staging / "model-f16.gguf", export.find_converter())
+    assert str(caught.value).startswith(f"{folder.parent}/.export.tmp-"), caught.value
+    assert "model-f16.gguf: No space left on device; free some space" in str(caught.value)
+    assert "Traceback" not in capfd.readouterr().err  # the converter's own, held back
+    assert not list(folder.parent.iterdir())  # nothing half-written stays
