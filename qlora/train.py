@@ -140,9 +140,12 @@ def check_resumed_settings(config: Config, checkpoint: Path) -> None:
     checkpoint fixes: PEFT would stop on another rank with a traceback, and other data or a changed schedule would
     train silently into another model."""
     saved = checkpoint.parent / "config.yaml"
-    if not is_dump(saved):
-        return  # no record of the run's settings (the adapter's own config still catches another shape)
-    run = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    try:
+        run = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        run = None
+    if not isinstance(run, dict):
+        return  # no record of the run's settings
     differ = [name for name in RESUME_FIXED if name in run and run[name] != getattr(config, name)]
     if differ:
         raise RunError(f"{checkpoint} was trained with " + ", ".join(
@@ -153,9 +156,9 @@ def check_resumed_settings(config: Config, checkpoint: Path) -> None:
 
 def check_own_files(out: Path) -> None:
     """The run writes config.yaml (its resolved settings) into output_dir: one there that no run wrote (a preset of
-    the user's, run with --output_dir set to its folder) would be replaced."""
+    the user's, run with --output_dir set to its folder: no run beside it, not in to_yaml's form) would be replaced."""
     saved = out / "config.yaml"
-    if saved.exists() and not is_dump(saved):
+    if saved.exists() and not holds_run(out) and not is_dump(saved):  # beside a run, it is the run's (maybe edited)
         raise RunError(f"{saved}: not the settings of a run (a preset of yours?), and the run writes its own there; "
                        f"choose another --output_dir, or move the file")
 
