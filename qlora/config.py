@@ -216,10 +216,21 @@ def _base_type(tp):
 def coerce(name: str, value, source: str = "flag"):
     """Check (and for strings from the command line, convert) one value against its field's type and its check."""
     value = _typed(name, value, source)
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and not _encodable(text):  # a lone surrogate: bytes that were not UTF-8, or "\ud800"
+            raise ConfigError(f"{source}: '{name}' holds text that is not valid UTF-8 ({ascii(text)}); give it again")
     check = FIELDS[name].metadata["check"]
     if check and value is not None and not (value == "auto" and name in AUTO_NUMBERS) and not check.ok(value):
         raise ConfigError(f"{source}: '{name}' must be {check.must}, got {value!r}")
     return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _typed(name: str, value, source: str):

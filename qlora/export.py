@@ -221,6 +221,9 @@ def adapter_plan(config: Config, adapter_dir: Path, export_dir: Path, system: st
     if config.base_gguf and not Path(config.base_gguf).is_file():
         raise ExportError(f"--base_gguf {config.base_gguf}: no such file")
     check_on = Path(config.base_gguf) if config.base_gguf else export_dir / BASE_GGUF if config.convert_base else None
+    if check_on is None and config.base_model_16bit:
+        raise ExportError("--base_model_16bit with --lora_only is the reference adapter.gguf is checked against: add "
+                          "--base_gguf or --convert_base, or drop it")
     if check_on is None:
         note = "writing the adapter as GGUF, unchecked (--base_gguf or --convert_base check it in llama.cpp)"
         return Plan(adapter_dir, export_dir, trained_on, note, False, [], system, trained_on, ollama)

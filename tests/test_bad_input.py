@@ -451,6 +451,13 @@ def test_gguf_types_with_an_export_that_writes_none_is_refused(finished_run, tmp
     assert not (tmp_path / "e").exists()
 
 
+def test_a_base_for_a_check_that_does_not_run_is_refused(finished_run, tmp_path):
+    result = run_script("export_gguf.py", "--adapter_dir", str(finished_run), "--export_dir", str(tmp_path / "e"),
+                        "--lora_only", "--ollama_base", "tiny", "--base_model_16bit", "fixtures/tiny-mistral",
+                        check=False)
+    one_line_error(result, "--base_model_16bit with --lora_only is the reference", "add --base_gguf or --convert_base")
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """mount(size): a tmpfs of that size, a disk that fills up (unmounted after the test); skipped where mounting is
@@ -493,3 +500,11 @@ def test_a_full_disk_during_gguf_conversion_is_one_line_naming_the_file(tiny_mod
     assert "model-f16.gguf: No space left on device; free some space" in str(caught.value)
     assert "Traceback" not in capfd.readouterr().err  # the converter's own, held back
     assert not list(folder.parent.iterdir())  # nothing half-written stays
+
+
+def test_a_setting_that_is_not_text_is_refused_as_the_flags_are_read(fixture_dir, tmp_path):
+    out = tmp_path / "data"
+    result = run_script("data_prep.py", "--config", "configs/smoke.yaml", "--system_prompt", "Be brief \udcff",
+                        "--output_dir", str(out), check=False)
+    one_line_error(result, "--system_prompt: 'system_prompt' holds text that is not valid UTF-8 ('Be brief \\udcff')")
+    assert not out.exists()
