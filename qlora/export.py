@@ -18,6 +18,7 @@ ends with one line.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -390,13 +391,18 @@ def run_converter(converter: Path, script: str, *args: str, target: Path) -> Non
         str(converter / "gguf-py"), os.environ.get("PYTHONPATH")])))
     with atomic.atomic_path(target) as tmp:
         process = subprocess.Popen([sys.executable, str(converter / script), *args, "--outfile", str(tmp)], env=env,
-                                   stderr=subprocess.PIPE, text=True, errors="replace")
+                                   stderr=subprocess.PIPE)
         traceback = []  # its log goes on as it comes; a traceback is held back until it says what failed
-        for line in process.stderr:
+        # newline="": a progress bar's \r stays a \r, so that it redraws in place as it would on the terminal
+        for line in io.TextIOWrapper(process.stderr, encoding="utf-8", errors="replace", newline=""):
             if not traceback and TRACEBACK in line:
                 sys.stderr.write(line[: line.index(TRACEBACK)])
                 line = line[line.index(TRACEBACK):]
-            (traceback.append if traceback or TRACEBACK in line else sys.stderr.write)(line)
+            if traceback or TRACEBACK in line:
+                traceback.append(line)
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
         if process.wait() != 0:
             said = next((line.strip() for line in reversed(traceback) if re.match(r"\w+(Error|Exception)\b", line)), "")
             # numpy's short write ("N requested and M written") names no errno: a disk with no room left says why
