@@ -72,8 +72,8 @@ def unencodable(text: str) -> str | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        return (f"character {err.start + 1} ({ascii(text[err.start])}) is a lone surrogate, which is no text: not valid "
-                f"UTF-8")
+        return (f"character {err.start + 1} ({ascii(text[err.start])}) is a lone surrogate, which is no text: not "
+                f"valid UTF-8")
     return None
 
 

@@ -76,8 +76,8 @@ def _f(default, group: str, help: str, check: Check | None = None):
 @dataclass
 class Config:
     # data
-    dataset: str = _f("mlabonne/guanaco-llama2-1k", "data", "hub id, local .jsonl/.json/.csv/.parquet file, or a data_prep output folder",
-                      check=PATH)
+    dataset: str = _f("mlabonne/guanaco-llama2-1k", "data", "hub id, local .jsonl/.json/.csv/.parquet file, or a "
+                      "data_prep output folder", check=PATH)
     dataset_split: str = _f("train", "data", "split to read from a hub dataset")
     dataset_format: str = _f("auto", "data", "auto, llama2, guanaco, alpaca, dolly, question_answer, messages, "
                              "sharegpt, prompt_completion")
@@ -96,11 +96,10 @@ class Config:
     skip_invalid: bool = _f(False, "data", "count and drop unreadable rows instead of stopping at the first")
     seed: int = _f(42, "data", "seed for the split, LoRA init and data order", check=SEED)
     # base: the model whose tokenizer every script renders prompts with
-    model_name: str = _f("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "base", "hub id or local folder of the base model",
-                         check=PATH)
+    model_name: str = _f("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "base", "hub id or local folder of the base "
+                         "model", check=PATH)
     tokenizer_name: str | None = _f(None, "base", "hub id or folder holding tokenizer.model (or Tekken's "
-                                    "tokenizer.json), when the model's lacks it",
-                                    check=PATH)
+                                    "tokenizer.json), when the model's lacks it", check=PATH)
     # model
     backend: str = _f("auto", "model", "auto (unsloth on CUDA, cpu otherwise), unsloth, hf (transformers+bitsandbytes+PEFT), cpu")
     load_in_4bit: bool = _f(True, "model", "load the base in 4 bits (GPU backends only)")
@@ -157,17 +156,16 @@ class Config:
     profile_steps: int = _f(0, "train", "profile this many steps after 3 warm-up ones into output_dir/profile.txt and "
                            "profile.trace.json.gz", check=at_least(0))
     resume: bool = _f(False, "train", "continue from the last complete checkpoint in output_dir")
-    resume_from_checkpoint: str | None = _f(None, "train", "continue from this checkpoint folder",
-                                            check=PATH)
+    resume_from_checkpoint: str | None = _f(None, "train", "continue from this checkpoint folder", check=PATH)
     overwrite_output_dir: bool = _f(False, "train", "replace a finished run in output_dir: its files go once the new "
                                     "run's settings, data and model are ready; other files there stay")
     # export
     adapter_dir: str | None = _f(None, "export", "training output or adapter folder to merge (default: output_dir)",
                                  check=PATH)
-    export_dir: str | None = _f(None, "export", "where merged model, GGUF files and Modelfile go (default: adapter_dir/export)",
-                                check=PATH)
-    base_model_16bit: str | None = _f(None, "export", "16-bit base to merge into (default: the known original of a -bnb-4bit repo)",
-                                      check=PATH)
+    export_dir: str | None = _f(None, "export", "where merged model, GGUF files and Modelfile go (default: "
+                                "adapter_dir/export)", check=PATH)
+    base_model_16bit: str | None = _f(None, "export", "16-bit base to merge into (default: the known original of a "
+                                      "-bnb-4bit repo)", check=PATH)
     gguf_types: list[str] = _f(["f16", "q8_0", "q4_k_m", "q5_k_m"], "export", "GGUF files to write (f16 is always written first)")
     merged_only: bool = _f(False, "export", "stop after the merged 16-bit safetensors")
     lora_only: bool = _f(False, "export", "no merge: write the adapter as adapter.gguf with a Modelfile that puts "
