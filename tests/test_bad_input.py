@@ -240,6 +240,8 @@ def test_file_system_failures_name_the_path_and_what_to_do():
         "/srv/out: Permission denied; choose a folder you can write to, or change its permissions"
     assert describe(OSError(errno.ENOSPC, "No space left on device", "/srv/out/x")).endswith(
         "the disk is full: free some space or choose a folder on another disk")
+    assert describe(OSError(errno.ENOSPC, "No space left on device")) == \
+        "No space left on device; the disk is full: free some space or choose a folder on another disk"
     missing = "adapter: no adapter_model.safetensors"
     assert describe(FileNotFoundError(missing)) == missing
 
@@ -508,3 +510,11 @@ def test_a_setting_that_is_not_text_is_refused_as_the_flags_are_read(fixture_dir
                         "--output_dir", str(out), check=False)
     one_line_error(result, "--system_prompt: 'system_prompt' holds text that is not valid UTF-8 ('Be brief \\udcff')")
     assert not out.exists()
+
+
+def test_a_full_disk_while_data_is_prepared_is_one_line_and_leaves_nothing(fixture_dir, small_disk):
+    disk = small_disk("64k")
+    result = run_script("data_prep.py", "--config", "configs/smoke.yaml", "--output_dir", str(disk / "data"),
+                        check=False)
+    one_line_error(result, f"{disk / 'data'}: No space left on device; the disk is full: free some space")
+    assert not list(disk.iterdir())
