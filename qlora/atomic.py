@@ -67,12 +67,15 @@ def remove_stale_temporaries(folder: Path, prefix: str = ".") -> None:
 
 def recover_dir(final: Path) -> None:
     """Undo `replace_dir` killed between its two renames: no `final`, the old folder aside under a dead pid. It is put
-    back, so the next writer replaces it as if nothing had happened."""
-    if final.exists():
+    back, so the next writer replaces it as if nothing had happened. An empty `final` (made since, by a check that the
+    folder can be written) does not count: the old folder, with the user's files in it, goes back in its place."""
+    if final.exists() and not (final.is_dir() and not any(final.iterdir())):
         return
     for old in final.parent.glob(f".{final.name}.old-*"):
         pid = old.name.rsplit("-", 1)[1]
         if pid.isdigit() and not _alive(int(pid)):
+            if final.exists():
+                final.rmdir()
             os.replace(old, final)
             return
 

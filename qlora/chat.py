@@ -71,6 +71,17 @@ class Message:
 Conversation = list[Message]
 
 
+def unencodable(text: str) -> str | None:
+    """Where `text` cannot be encoded (a lone surrogate: JSON's "\\ud800", or bytes that were not UTF-8 read with
+    surrogateescape), said for an error line; None when it can. No tokenizer takes such text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f"character {err.start + 1} ({ascii(text[err.start])}) is a lone surrogate, which is no text: not "
+                f"valid UTF-8")
+    return None
+
+
 class UnsupportedTokenizer(HubError):
     """A tokenizer none of the renderers fits (caught wherever a HubError is): one line naming the file."""
 

@@ -48,6 +48,10 @@ def transformers_name(module: str, names: str, *also: str, must: str) -> Check:
     return Check(ok, must)
 
 
+# an empty path is the folder a script runs in (often an unset shell variable): never what was meant
+PATH = Check(lambda v: v.strip() != "", "a path, not empty (an unset variable?)")
+# a value written into a line of a generated file (the Modelfile's FROM): a newline would add lines of its own
+ONE_LINE = Check(lambda v: v.strip() != "" and v.isprintable(), "one line of printable text")
 SEED = Check(lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1")  # what numpy's and torch's seeding take
 STEPS = Check(lambda v: v == -1 or v >= 1, "-1 (run the epochs) or at least 1")
 NUCLEUS = Check(lambda v: 0 < v <= 1, "above 0 and at most 1")
@@ -72,7 +76,8 @@ def _f(default, group: str, help: str, check: Check | None = None):
 @dataclass
 class Config:
     # data
-    dataset: str = _f("mlabonne/guanaco-llama2-1k", "data", "hub id, local .jsonl/.json/.csv/.parquet file, or a data_prep output folder")
+    dataset: str = _f("mlabonne/guanaco-llama2-1k", "data", "hub id, local .jsonl/.json/.csv/.parquet file, or a "
+                      "data_prep output folder", check=PATH)
     dataset_split: str = _f("train", "data", "split to read from a hub dataset")
     dataset_format: str = _f("auto", "data", "auto, llama2, guanaco, alpaca, dolly, question_answer, messages, "
                              "sharegpt, prompt_completion")
@@ -91,9 +96,10 @@ class Config:
     skip_invalid: bool = _f(False, "data", "count and drop unreadable rows instead of stopping at the first")
     seed: int = _f(42, "data", "seed for the split, LoRA init and data order", check=SEED)
     # base: the model whose tokenizer every script renders prompts with
-    model_name: str = _f("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "base", "hub id or local folder of the base model")
+    model_name: str = _f("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "base", "hub id or local folder of the base "
+                         "model", check=PATH)
     tokenizer_name: str | None = _f(None, "base", "hub id or folder holding tokenizer.model (or Tekken's "
-                                    "tokenizer.json), when the model's lacks it")
+                                    "tokenizer.json), when the model's lacks it", check=PATH)
     # model
     backend: str = _f("auto", "model", "auto (unsloth on CUDA, cpu otherwise), unsloth, hf (transformers+bitsandbytes+PEFT), cpu")
     load_in_4bit: bool = _f(True, "model", "load the base in 4 bits (GPU backends only)")
@@ -110,7 +116,8 @@ class Config:
                                            "(faster, more memory); auto: as many as fit the free GPU memory",
                                            check=at_least(0))
     # train
-    output_dir: str = _f("outputs/mistral-qlora", "train", "where data, checkpoints, adapter and reports go")
+    output_dir: str = _f("outputs/mistral-qlora", "train", "where data, checkpoints, adapter and reports go",
+                         check=PATH)
     per_device_train_batch_size: int = _f(1, "train", "rows per micro-batch (per device), when token_budget is unset",
                                           check=at_least(1))
     token_budget: int | str | None = _f("auto", "train", "micro-batches of rows of similar length holding up to this "
@@ -149,22 +156,26 @@ class Config:
     profile_steps: int = _f(0, "train", "profile this many steps after 3 warm-up ones into output_dir/profile.txt and "
                            "profile.trace.json.gz", check=at_least(0))
     resume: bool = _f(False, "train", "continue from the last complete checkpoint in output_dir")
-    resume_from_checkpoint: str | None = _f(None, "train", "continue from this checkpoint folder")
+    resume_from_checkpoint: str | None = _f(None, "train", "continue from this checkpoint folder", check=PATH)
     overwrite_output_dir: bool = _f(False, "train", "replace a finished run in output_dir: its files go once the new "
                                     "run's settings, data and model are ready; other files there stay")
     # export
-    adapter_dir: str | None = _f(None, "export", "training output or adapter folder to merge (default: output_dir)")
-    export_dir: str | None = _f(None, "export", "where merged model, GGUF files and Modelfile go (default: adapter_dir/export)")
-    base_model_16bit: str | None = _f(None, "export", "16-bit base to merge into (default: the known original of a -bnb-4bit repo)")
+    adapter_dir: str | None = _f(None, "export", "training output or adapter folder to merge (default: output_dir)",
+                                 check=PATH)
+    export_dir: str | None = _f(None, "export", "where merged model, GGUF files and Modelfile go (default: "
+                                "adapter_dir/export)", check=PATH)
+    base_model_16bit: str | None = _f(None, "export", "16-bit base to merge into (default: the known original of a "
+                                      "-bnb-4bit repo)", check=PATH)
     gguf_types: list[str] = _f(["f16", "q8_0", "q4_k_m", "q5_k_m"], "export", "GGUF files to write (f16 is always written first)")
     merged_only: bool = _f(False, "export", "stop after the merged 16-bit safetensors")
     lora_only: bool = _f(False, "export", "no merge: write the adapter as adapter.gguf with a Modelfile that puts "
                          "it on a base llama.cpp (or Ollama up to 0.34.0) already has")
     ollama_base: str | None = _f(None, "export", "with --lora_only: the Modelfile's FROM, an Ollama model of the base "
                                  "or the path of a GGUF of it (default: the Ollama tag of a known base, "
-                                 "mistral:7b-instruct-v0.2 for the default base)")
+                                 "mistral:7b-instruct-v0.2 for the default base)", check=ONE_LINE)
     base_gguf: str | None = _f(None, "export", "with --lora_only: a GGUF of the base to check adapter.gguf on in "
-                               "llama.cpp (an f16 base must match the merged model, a quantized one is reported)")
+                               "llama.cpp (an f16 base must match the merged model, a quantized one is reported)",
+                               check=PATH)
     convert_base: bool = _f(False, "export", "with --lora_only: convert the 16-bit base to base-f16.gguf and "
                             "check adapter.gguf on it (downloads the base)")
     # infer
@@ -203,10 +214,21 @@ def _base_type(tp):
 def coerce(name: str, value, source: str = "flag"):
     """Check (and for strings from the command line, convert) one value against its field's type and its check."""
     value = _typed(name, value, source)
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and not _encodable(text):  # a lone surrogate: bytes that were not UTF-8, or "\ud800"
+            raise ConfigError(f"{source}: '{name}' holds text that is not valid UTF-8 ({ascii(text)}); give it again")
     check = FIELDS[name].metadata["check"]
     if check and value is not None and not (value == "auto" and name in AUTO_NUMBERS) and not check.ok(value):
         raise ConfigError(f"{source}: '{name}' must be {check.must}, got {value!r}")
     return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _typed(name: str, value, source: str):
@@ -323,6 +345,19 @@ def parse(groups: tuple[str, ...], description: str, argv: list[str] | None = No
 
 def to_yaml(config: Config) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def is_dump(path: str | Path) -> bool:
+    """Whether `path` is settings as `to_yaml` writes them (a run's or an export's config.yaml, of this version or an
+    older one): every key a setting, among them those every version wrote, and nothing a person adds (comments, an
+    order or style of their own). A user's preset is not, and is never replaced."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        settings = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return (isinstance(settings, dict) and {"dataset", "model_name", "output_dir", "lora_r"} <= settings.keys() <=
+            FIELDS.keys() and yaml.safe_dump(settings, sort_keys=False) == text)
 
 
 def show(config: Config, groups: tuple[str, ...]) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .chat import IGNORE, Conversation, Message, PromptFormat, load_prompt_format
+from .chat import IGNORE, Conversation, Message, PromptFormat, load_prompt_format, unencodable
 from .hub import fetching
 
 ACCEPTED = (
@@ -283,6 +283,10 @@ def detect_format(record: object) -> str | None:
 def normalize(messages: Conversation, location: str) -> Conversation:
     """Strip contents (so every format gives the same tokens), check the turn order, drop a trailing user turn."""
     messages = [Message(m.role, m.content.strip()) for m in messages]
+    for m in messages:
+        problem = unencodable(m.content)
+        if problem:
+            raise DataError(f"{location}: the {m.role} text's {problem}; fix the row (or pass --skip_invalid)")
     body = messages[1:] if messages and messages[0].role == "system" else messages
     for i, m in enumerate(body):
         if m.role != ("user" if i % 2 == 0 else "assistant"):
@@ -445,6 +449,7 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
     from . import atomic
     from .chat import find_tokenizer_file
     from .config import to_yaml
+    from .errors import writing
 
     if not 0 <= config.eval_fraction < 1:
         raise DataError(f"--eval_fraction must be at least 0 and below 1, got {config.eval_fraction}")
@@ -460,7 +465,7 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
                             config.max_seq_length, config.train_on_prompt, config.eval_fraction, config.seed,
                             config.skip_invalid, config.dataset, config.system_prompt)
     disable_progress_bars()
-    with atomic.atomic_dir(out_dir) as tmp:
+    with writing(out_dir), atomic.atomic_dir(out_dir) as tmp:  # datasets' writers may name no file
         splits = {"train": Dataset.from_list(prepared.train)}
         if prepared.eval:
             splits["eval"] = Dataset.from_list(prepared.eval)

@@ -9,8 +9,10 @@ the path, so that no function needs its own try/except for them.
 from __future__ import annotations
 
 import errno
+import shutil
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 from .isolate import REBUILD_LLAMA_CPP
 
@@ -22,6 +24,9 @@ ADVICE = {
     errno.ENOTDIR: "a file is where a folder should be: choose another path, or move the file",
     errno.EEXIST: "a file is where a folder should be: choose another path, or move the file",
     errno.EISDIR: "a folder is where a file should be: choose another path, or move the folder",
+    errno.EDQUOT: "your disk quota is used up: free some space or choose a folder on another disk",
+    errno.EFBIG: "the file is larger than this system lets a process write (ulimit -f): raise the limit",
+    errno.EIO: "the disk failed to write: check it (df -h, dmesg) and try again",
 }
 
 
@@ -36,11 +41,57 @@ def missing_package(err: ModuleNotFoundError) -> str:
     return f"the Python package {err.name!r} is not installed for {sys.executable}; {how}"
 
 
+# How libraries that write files say a write failed without raising an OSError: torch.save's RuntimeError
+# ("PytorchStreamWriter failed writing file ...: file write failed", "basic_ios::clear: iostream error", its zip
+# writer's "unexpected pos" after a short write), safetensors' SafetensorError (an IoError), tokenizers' "os error"
+WRITE_FAILED = ("write failed", "iostream error", "unexpected pos", "No space left on device", "StorageFull",
+                "File too large", "FileTooLarge", "IoError")
+NEARLY_FULL = 64 * 2**20  # free bytes under which a write that failed without an errno is taken for a full disk
+
+
 def describe(err: OSError) -> str:
     """`path: what happened; what to do` for an OSError (the toolkit's own, raised with a message, as it is)."""
     if err.filename is None:
-        return str(err)
+        return f"{err.strerror}; {ADVICE[err.errno]}" if err.errno in ADVICE else str(err)
     return f"{err.filename}: {err.strerror or err}; {ADVICE.get(err.errno, 'check the path')}"
+
+
+@contextmanager
+def writing(path: str | Path, consequence: str = ""):
+    """A failed write under `path` as an OSError naming it (and, in its words, the `consequence`), which the scripts'
+    edge turns into one line with what to do: an OSError that names no file, and the write failures of libraries
+    that raise their own errors instead (WRITE_FAILED)."""
+    also = f" ({consequence})" if consequence else ""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None and not consequence:
+            raise
+        raise OSError(err.errno, f"{err.strerror or err}{also}", err.filename or str(path)) from None
+    except Exception as err:
+        told = _chain(err)
+        if not any(words in told for words in WRITE_FAILED):
+            raise
+        said = next((line for line in told.splitlines() if any(words in line for words in WRITE_FAILED)), "")
+        code = errno.EFBIG if "too large" in said.lower() or "FileTooLarge" in said else \
+            errno.ENOSPC if "No space" in said or "StorageFull" in said or nearly_full(Path(path)) else errno.EIO
+        what = "No space left on device" if code == errno.ENOSPC else f"could not be written ({said})"
+        raise OSError(code, f"{what}{also}", str(path)) from None
+
+
+def _chain(err: BaseException) -> str:
+    """The messages of an error and those it was raised during (torch's "unexpected pos" hides a "write failed")."""
+    told = []
+    while err is not None and len(told) < 8:
+        told.append(str(err))
+        err = err.__cause__ or err.__context__
+    return "\n".join(told)
+
+
+def nearly_full(path: Path) -> bool:
+    """Whether the disk `path` is on (or would be) has so little room left that a failed write was for want of it."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    return shutil.disk_usage(existing).free < NEARLY_FULL
 
 
 @contextmanager

@@ -18,9 +18,11 @@ ends with one line.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +35,8 @@ import yaml
 
 from . import atomic, isolate, runfolder, runtimes
 from .chat import Conversation, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in
-from .config import Config, to_yaml
+from .config import FIELDS, Config, is_dump, to_yaml
+from .errors import nearly_full
 from .gguf_check import CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_all, check_file, mismatches, prompt_set
 from .hub import fetching
 from .merge import MergeError, base_checkout, dequantized_checkout, merge_into
@@ -44,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONVERTER_ENV = "LLAMA_CPP_CONVERTER"  # a folder holding the converters, conversion/ and gguf-py/
 HF_CONVERTER, LORA_CONVERTER = "convert_hf_to_gguf.py", "convert_lora_to_gguf.py"
 CONVERTER_DIR = ROOT / ".llama.cpp"
+TRACEBACK = "Traceback (most recent call last)"
 INSTALL_CONVERTER = "sh scripts/get_llama_cpp_converter.sh"
 
 # 4-bit repos whose 16-bit original is known: merging into the original avoids NF4's rounding of the base weights.
@@ -171,6 +175,10 @@ def plan(config: Config) -> Plan:
         raise ExportError("--merged_only and --lora_only exclude each other; pass one")
     if not config.lora_only and (config.ollama_base or config.base_gguf or config.convert_base):
         raise ExportError("--ollama_base, --base_gguf and --convert_base go with --lora_only; add it or drop them")
+    if (config.lora_only or config.merged_only) and config.gguf_types != FIELDS["gguf_types"].default_factory():
+        only = "--lora_only writes adapter.gguf alone (f32)" if config.lora_only else "--merged_only writes no GGUF"
+        raise ExportError(f"--gguf_types are the merged model's GGUF files, and {only}; drop one of them")
+    check_export_dir(adapter_dir, export_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ExportError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter or training output folder)")
     check_safetensors_adapter(adapter_dir)  # FileNotFoundError: a one-line error from export_gguf.py
@@ -187,6 +195,21 @@ def plan(config: Config) -> Plan:
     return Plan(adapter_dir, export_dir, base, note, dequantize, [] if config.merged_only else types, system)
 
 
+def check_export_dir(adapter_dir: Path, export_dir: Path) -> None:
+    """The export replaces its folder whole (carrying the user's files over): it must not be the training folder, one
+    that holds it, or one whose config.yaml (an export's own output) is not an export's."""
+    adapter, folder = adapter_dir.resolve(), export_dir.resolve()
+    if folder == adapter or folder in adapter.parents:
+        raise ExportError(f"--export_dir {export_dir}: holds the adapter {adapter_dir}, and an export replaces its "
+                          f"folder whole; choose a folder of its own, such as {adapter_dir / 'export'}")
+    if (folder / "adapter_config.json").exists() or any(folder.glob("checkpoint-*")):
+        raise ExportError(f"--export_dir {export_dir}: holds a training run or an adapter, whose config.yaml the "
+                          f"export would replace; choose a folder of its own")
+    if (folder / "config.yaml").exists() and not is_dump(folder / "config.yaml"):
+        raise ExportError(f"--export_dir {export_dir}: its config.yaml is not an export's (a file of yours?), and "
+                          f"the export writes its own there; choose another folder, or move the file")
+
+
 def adapter_plan(config: Config, adapter_dir: Path, export_dir: Path, system: str | None) -> Plan:
     """--lora_only: adapter.gguf and its Modelfile; checked in llama.cpp on a base GGUF given or converted. Without a
     check the base's weights are neither read nor downloaded."""
@@ -200,6 +223,9 @@ def adapter_plan(config: Config, adapter_dir: Path, export_dir: Path, system: st
     if config.base_gguf and not Path(config.base_gguf).is_file():
         raise ExportError(f"--base_gguf {config.base_gguf}: no such file")
     check_on = Path(config.base_gguf) if config.base_gguf else export_dir / BASE_GGUF if config.convert_base else None
+    if check_on is None and config.base_model_16bit:
+        raise ExportError("--base_model_16bit with --lora_only is the reference adapter.gguf is checked against: add "
+                          "--base_gguf or --convert_base, or drop it")
     if check_on is None:
         note = "writing the adapter as GGUF, unchecked (--base_gguf or --convert_base check it in llama.cpp)"
         return Plan(adapter_dir, export_dir, trained_on, note, False, [], system, trained_on, ollama)
@@ -285,10 +311,23 @@ def merge(adapter_dir: Path, base: str, target: Path, dequantize: bool = False) 
                 finally:
                     shutil.rmtree(source, ignore_errors=True)
             else:
-                merge_into(adapter_dir, base_checkout(base, "base model"), tmp)
+                source = base_checkout(base, "base model")
+                check_vocabulary(adapter_dir, base, source)
+                merge_into(adapter_dir, source, tmp)
         except MergeError as err:
             raise ExportError(f"{err}; the old export is as it was") from None
         save_tokenizer(adapter_dir, base, tmp)
+
+
+def check_vocabulary(adapter_dir: Path, base: str, base_dir: Path) -> None:
+    """The base has as many token embeddings as the adapter's tokenizer has tokens: a base of another vocabulary (v1
+    against v3 or Tekken) merges without an error into a model whose GGUF speaks another language."""
+    tokenizer = prompt_tokenizer(adapter_dir, base)
+    tokens = load_prompt_format(tokenizer).vocab_size
+    embeddings = json.loads((base_dir / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    if embeddings not in (None, tokens):
+        raise MergeError(f"{base_dir}: {embeddings} token embeddings, but the adapter was trained with {tokenizer} "
+                         f"({tokens} tokens); pass --base_model_16bit with the base it was trained on")
 
 
 def save_tokenizer(adapter_dir: Path, base: str, target: Path) -> None:
@@ -362,9 +401,27 @@ def run_converter(converter: Path, script: str, *args: str, target: Path) -> Non
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
         str(converter / "gguf-py"), os.environ.get("PYTHONPATH")])))
     with atomic.atomic_path(target) as tmp:
-        result = subprocess.run([sys.executable, str(converter / script), *args, "--outfile", str(tmp)], env=env)
-        if result.returncode != 0:
-            raise ExportError(f"{target}: llama.cpp's {script} failed (exit {result.returncode}); see its log above")
+        process = subprocess.Popen([sys.executable, str(converter / script), *args, "--outfile", str(tmp)], env=env,
+                                   stderr=subprocess.PIPE)
+        traceback = []  # its log goes on as it comes; a traceback is held back until it says what failed
+        # newline="": a progress bar's \r stays a \r, so that it redraws in place as it would on the terminal
+        for line in io.TextIOWrapper(process.stderr, encoding="utf-8", errors="replace", newline=""):
+            if not traceback and TRACEBACK in line:
+                sys.stderr.write(line[: line.index(TRACEBACK)])
+                line = line[line.index(TRACEBACK):]
+            if traceback or TRACEBACK in line:
+                traceback.append(line)
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        if process.wait() != 0:
+            said = next((line.strip() for line in reversed(traceback) if re.match(r"\w+(Error|Exception)\b", line)), "")
+            # numpy's short write ("N requested and M written") names no errno: a disk with no room left says why
+            if said.startswith("OSError") and ("Errno 28" in said or nearly_full(target)):
+                raise OSError(errno.ENOSPC, "No space left on device", str(target))  # said in one line by staged()
+            sys.stderr.writelines(traceback)
+            raise ExportError(f"{target}: llama.cpp's {script} failed (exit {process.returncode}"
+                              f"{': ' + said if said else ''}); see its log above")
 
 
 def convert_f16(model_dir: Path, target: Path, converter: Path, chat_template: str) -> None:

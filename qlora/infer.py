@@ -25,8 +25,9 @@ from pathlib import Path
 import yaml
 
 from .atomic import check_writable, write_text
-from .chat import Conversation, Message, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in
-from .config import CHOICES, FIELDS, ConfigError, load_yaml
+from .chat import (Conversation, Message, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in,
+                   unencodable)
+from .config import CHOICES, FIELDS, SEED, ConfigError, load_yaml
 from .hub import fetching
 
 GROUPS = ("infer", "base")
@@ -414,8 +415,13 @@ def opening(system: str | None) -> Conversation:
     return [Message("system", system)] if system else []
 
 
-def conversation(prompt: str, system: str | None) -> Conversation:
-    """Contents stripped, as data preparation strips them, so that the ids match training's."""
+def conversation(prompt: str, system: str | None, where: str = "--prompt") -> Conversation:
+    """Contents stripped, as data preparation strips them, so that the ids match training's. Text no tokenizer takes
+    is refused naming `where` it came from."""
+    for text, what in ((prompt, where), (system, "the system message")):
+        problem = unencodable(text or "")
+        if problem:
+            raise InferError(f"{what}: {problem}; give the text again as UTF-8")
     return opening(system) + [Message("user", prompt.strip())]
 
 
@@ -423,6 +429,9 @@ def chat(session: Session, system: str | None) -> None:
     """Multi-turn chat on stdin: each answer joins the history, as it would in a training row."""
     print("chat: /reset clears the history, /exit (or end of input) ends", file=sys.stderr)
     prompt = ""
+    # bytes that are not UTF-8 become lone surrogates, refused line by line below, instead of a UnicodeDecodeError
+    # that would end the chat and its history
+    sys.stdin.reconfigure(errors="surrogateescape")
     if sys.stdin.isatty():
         import readline  # noqa: F401  (importing it gives input() line editing and history)
 
@@ -441,10 +450,10 @@ def chat(session: Session, system: str | None) -> None:
             continue
         if not line:
             continue
-        turn = history + [Message("user", line)]
         try:
+            turn = history + conversation(line, None, "this line")
             answer = session.reply(turn, sys.stdout)
-        except InferError as err:  # too long for the context: the turn is dropped, the chat goes on
+        except InferError as err:  # too long for the context, or not text: the turn is dropped, the chat goes on
             print(f"error: {err}; /reset to start over", file=sys.stderr)
             continue
         history = turn + [Message("assistant", answer)]
@@ -469,7 +478,7 @@ def read_prompts(path: Path, system: str | None) -> list[tuple[dict, Conversatio
         prompt = record.get("prompt") if isinstance(record, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             raise InferError(f"{path}:{number}: needs a non-empty text field 'prompt'")
-        rows.append((record, conversation(prompt, record.get("system", system))))
+        rows.append((record, conversation(prompt, record.get("system", system), f"{path}:{number}: the prompt")))
     if not rows:
         raise InferError(f"{path}: no prompts")
     return rows
@@ -549,6 +558,10 @@ def run(config, args) -> None:
     path, lora = Path(args.model), Path(args.lora) if args.lora else None
     if args.prompt is not None and not args.prompt.strip():
         raise InferError("--prompt is empty")
+    if args.system and unencodable(args.system):
+        raise InferError(f"--system: {unencodable(args.system)}; give the text again as UTF-8")
+    if args.seed is not None and not SEED.ok(args.seed):
+        raise InferError(f"--seed must be {SEED.must}, got {args.seed}")
     if args.input and not args.output:
         raise InferError("--input needs --output")
     if args.output:  # checked before the model loads, not after every answer is generated

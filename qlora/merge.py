@@ -60,6 +60,7 @@ def merge_into(adapter_dir: Path, base_dir: Path, target: Path) -> None:
     if unknown:
         raise MergeError(f"{adapter_file}: the adapter changes {unknown[0]}, which {base_dir} does not have "
                          f"({len(unknown)} such tensor(s)); is it the base the adapter was trained on?")
+    check_shapes(adapter_file, base_dir, loras, replaced, names)
     shards = plan_shards(names)
     weight_map = {}
     for number, shard in enumerate(shards, 1):
@@ -72,6 +73,25 @@ def merge_into(adapter_dir: Path, base_dir: Path, target: Path) -> None:
         (target / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
                                     + "\n", encoding="utf-8")
     write_config(base_dir, target)
+
+
+def check_shapes(adapter_file: Path, base_dir: Path, loras: dict, replaced: dict, names: dict) -> None:
+    """Before anything is merged, every tensor the adapter changes has the base's shape: B @ A is (out, in) as the
+    base weight, a tensor trained in full is the base's shape (a base of another size or vocabulary is not)."""
+    from safetensors import safe_open
+
+    with safe_open(adapter_file, "pt") as adapter:
+        wanted = {name: [adapter.get_slice(lora.b).get_shape()[0], adapter.get_slice(lora.a).get_shape()[1]]
+                  for name, lora in loras.items()}
+        wanted |= {name: list(adapter.get_slice(key).get_shape()) for name, key in replaced.items()}
+    for file in dict.fromkeys(names[name] for name in wanted):
+        with safe_open(file, "pt") as base:
+            for name in (n for n in wanted if names[n] == file):
+                has = list(base.get_slice(name).get_shape())
+                if has != wanted[name]:
+                    raise MergeError(f"{adapter_file}: the adapter's {name} is {wanted[name]} but {base_dir} has "
+                                     f"{has}: another model than the one it was trained on; pass --base_model_16bit "
+                                     f"with the 16-bit checkout of its base")
 
 
 def adapter_settings(adapter_dir: Path) -> dict:

@@ -19,9 +19,10 @@ from pathlib import Path
 import yaml
 
 from . import atomic, report, runfolder
-from .chat import find_tokenizer_file
-from .config import FIELDS, Config, to_yaml
-from .data import is_prepared, load_prepared, prepare_dataset
+from .chat import find_tokenizer_file, load_prompt_format
+from .config import FIELDS, Config, is_dump, to_yaml
+from .data import PREPARED_MARK, is_prepared, load_prepared, prepare_dataset
+from .errors import writing
 from .planner import LAYERS
 
 GROUPS = ("data", "base", "model", "train")
@@ -33,6 +34,11 @@ RUN_FILES = ADAPTER_FILES + ("README.md", "tokenizer.model", "tokenizer.json", "
                              "special_tokens_map.json", "chat_template.jinja", "config.yaml", "metrics.json",
                              "loss.png", "manifest.json", "profile.txt", "profile.trace.json.gz", "runs", "data",
                              "export", STAGING, ".adapter-staging")
+# What a checkpoint fixes, so that --resume goes on only with them: the rows it is trained on (data settings, the base's
+# tokenizer), the adapter's shape, and the optimizer and schedule whose state it holds
+RESUME_FIXED = tuple(name for name, f in FIELDS.items() if f.metadata["group"] in ("data", "base")) + (
+    "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "optim", "learning_rate", "lr_scheduler_type",
+    "warmup_steps", "weight_decay")
 
 
 class RunError(RuntimeError):
@@ -116,14 +122,66 @@ def check_output_dir(config: Config) -> str | None:
         if problem:
             raise RunError(f"{checkpoint}: not a complete checkpoint ({problem}); pass another, or --resume for the "
                            f"newest complete one")
+        check_resumed_settings(config, checkpoint)
         return str(checkpoint)
     if config.resume:
-        return str(newest_complete_checkpoint(out))
+        checkpoint = newest_complete_checkpoint(out)
+        check_resumed_settings(config, checkpoint)
+        return str(checkpoint)
     if holds_run(out):
         if not config.overwrite_output_dir:
             raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite_output_dir "
                            f"to start over")
     return None  # an old run to overwrite stays until this one has its data and model (remove_old_run)
+
+
+def check_resumed_settings(config: Config, checkpoint: Path) -> None:
+    """Refuse to go on from `checkpoint` with settings other than its run's (its folder's config.yaml) that the
+    checkpoint fixes: PEFT would stop on another rank with a traceback, and other data or a changed schedule would
+    train silently into another model."""
+    saved = checkpoint.parent / "config.yaml"
+    try:
+        run = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        run = None
+    if not isinstance(run, dict):
+        return  # no record of the run's settings
+    differ = [name for name in RESUME_FIXED if name in run and run[name] != getattr(config, name)]
+    if differ:
+        raise RunError(f"{checkpoint} was trained with " + ", ".join(
+            f"{name}: {run[name]!r} (given: {getattr(config, name)!r})" for name in differ) +
+            f"; a checkpoint goes on only with its run's settings: leave out " +
+            ", ".join(f"--{name}" for name in differ) + f", or resume with --config {saved}")
+
+
+def check_own_files(out: Path) -> None:
+    """The run writes config.yaml (its resolved settings) into output_dir: one there that no run wrote (a preset of
+    the user's, run with --output_dir set to its folder: no run beside it, not in to_yaml's form) would be replaced."""
+    saved = out / "config.yaml"
+    if saved.exists() and not holds_run(out) and not is_dump(saved):  # beside a run, it is the run's (maybe edited)
+        raise RunError(f"{saved}: not the settings of a run (a preset of yours?), and the run writes its own there; "
+                       f"choose another --output_dir, or move the file")
+
+
+def is_model_card(path: Path) -> bool:
+    """PEFT's model card (save_pretrained's README.md): YAML front matter naming the library; any other README.md in
+    the output folder is the user's."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return text.startswith("---") and "library_name: peft" in text.split("\n---", 1)[0]
+
+
+def check_reporting(config: Config) -> None:
+    """--report_to names integrations of transformers that must be installed: checked before the model loads."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    wanted = [name.strip() for name in config.report_to.split(",") if name.strip() not in ("none", "all")]
+    missing = [name for name in wanted if name not in get_available_reporting_integrations()]
+    if missing:
+        raise RunError(f"--report_to {config.report_to}: {missing[0]} is not installed for {sys.executable} (or is "
+                       f"not an integration of transformers); pip install {missing[0]}, or pass --report_to none")
 
 
 def remove_old_run(out: Path, reads: Path) -> None:
@@ -132,6 +190,8 @@ def remove_old_run(out: Path, reads: Path) -> None:
     for path in sorted(out.glob("checkpoint-*")) + [out / name for name in RUN_FILES]:
         if path.resolve() == reads.resolve() or not path.exists():
             continue
+        if path.name == "README.md" and not is_model_card(path):
+            continue  # the user's own README, not the card an earlier run wrote
         if path.is_dir():
             shutil.rmtree(path)
         else:
@@ -184,7 +244,21 @@ def as_prepared(config: Config) -> Config:
         raise RunError(f"{config.dataset} was prepared with " + ", ".join(f"{n}: {prepared[n]!r}" for n in given) +
                        ", which --dataset cannot change; leave out " + ", ".join(f"--{n}" for n in given) +
                        ", or prepare it again with data_prep.py (or give its raw data as --dataset)")
-    return dataclasses.replace(config, **{name: prepared[name] for name in fixed})
+    config = dataclasses.replace(config, **{name: prepared[name] for name in fixed})
+    check_prepared_tokenizer(config)
+    return config
+
+
+def check_prepared_tokenizer(config: Config) -> None:
+    """The prepared rows are token ids of the tokenizer named in stats.json: the model trained on them must have the
+    same (family and vocabulary), or every id would stand for another word."""
+    stats = json.loads((Path(config.dataset) / PREPARED_MARK).read_text(encoding="utf-8"))
+    tokenizer = find_tokenizer_file(config.model_name, config.tokenizer_name)
+    model_has = load_prompt_format(tokenizer, config.template).description
+    if stats.get("tokenizer") not in (None, model_has):
+        raise RunError(f"{config.dataset} was prepared with the {stats['tokenizer']} tokenizer, but {tokenizer} is "
+                       f"{model_has}: its token ids would mean other words to {config.model_name}; prepare the data "
+                       f"again with data_prep.py --model_name {config.model_name} (or give the raw data as --dataset)")
 
 
 def load_data(config: Config):
@@ -295,14 +369,17 @@ def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulat
             never leaves a checkpoint-N that looks complete and is not."""
             final_dir = Path(self.args.output_dir)
             self.args.output_dir = str(final_dir / STAGING)
+            name = f"checkpoint-{self.state.global_step}"
+            # torch.save says a failed write (a full disk) in a RuntimeError naming no file
+            lost = f"{name} is not saved, the older checkpoints are whole; resume with: {resume_command(final_dir)}"
             try:
-                super()._save_checkpoint(model, trial)
+                with writing(final_dir / STAGING / name, lost):
+                    super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = str(final_dir)
             meter.save(final_dir / STAGING / f"checkpoint-{self.state.global_step}", self.args.process_index)
             wait_for_everyone()  # every rank has written its part (each saves its own RNG state)
             if self.args.should_save:
-                name = f"checkpoint-{self.state.global_step}"
                 atomic.replace_dir(final_dir / STAGING / name, final_dir / name)
                 shutil.rmtree(final_dir / STAGING)  # and the model card the trainer wrote beside it
                 if self.state.best_model_checkpoint:
@@ -322,6 +399,13 @@ def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulat
 
 def resume_command(out: Path) -> str:
     return f"python train_unsloth.py --config {out / 'config.yaml'} --resume"
+
+
+def close_progress_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
+            if bar is not None:
+                bar.close()
 
 
 class AtLastStep(Exception):
@@ -569,7 +653,7 @@ def save_after_oom(trainer, config: Config) -> str:
 def save_adapter(trainer, tokenizer, config: Config) -> None:
     """Adapter + tokenizer in output_dir (save_pretrained, safetensors), each file renamed into place when whole."""
     out = Path(config.output_dir)
-    with atomic.atomic_dir(out / ".adapter-staging") as tmp:
+    with writing(out / ".adapter-staging"), atomic.atomic_dir(out / ".adapter-staging") as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         # the base's own tokenizer file (tokenizer.model, or Tekken's tokenizer.json), which the prompt format, export
@@ -577,6 +661,9 @@ def save_adapter(trainer, tokenizer, config: Config) -> None:
         source = find_tokenizer_file(config.model_name, config.tokenizer_name)
         shutil.copyfile(source, tmp / source.name)
     staged = out / ".adapter-staging"
+    if (out / "README.md").exists() and not is_model_card(out / "README.md"):
+        (staged / "README.md").unlink(missing_ok=True)  # PEFT's model card: the user's README.md stays
+        print(f"note: {out / 'README.md'} is not a model card of a run: kept as it is, without PEFT's card")
     names = sorted(p.name for p in staged.iterdir() if p.name not in ADAPTER_FILES) + list(ADAPTER_FILES)
     for name in names:
         os.replace(staged / name, out / name)
@@ -606,9 +693,11 @@ def train_run(config: Config, backend: str) -> int:
     from .batching import padded
     from .compat import patch_trl_without_triton
 
+    check_reporting(config)
     config = as_prepared(config)
     resume_from = check_output_dir(config)
     out = Path(config.output_dir)
+    check_own_files(out)
     overwrite = config.overwrite_output_dir and resume_from is None and holds_run(out)
     if is_main_process():
         atomic.check_writable(out)
@@ -653,6 +742,9 @@ def train_run(config: Config, backend: str) -> int:
         trainer.train(resume_from_checkpoint=resume_from)
     except torch.cuda.OutOfMemoryError as error:
         advice = oom_advice(config, error, trainer.state.global_step)
+    except OSError:  # a full disk (qlora/errors.py says it in one line): the step's progress bar is closed first,
+        close_progress_bars(trainer)  # or it would draw itself again at exit, after that line
+        raise
     except AtLastStep:
         if is_main_process():
             print(f"{Path(resume_from).name} holds the run's last step: nothing left to train; writing the adapter "
@@ -670,6 +762,7 @@ def train_run(config: Config, backend: str) -> int:
     meter.sum_over_processes()
     if trainer.is_world_process_zero():
         save_adapter(trainer, tokenizer, config)
-        report.write_all(out, trainer, meter, config, data, wall_time=meter.seconds(), backend=backend,
-                         plan=feeding)
+        with writing(out):
+            report.write_all(out, trainer, meter, config, data, wall_time=meter.seconds(), backend=backend,
+                             plan=feeding)
     return 0

@@ -240,6 +240,8 @@ def test_file_system_failures_name_the_path_and_what_to_do():
         "/srv/out: Permission denied; choose a folder you can write to, or change its permissions"
     assert describe(OSError(errno.ENOSPC, "No space left on device", "/srv/out/x")).endswith(
         "the disk is full: free some space or choose a folder on another disk")
+    assert describe(OSError(errno.ENOSPC, "No space left on device")) == \
+        "No space left on device; the disk is full: free some space or choose a folder on another disk"
     missing = "adapter: no adapter_model.safetensors"
     assert describe(FileNotFoundError(missing)) == missing
 
@@ -263,3 +265,256 @@ def test_llama_cpp_missing_points_to_its_install_script():
     for err in (ModuleNotFoundError("No module named 'llama_cpp'", name="llama_cpp"),
                 PackageNotFoundError("llama-cpp-python")):
         assert missing_package(err).endswith("run `sh scripts/install_llama_cpp.sh`"), missing_package(err)
+
+
+# ---------------------------------------------------------------- artifacts that do not belong together
+
+
+@pytest.mark.parametrize("model", ["tiny_v3", "tiny_tekken"])
+def test_a_prepared_folder_of_another_vocabulary_is_refused_before_anything_is_written(prepared, tmp_path, model,
+                                                                                         request):
+    other = request.getfixturevalue(model)
+    out = tmp_path / "run"
+    result = run_script("train_unsloth.py", *QUICK, "--dataset", str(prepared), "--model_name", str(other),
+                        "--output_dir", str(out), check=False)
+    one_line_error(result, f"{prepared} was prepared with the v1 (32000 tokens) tokenizer", "prepare the data again",
+                   f"--model_name {other}")
+    assert not out.exists()
+
+
+@pytest.fixture
+def interrupted_run(finished_run, tmp_path) -> Path:
+    """The finished run as a run killed after its last checkpoint leaves it: no adapter, no metrics."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json"):
+        (run / name).unlink()
+    return run
+
+
+@pytest.mark.parametrize("flag,value,was", [("--lora_r", "8", "lora_r: 64 (given: 8)"),
+                                            ("--learning_rate", "0.01", "learning_rate: 0.003 (given: 0.01)"),
+                                            ("--max_seq_length", "128", "max_seq_length: 256 (given: 128)")])
+def test_resume_with_a_setting_the_checkpoint_fixes_is_refused_and_the_run_kept(interrupted_run, flag, value, was):
+    before = snapshot(interrupted_run)
+    for how in (["--resume"], ["--resume_from_checkpoint", str(interrupted_run / "checkpoint-1")]):
+        result = run_script("train_unsloth.py", "--config", str(interrupted_run / "config.yaml"), "--output_dir",
+                            str(interrupted_run), *how, flag, value, check=False)
+        one_line_error(result, "was trained with", was, f"leave out {flag}",
+                       f"resume with --config {interrupted_run / 'config.yaml'}")
+        assert snapshot(interrupted_run) == before  # config.yaml above all: the README's resume command still works
+
+
+@pytest.fixture
+def reshaped_base(tiny_model, tmp_path) -> Path:
+    """The tiny model's vocabulary with a wider MLP: a base the tiny adapter was not trained on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.intermediate_size *= 2
+    folder = tmp_path / "wider"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    shutil.copyfile(tiny_model / "tokenizer.model", folder / "tokenizer.model")
+    return folder
+
+
+def test_a_16bit_base_of_another_shape_or_vocabulary_is_refused_before_the_merge(finished_run, reshaped_base,
+                                                                                  tiny_v3, tmp_path):
+    for base, says in [(reshaped_base, f"is [256, 512] but {reshaped_base} has [256, 1024]"),
+                       (tiny_v3, f"{tiny_v3}: 32768 token embeddings, but the adapter was trained with")]:
+        export = tmp_path / "export"
+        result = run_script("export_gguf.py", "--adapter_dir", str(finished_run), "--export_dir", str(export),
+                            "--base_model_16bit", str(base), "--merged_only", check=False)
+        line = one_line_error(result, says, "--base_model_16bit")
+        assert not export.exists() or not any(export.iterdir()), line
+
+
+# ---------------------------------------------------------------- files the user had
+
+
+def test_a_users_readme_in_the_output_folder_stays(run_with_notes):
+    readme = run_with_notes / "README.md"
+    readme.write_text("# My experiments\n")
+    run_script("train_unsloth.py", *QUICK, "--max_steps", "1", "--output_dir", str(run_with_notes),
+               "--overwrite_output_dir")
+    assert readme.read_text() == "# My experiments\n"
+    assert (run_with_notes / "adapter_config.json").is_file()
+
+
+def test_a_preset_in_the_output_folder_is_not_replaced(fixture_dir, tmp_path):
+    preset = tmp_path / "config.yaml"
+    shutil.copyfile(ROOT / "configs/smoke.yaml", preset)
+    before = snapshot(tmp_path)
+    result = run_script("train_unsloth.py", "--config", str(preset), "--output_dir", str(tmp_path), check=False)
+    one_line_error(result, f"{preset}: not the settings of a run", "choose another --output_dir")
+    assert snapshot(tmp_path) == before and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("script,flag", [("train_unsloth.py", "--output_dir"), ("data_prep.py", "--output_dir"),
+                                         ("export_gguf.py", "--export_dir"), ("export_gguf.py", "--adapter_dir")])
+def test_an_empty_path_is_refused_before_anything_is_written(fixture_dir, script, flag):
+    before = sorted(p.name for p in ROOT.iterdir())
+    result = run_script(script, "--config", "configs/smoke.yaml", flag, "", check=False)
+    one_line_error(result, f"{flag}: '{flag[2:]}' must be a path, not empty")
+    assert sorted(p.name for p in ROOT.iterdir()) == before
+
+
+def test_an_export_into_the_training_folder_or_above_it_is_refused(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("checkpoint-*", "data"))
+    before = snapshot(tmp_path)
+    for export_dir, says in [(run, "holds the adapter"), (tmp_path, "holds the adapter")]:
+        result = run_script("export_gguf.py", "--adapter_dir", str(run), "--export_dir", str(export_dir),
+                            "--merged_only", check=False)
+        one_line_error(result, f"--export_dir {export_dir}: {says}", "choose a folder of its own")
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    result = run_script("export_gguf.py", "--adapter_dir", str(run), "--export_dir", str(other), "--merged_only",
+                        check=False)
+    one_line_error(result, f"--export_dir {other}: holds a training run or an adapter")
+    assert snapshot(run) == {k.removeprefix("run/"): v for k, v in before.items() if k.startswith("run/")}
+
+
+def test_a_reexport_after_an_export_killed_between_its_renames_keeps_the_users_files(finished_run, tmp_path):
+    """The old export moved aside under a dead pid, the new one not yet in place: the next export's own checks make
+    an empty export folder first, which must not make the old one (with the user's file in it) count as stale."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    old = tmp_path / f".export.old-{dead.pid}"
+    old.mkdir()
+    (old / "notes.txt").write_text("mine\n")
+    (tmp_path / f".export.tmp-{dead.pid}").mkdir()
+    run_script("export_gguf.py", "--adapter_dir", str(finished_run), "--export_dir", str(tmp_path / "export"),
+               "--merged_only")
+    assert (tmp_path / "export" / "notes.txt").read_text() == "mine\n"
+    assert (tmp_path / "export" / "merged").is_dir()
+    assert not list(tmp_path.glob(".export.*-*"))
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_text_that_cannot_be_encoded_is_named_with_its_file_and_line(tiny_model, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "Name a colour", "completion": "Blue"}) + "\n" +
+                    '{"prompt": "Name a fruit", "completion": "Pear \\ud800"}\n')
+    out = tmp_path / "data"
+    result = run_script("data_prep.py", "--dataset", str(rows), "--model_name", str(tiny_model), "--output_dir",
+                        str(out), check=False)
+    one_line_error(result, f"{rows}:2: the assistant text's character 6 ('\\ud800') is a lone surrogate")
+    assert not out.exists()
+
+
+def test_a_prompt_that_is_not_text_is_one_line_and_a_chat_goes_on(finished_run):
+    result = run_script("infer.py", str(finished_run), "--prompt", "Count from 3 to 5 \udcff", check=False)
+    one_line_error(result, "--prompt: character 19 ('\\udcff') is a lone surrogate")
+    chat = subprocess.run([sys.executable, str(ROOT / "infer.py"), str(finished_run), "--chat", "--temperature", "0",
+                           "--max_new_tokens", "4"], input=b"Count from 3 to 5\nbad \xff byte\nCount from 3 to 5\n",
+                          cwd=ROOT, capture_output=True, timeout=600)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert b"this line: character 5 ('\\udcff') is a lone surrogate" in chat.stderr
+    assert b"Traceback" not in chat.stderr
+    assert chat.stdout.count(b"\n") == 2, chat.stdout  # both good turns answered (a line each), the bad one dropped
+
+
+def test_report_to_an_integration_that_is_not_installed_is_one_line_before_the_model_loads(fixture_dir, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    out = tmp_path / "run"
+    result = run_script("train_unsloth.py", *QUICK, "--report_to", "wandb", "--output_dir", str(out), check=False)
+    one_line_error(result, "--report_to wandb: wandb is not installed for", "pip install wandb",
+                   "--report_to none")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_infer_seed_out_of_range_is_one_line(finished_run, seed):
+    result = run_script("infer.py", str(finished_run), "--prompt", "hi", "--seed", seed, check=False)
+    one_line_error(result, f"--seed must be from 0 to 2**32 - 1, got {seed}")
+
+
+# ---------------------------------------------------------------- values in generated files, options ignored
+
+
+def test_a_modelfile_value_with_a_newline_is_refused(finished_run, tmp_path):
+    result = run_script("export_gguf.py", "--adapter_dir", str(finished_run), "--export_dir", str(tmp_path / "e"),
+                        "--lora_only", "--ollama_base", "mistral\nSYSTEM evil", check=False)
+    one_line_error(result, "--ollama_base: 'ollama_base' must be one line of printable text")
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("only", ["--lora_only", "--merged_only"])
+def test_gguf_types_with_an_export_that_writes_none_is_refused(finished_run, tmp_path, only):
+    result = run_script("export_gguf.py", "--adapter_dir", str(finished_run), "--export_dir", str(tmp_path / "e"),
+                        only, "--gguf_types", "q4_k_m", check=False)
+    one_line_error(result, "--gguf_types are the merged model's GGUF files", "drop one of them")
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_base_for_a_check_that_does_not_run_is_refused(finished_run, tmp_path):
+    result = run_script("export_gguf.py", "--adapter_dir", str(finished_run), "--export_dir", str(tmp_path / "e"),
+                        "--lora_only", "--ollama_base", "tiny", "--base_model_16bit", "fixtures/tiny-mistral",
+                        check=False)
+    one_line_error(result, "--base_model_16bit with --lora_only is the reference", "add --base_gguf or --convert_base")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size): a tmpfs of that size, a disk that fills up (unmounted after the test); skipped where mounting is
+    not allowed (not root)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk-{size}"
+        folder.mkdir()
+        made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if made.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+# what the smoke run's checkpoint writes first: the adapter (2.1 MB), the tokenizer (3.4 MB), the optimizer (4.1 MB)
+@pytest.mark.parametrize("size", ["4m", "7m"], ids=["full at the tokenizer", "full at torch.save"])
+def test_a_full_disk_while_a_checkpoint_is_saved_is_one_line_naming_it(prepared, small_disk, size):
+    out = small_disk(size) / "run"
+    result = run_script("train_unsloth.py", *QUICK, "--dataset", str(prepared), "--output_dir", str(out), check=False)
+    one_line_error(result, f"{out / '.checkpoint-staging' / 'checkpoint-1'}", "No space left on device",
+                   "checkpoint-1 is not saved", f"--config {out / 'config.yaml'} --resume",
+                   "the disk is full: free some space")
+
+
+def test_a_full_disk_during_gguf_conversion_is_one_line_naming_the_file(tiny_model, small_disk, capfd):
+    from qlora import export
+
+    folder = small_disk("1m") / "export"
+    with pytest.raises(export.ExportError) as caught:
+        with export.staged(folder) as staging:
+            export.convert_f16(tiny_model, staging / "model-f16.gguf", export.find_converter())
+    assert str(caught.value).startswith(f"{folder.parent}/.export.tmp-"), caught.value
+    assert "model-f16.gguf: No space left on device; free some space" in str(caught.value)
+    assert "Traceback" not in capfd.readouterr().err  # the converter's own, held back
+    assert not list(folder.parent.iterdir())  # nothing half-written stays
+
+
+def test_a_setting_that_is_not_text_is_refused_as_the_flags_are_read(fixture_dir, tmp_path):
+    out = tmp_path / "data"
+    result = run_script("data_prep.py", "--config", "configs/smoke.yaml", "--system_prompt", "Be brief \udcff",
+                        "--output_dir", str(out), check=False)
+    one_line_error(result, "--system_prompt: 'system_prompt' holds text that is not valid UTF-8 ('Be brief \\udcff')")
+    assert not out.exists()
+
+
+def test_a_full_disk_while_data_is_prepared_is_one_line_and_leaves_nothing(fixture_dir, small_disk):
+    disk = small_disk("64k")
+    result = run_script("data_prep.py", "--config", "configs/smoke.yaml", "--output_dir", str(disk / "data"),
+                        check=False)
+    one_line_error(result, f"{disk / 'data'}: No space left on device; the disk is full: free some space")
+    assert not list(disk.iterdir())
