@@ -497,7 +497,7 @@ def test_a_full_disk_during_gguf_conversion_is_one_line_naming_the_file(tiny_mod
     folder = small_disk("1m") / "export"
     with pytest.raises(export.ExportError) as caught:
         with export.staged(folder) as staging:
-            export.convert_f16(tiny_model, staging / "model-f16.gguf", export.find_converter())
+            export.convert_f16(tiny_model, staging / "model-f16.gguf", export.find_converter(), "{{ bos_token }}")
     assert str(caught.value).startswith(f"{folder.parent}/.export.tmp-"), caught.value
     assert "model-f16.gguf: No space left on device; free some space" in str(caught.value)
     assert "Traceback" not in capfd.readouterr().err  # the converter's own, held back
