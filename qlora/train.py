@@ -20,7 +20,7 @@ import yaml
 
 from . import atomic, report, runfolder
 from .chat import find_tokenizer_file
-from .config import FIELDS, Config, to_yaml
+from .config import FIELDS, Config, given_by, show, to_yaml
 from .data import is_prepared, load_prepared, prepare_dataset
 from .planner import LAYERS
 
@@ -181,10 +181,24 @@ def as_prepared(config: Config) -> Config:
              if f.metadata["group"] == "data" and name not in ("dataset", "seed") and name in (prepared or {})]
     given = [name for name in fixed if getattr(config, name) not in (prepared[name], FIELDS[name].default)]
     if given:
+        presets = list(dict.fromkeys(given_by(config, n) for n in given if given_by(config, n) != f"--{n}"))
+        again = " ".join(["data_prep.py"] + [f"--config {preset}" for preset in presets])
         raise RunError(f"{config.dataset} was prepared with " + ", ".join(f"{n}: {prepared[n]!r}" for n in given) +
-                       ", which --dataset cannot change; leave out " + ", ".join(f"--{n}" for n in given) +
-                       ", or prepare it again with data_prep.py (or give its raw data as --dataset)")
+                       f", which --dataset cannot change; {leave_out(config, given, presets)}; or prepare it again "
+                       f"with {again} (or give its raw data as --dataset)")
     return dataclasses.replace(config, **{name: prepared[name] for name in fixed})
+
+
+def leave_out(config: Config, names: list[str], presets: list[str]) -> str:
+    """What to leave out, by where each value came from: `leave out --a` for a flag given, `configs/x.yaml sets b: 1:
+    leave b out of it` for a preset's value."""
+    flags = [f"--{n}" for n in names if given_by(config, n) == f"--{n}"]
+    parts = [f"leave out {', '.join(flags)}"] if flags else []
+    for preset in presets:
+        mine = [n for n in names if given_by(config, n) == preset]
+        parts.append(f"{preset} sets " + ", ".join(f"{n}: {getattr(config, n)!r}" for n in mine) +
+                     f": leave {', '.join(mine)} out of it")
+    return "; ".join(parts)
 
 
 def load_data(config: Config):
@@ -320,8 +334,19 @@ def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulat
                    processing_class=tokenizer, callbacks=callbacks)
 
 
+def interpreter() -> str:
+    """This Python as a command to copy: `python` where that is it on PATH (an activated virtualenv), else its path,
+    relative where it lies below the working folder (`.venv/bin/python`): another Python may lack the packages."""
+    here = os.path.abspath(sys.executable)
+    on_path = shutil.which("python")
+    if on_path and os.path.abspath(on_path) == here:
+        return "python"
+    relative = os.path.relpath(here)
+    return here if relative.startswith("..") else relative
+
+
 def resume_command(out: Path) -> str:
-    return f"python train_unsloth.py --config {out / 'config.yaml'} --resume"
+    return f"{interpreter()} train_unsloth.py --config {out / 'config.yaml'} --resume"
 
 
 class AtLastStep(Exception):
@@ -560,7 +585,7 @@ def save_after_oom(trainer, config: Config) -> str:
     if not (out / f"checkpoint-{step}").is_dir():
         trainer._save_checkpoint(trainer.model, None)
     return (f"Step {step} is in {out / f'checkpoint-{step}'}; go on from it with the lower settings: "
-            f"python train_unsloth.py --config {out / 'config.yaml'} --resume, plus the flags above")
+            f"{resume_command(out)}, plus the flags above")
 
 
 # ---------------------------------------------------------------- saving
@@ -606,7 +631,9 @@ def train_run(config: Config, backend: str) -> int:
     from .batching import padded
     from .compat import patch_trl_without_triton
 
-    config = as_prepared(config)
+    # what `auto` became here: the config printed and saved says what ran (the CPU never loads 4-bit weights)
+    config = dataclasses.replace(as_prepared(config), backend=backend,
+                                 load_in_4bit=config.load_in_4bit and backend != "cpu")
     resume_from = check_output_dir(config)
     out = Path(config.output_dir)
     overwrite = config.overwrite_output_dir and resume_from is None and holds_run(out)
@@ -623,6 +650,7 @@ def train_run(config: Config, backend: str) -> int:
     set_seed(config.seed)  # the LoRA weights start the same in every run and in every process
     config, feeding, model, tokenizer = plan_and_load(config, backend, longest_row)
     if is_main_process():
+        show(config, GROUPS)  # resolved: the backend, the prepared data's settings, the plan's micro-batches
         if overwrite:
             remove_old_run(out, reads=Path(config.dataset) if is_prepared(config.dataset) else out / "data")
         atomic.write_text(out / "config.yaml", to_yaml(config))
