@@ -9,6 +9,8 @@ the path, so that no function needs its own try/except for them.
 from __future__ import annotations
 
 import errno
+import os
+import shutil
 import sys
 from contextlib import contextmanager
 
@@ -34,6 +36,17 @@ def missing_package(err: ModuleNotFoundError) -> str:
         how = ("install the requirements: `sh scripts/install_gpu.sh` on a GPU, or `bash scripts/setup.sh` on a CPU "
                "and run the scripts with .venv/bin/python")
     return f"the Python package {err.name!r} is not installed for {sys.executable}; {how}"
+
+
+def interpreter() -> str:
+    """This Python as a command to copy: `python` where that is it on PATH (an activated virtualenv), else its path,
+    relative where it lies below the working folder (`.venv/bin/python`): another Python may lack the packages."""
+    here = os.path.abspath(sys.executable)
+    on_path = shutil.which("python")
+    if on_path and os.path.abspath(on_path) == here:
+        return "python"
+    relative = os.path.relpath(here)
+    return here if relative.startswith("..") else relative
 
 
 def describe(err: OSError) -> str:

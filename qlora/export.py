@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import yaml
 from . import atomic, isolate, runfolder
 from .chat import Conversation, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in
 from .config import Config, to_yaml
+from .export_summary import LOG, closing_summary
 from .gguf_check import CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_all, check_file, mismatches, prompt_set
 from .hub import fetching
 from .merge import MergeError, base_checkout, dequantized_checkout, merge_into
@@ -85,7 +86,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors") + TOKENIZER
 REPORT = "export_report.json"
 # What an export writes: a re-export drops the old export's files of these names (they would be taken for the new
 # adapter's); anything else in the old folder (the user's own files, a base GGUF) is carried over into the new one.
-EXPORT_OUTPUTS = ("merged", "adapter", ADAPTER_GGUF, "Modelfile", "config.yaml", REPORT)
+EXPORT_OUTPUTS = ("merged", "adapter", ADAPTER_GGUF, "Modelfile", "config.yaml", REPORT, LOG)
+LOG_TAIL = 20  # lines of llama.cpp's log shown when its converter or quantizer fails
 
 
 class ExportError(RuntimeError):
@@ -193,7 +195,7 @@ def adapter_plan(config: Config, adapter_dir: Path, export_dir: Path, system: st
 
     check_convertible(adapter_dir)
     trained_on = adapter_base(adapter_dir)
-    ollama = ollama_base(trained_on, config.ollama_base)
+    ollama = ollama_base(trained_on, config.ollama_base, export_dir / BASE_GGUF if config.convert_base else None)
     if config.base_gguf and config.convert_base:
         raise ExportError("--base_gguf and --convert_base exclude each other; pass one")
     if config.base_gguf and not Path(config.base_gguf).is_file():
@@ -218,17 +220,24 @@ def check_convertible(adapter_dir: Path) -> None:
                           f"LoRA (W + alpha / r * B @ A); export the merged model instead (drop --lora_only)")
 
 
-def ollama_base(trained_on: str, given: str | None) -> str:
+def ollama_base(trained_on: str, given: str | None, converted: Path | None = None) -> str:
     """The adapter Modelfile's FROM: an Ollama model, or a base GGUF by its absolute path (Ollama reads a relative one
-    from the Modelfile's folder)."""
+    from the Modelfile's folder). `converted`: the base GGUF --convert_base is to write beside the Modelfile, its FROM
+    (`./base-f16.gguf`) where no Ollama model of the base is known, or where --ollama_base names that file."""
+    beside = f"./{BASE_GGUF}"
     if given and given.lower().endswith(".gguf"):
+        if converted is not None and Path(given).resolve() == converted.resolve():
+            return beside
         if not Path(given).is_file():
             raise ExportError(f"--ollama_base {given}: no such file")
         return str(Path(given).resolve())
     if given or trained_on in OLLAMA_BASES:
         return given or OLLAMA_BASES[trained_on]
+    if converted is not None:
+        return beside
     raise ExportError(f"--ollama_base: no Ollama model known for the base {trained_on}; pass --ollama_base with an "
-                      f"Ollama model of that base (ollama pull ...) or the path of a GGUF of it")
+                      f"Ollama model of that base (ollama pull ...) or the path of a GGUF of it, or --convert_base "
+                      f"to write one beside the Modelfile")
 
 
 def trained_setting(adapter_dir: Path, name: str):
@@ -347,13 +356,26 @@ def _check_converter_version(folder: Path) -> None:
 
 def run_converter(converter: Path, script: str, *args: str, target: Path) -> None:
     """One of llama.cpp's converters in a subprocess writing `target`, its own gguf-py first on the path (PyPI's gguf
-    lags)."""
+    lags); its output goes to the log beside `target`."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
         str(converter / "gguf-py"), os.environ.get("PYTHONPATH")])))
-    with atomic.atomic_path(target) as tmp:
-        result = subprocess.run([sys.executable, str(converter / script), *args, "--outfile", str(tmp)], env=env)
+    log = target.parent / LOG
+    with atomic.atomic_path(target) as tmp, open(log, "a", encoding="utf-8") as out:
+        print(f"converting to {target.name} with llama.cpp's {script}", flush=True)
+        out.write(f"==== {script} -> {target.name}\n")
+        out.flush()
+        result = subprocess.run([sys.executable, str(converter / script), *args, "--outfile", str(tmp)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
         if result.returncode != 0:
-            raise ExportError(f"{target}: llama.cpp's {script} failed (exit {result.returncode}); see its log above")
+            raise ExportError(f"{target}: llama.cpp's {script} failed (exit {result.returncode}); {log_tail(log)}")
+
+
+def log_tail(log: Path) -> str:
+    """The end of llama.cpp's log, printed, for an error line to point at (the log goes with a failed export's
+    staging folder)."""
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL:]
+    print("\n".join(f"  | {line}" for line in lines), file=sys.stderr, flush=True)
+    return f"the last {len(lines)} lines of its output are above"
 
 
 def convert_f16(merged_dir: Path, target: Path, converter: Path) -> None:
@@ -392,21 +414,27 @@ def first_line(err: Exception) -> str:
 
 
 def quantize(f16_path: Path, target: Path, gguf_type: str) -> None:
-    """llama.cpp's quantizer on every core; its per-tensor log lines are the progress display."""
+    """llama.cpp's quantizer on every core; its log (a line per tensor) goes to the log beside `target`."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # every core
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}")
-    log = logging.getLogger("llama-cpp-python")  # llama-cpp-python prints llama.cpp's log at this level or above
-    level = log.level
-    log.setLevel(logging.INFO)
+    logger = logging.getLogger("llama-cpp-python")  # llama-cpp-python prints llama.cpp's log at this level or above,
+    level = logger.level                            # to whatever sys.stderr is then
+    logger.setLevel(logging.INFO)
+    log = target.parent / LOG
+    print(f"quantizing to {target.name} with llama.cpp", flush=True)
     try:
-        with atomic.atomic_path(target) as tmp:
-            if llama_cpp.llama_model_quantize(str(f16_path).encode(), str(tmp).encode(), params) != 0:
-                raise ExportError(f"{target}: llama.cpp could not quantize {f16_path.name} to {gguf_type}")
+        with atomic.atomic_path(target) as tmp, open(log, "a", encoding="utf-8") as out:
+            out.write(f"==== quantize {f16_path.name} -> {target.name}\n")
+            with redirect_stderr(out):
+                failed = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(tmp).encode(), params) != 0
+            if failed:
+                raise ExportError(f"{target}: llama.cpp could not quantize {f16_path.name} to {gguf_type}; "
+                                  f"{log_tail(log)}")
     finally:
-        log.setLevel(level)
+        logger.setLevel(level)
 
 
 def modelfile_target(types: list[str]) -> str:
@@ -551,6 +579,8 @@ def export_planned(config: Config, p: Plan, prompts: list[Conversation]) -> Plan
     if report is not None:
         print(table(report), flush=True)
         verdict(report)
+        modelfile_from = None if config.lora_only else p.gguf(modelfile_target(p.gguf_types)).name
+        print(closing_summary(p.export_dir, p.adapter_dir, report, modelfile_from), flush=True)
     return p
 
 

@@ -22,6 +22,7 @@ from . import atomic, report, runfolder
 from .chat import find_tokenizer_file
 from .config import FIELDS, Config, given_by, show, to_yaml
 from .data import is_prepared, load_prepared, prepare_dataset
+from .errors import interpreter
 from .planner import LAYERS
 
 GROUPS = ("data", "base", "model", "train")
@@ -332,17 +333,6 @@ def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulat
     return Trainer(model=model, args=sft_config(config, backend, has_eval, accumulation, resuming),
                    train_dataset=data["train"], eval_dataset=data["eval"] if has_eval else None,
                    processing_class=tokenizer, callbacks=callbacks)
-
-
-def interpreter() -> str:
-    """This Python as a command to copy: `python` where that is it on PATH (an activated virtualenv), else its path,
-    relative where it lies below the working folder (`.venv/bin/python`): another Python may lack the packages."""
-    here = os.path.abspath(sys.executable)
-    on_path = shutil.which("python")
-    if on_path and os.path.abspath(on_path) == here:
-        return "python"
-    relative = os.path.relpath(here)
-    return here if relative.startswith("..") else relative
 
 
 def resume_command(out: Path) -> str:
