@@ -147,3 +147,22 @@ def test_the_libraries_errors_are_told_apart_through_their_causes():
     assert hub.why(wrapped(RepositoryNotFoundError("no", response=response), DatasetNotFoundError("no"))) == "missing"
     assert hub.why(wrapped(LocalEntryNotFoundError("not cached"), OSError("We couldn't connect"))) == "offline"
     assert hub.why(OSError("disk full")) is None and hub.why(ValueError("bad")) is None
+
+
+def test_commands_to_copy_name_the_python_that_ran():
+    """The resume hint and the export's `run it:` lines name this Python: `python` where that is it on PATH (an
+    activated virtualenv), else its path, relative below the working folder (`.venv/bin/python`)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from qlora.errors import interpreter; print(interpreter())"
+
+    def named(path: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                              env={**os.environ, "PATH": path}).stdout.strip()
+
+    relative = os.path.relpath(sys.executable, ROOT)
+    assert named("/usr/bin:/bin") == (relative if not relative.startswith("..") else sys.executable)
+    if os.path.basename(sys.executable) == "python":
+        assert named(f"{os.path.dirname(sys.executable)}:/usr/bin:/bin") == "python"
