@@ -398,6 +398,9 @@ def write_base_config(base: str, folder: Path) -> None:
     if not source.is_file():
         from huggingface_hub import hf_hub_download
 
+        from .hub import hub_unreachable
+
+        hub_unreachable()  # with no connection: the cache alone, without huggingface_hub's retries
         try:
             source = Path(hf_hub_download(base, "config.json"))
         except (OSError, ValueError) as err:  # offline, no such repo, a malformed id
