@@ -7,13 +7,12 @@
 
 import sys
 
-from qlora.config import ConfigError, parse, show
+from qlora.config import ConfigError, parse
 from qlora.errors import one_line_errors
 from qlora.train import GROUPS
 
 if __name__ == "__main__":
-    config, _ = parse(GROUPS, __doc__)
-    show(config, GROUPS)
+    config, _ = parse(GROUPS, __doc__)  # printed once resolved: backend, prepared data, the plan (qlora.train)
 
     from qlora.hub import HubError
     from qlora.model import BackendError, pick_backend

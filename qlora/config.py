@@ -314,12 +314,24 @@ def build_parser(groups: tuple[str, ...], description: str) -> argparse.Argument
 
 
 def resolve(args: argparse.Namespace) -> Config:
-    """Dataclass defaults, then the YAML file, then the flags that were given."""
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    """Dataclass defaults, then the YAML file, then the flags that were given; the config remembers which gave what
+    (`given_by`)."""
+    preset = getattr(args, "config", None)
+    values = load_yaml(preset) if preset else {}
+    sources = dict.fromkeys(values, preset)
     for name, value in vars(args).items():
         if name != "config":
             values[name] = coerce(name, value, f"--{name}")
-    return Config(**values)
+            sources[name] = f"--{name}"
+    config = Config(**values)
+    config._given_by = sources  # not a setting: where settings came from, for error lines that name it
+    return config
+
+
+def given_by(config: Config, name: str) -> str:
+    """Where a setting's value came from: `--name`, or the --config file that set it (for a config built in code, or
+    copied with dataclasses.replace, `--name`)."""
+    return getattr(config, "_given_by", {}).get(name, f"--{name}")
 
 
 def parse(groups: tuple[str, ...], description: str, argv: list[str] | None = None, extra=None):

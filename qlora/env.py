@@ -8,8 +8,10 @@ devices with their bf16/fp16 support and free memory, llama.cpp's own system inf
 from __future__ import annotations
 
 import platform
+import sys
 
 from . import gpu, probe
+from .errors import missing_package
 from .isolate import REBUILD_LLAMA_CPP
 from .report import PACKAGES, git_commit, package_version
 
@@ -18,12 +20,14 @@ STACK = PACKAGES + ("xformers", "llama_cpp_python", "gguf", "sentencepiece", "sa
 
 def driver_lines() -> list[str]:
     """The NVIDIA driver, torch's CUDA build, whether they fit, and the fix when they do not."""
-    import torch
-
     found = gpu.driver()
+    driver_line = f"NVIDIA driver: {found.describe() if found else 'none found (no nvidia-smi, no kernel module)'}"
+    try:
+        import torch
+    except ModuleNotFoundError as err:  # often a Python other than the virtualenv's: the report says which
+        return [driver_line, f"torch CUDA build: unknown: {missing_package(err)}"]
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "none (a CPU build)"
-    lines = [f"NVIDIA driver: {found.describe() if found else 'none found (no nvidia-smi, no kernel module)'}",
-             f"torch CUDA build: {build} (torch {torch.__version__})"]
+    lines = [driver_line, f"torch CUDA build: {build} (torch {torch.__version__})"]
     if found:
         problem = gpu.unusable_gpu()
         lines.append(f"driver and torch fit: {'no: ' + problem if problem else 'yes'}")
@@ -31,8 +35,10 @@ def driver_lines() -> list[str]:
 
 
 def gpu_lines() -> list[str]:
-    import torch
-
+    try:
+        import torch
+    except ModuleNotFoundError:
+        return ["CUDA: unknown (no torch)"]
     if not torch.cuda.is_available():
         return ["CUDA: not available"]
     lines = [f"CUDA: {torch.version.cuda}, {torch.cuda.device_count()} device(s)"]
@@ -61,11 +67,13 @@ def llama_cpp_lines() -> list[str]:
 
 
 def converter_line() -> str:
-    from .export import ExportError, find_converter
-
+    try:
+        from .export import ExportError, find_converter
+    except ModuleNotFoundError as err:
+        return f"llama.cpp converter: unknown ({missing_package(err)})"
     try:
         folder = find_converter()
-    except ExportError as err:
+    except (ExportError, ModuleNotFoundError) as err:  # its version check reads llama-cpp-python's metadata
         return f"llama.cpp converter: {err}"
     stamp = folder / "VERSION"
     made_for = stamp.read_text().strip() if stamp.is_file() else "unknown version"
@@ -75,7 +83,7 @@ def converter_line() -> str:
 def report() -> str:
     lines = [f"qlora-mistral commit: {git_commit() or 'unknown'}",
              f"platform: {platform.platform()}, {platform.machine()}",
-             f"python: {platform.python_version()}"]
+             f"python: {platform.python_version()} ({sys.executable})"]
     lines += [f"{name}: {package_version(name) or 'not installed'}" for name in STACK]
     lines += driver_lines() + gpu_lines() + llama_cpp_lines() + [converter_line()]
     return "\n".join(f"- {line}" if not line.startswith("  ") else line for line in lines)

@@ -9,6 +9,7 @@ the path, so that no function needs its own try/except for them.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -47,6 +48,17 @@ def missing_package(err: ModuleNotFoundError) -> str:
 WRITE_FAILED = ("write failed", "iostream error", "unexpected pos", "No space left on device", "StorageFull",
                 "File too large", "FileTooLarge", "IoError")
 NEARLY_FULL = 64 * 2**20  # free bytes under which a write that failed without an errno is taken for a full disk
+
+
+def interpreter() -> str:
+    """This Python as a command to copy: `python` where that is it on PATH (an activated virtualenv), else its path,
+    relative where it lies below the working folder (`.venv/bin/python`): another Python may lack the packages."""
+    here = os.path.abspath(sys.executable)
+    on_path = shutil.which("python")
+    if on_path and os.path.abspath(on_path) == here:
+        return "python"
+    relative = os.path.relpath(here)
+    return here if relative.startswith("..") else relative
 
 
 def describe(err: OSError) -> str:

@@ -18,7 +18,6 @@ ends with one line.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from . import atomic, isolate, runfolder, runtimes
 from .chat import Conversation, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in
 from .config import FIELDS, Config, is_dump, to_yaml
 from .errors import nearly_full
+from .export_summary import LOG, closing_summary
 from .gguf_check import CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_all, check_file, mismatches, prompt_set
 from .hub import fetching
 from .merge import MergeError, base_checkout, dequantized_checkout, merge_into
@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONVERTER_ENV = "LLAMA_CPP_CONVERTER"  # a folder holding the converters, conversion/ and gguf-py/
 HF_CONVERTER, LORA_CONVERTER = "convert_hf_to_gguf.py", "convert_lora_to_gguf.py"
 CONVERTER_DIR = ROOT / ".llama.cpp"
-TRACEBACK = "Traceback (most recent call last)"
 INSTALL_CONVERTER = "sh scripts/get_llama_cpp_converter.sh"
 
 # 4-bit repos whose 16-bit original is known: merging into the original avoids NF4's rounding of the base weights.
@@ -90,7 +89,8 @@ REPORT = "export_report.json"
 # What an export writes: a re-export drops the old export's files of these names (they would be taken for the new
 # adapter's); anything else in the old folder (the user's own files, a base GGUF) is carried over into the new one.
 LLAMA_CPP_TEMPLATE = "chat_template.jinja"  # beside adapter.gguf: the template for llama-server --chat-template-file
-EXPORT_OUTPUTS = ("merged", "adapter", ADAPTER_GGUF, LLAMA_CPP_TEMPLATE, "Modelfile", "config.yaml", REPORT)
+EXPORT_OUTPUTS = ("merged", "adapter", ADAPTER_GGUF, LLAMA_CPP_TEMPLATE, "Modelfile", "config.yaml", REPORT, LOG)
+LOG_TAIL = 20  # lines of llama.cpp's log shown when its converter or quantizer fails
 
 
 class ExportError(RuntimeError):
@@ -217,7 +217,7 @@ def adapter_plan(config: Config, adapter_dir: Path, export_dir: Path, system: st
 
     check_convertible(adapter_dir)
     trained_on = adapter_base(adapter_dir)
-    ollama = ollama_base(trained_on, config.ollama_base)
+    ollama = ollama_base(trained_on, config.ollama_base, export_dir / BASE_GGUF if config.convert_base else None)
     if config.base_gguf and config.convert_base:
         raise ExportError("--base_gguf and --convert_base exclude each other; pass one")
     if config.base_gguf and not Path(config.base_gguf).is_file():
@@ -245,17 +245,24 @@ def check_convertible(adapter_dir: Path) -> None:
                           f"LoRA (W + alpha / r * B @ A); export the merged model instead (drop --lora_only)")
 
 
-def ollama_base(trained_on: str, given: str | None) -> str:
+def ollama_base(trained_on: str, given: str | None, converted: Path | None = None) -> str:
     """The adapter Modelfile's FROM: an Ollama model, or a base GGUF by its absolute path (Ollama reads a relative one
-    from the Modelfile's folder)."""
+    from the Modelfile's folder). `converted`: the base GGUF --convert_base is to write beside the Modelfile, its FROM
+    (`./base-f16.gguf`) where no Ollama model of the base is known, or where --ollama_base names that file."""
+    beside = f"./{BASE_GGUF}"
     if given and given.lower().endswith(".gguf"):
+        if converted is not None and Path(given).resolve() == converted.resolve():
+            return beside
         if not Path(given).is_file():
             raise ExportError(f"--ollama_base {given}: no such file")
         return str(Path(given).resolve())
     if given or trained_on in OLLAMA_BASES:
         return given or OLLAMA_BASES[trained_on]
+    if converted is not None:
+        return beside
     raise ExportError(f"--ollama_base: no Ollama model known for the base {trained_on}; pass --ollama_base with an "
-                      f"Ollama model of that base (ollama pull ...) or the path of a GGUF of it")
+                      f"Ollama model of that base (ollama pull ...) or the path of a GGUF of it, or --convert_base "
+                      f"to write one beside the Modelfile")
 
 
 def trained_setting(adapter_dir: Path, name: str):
@@ -397,31 +404,38 @@ def _check_converter_version(folder: Path) -> None:
 
 def run_converter(converter: Path, script: str, *args: str, target: Path) -> None:
     """One of llama.cpp's converters in a subprocess writing `target`, its own gguf-py first on the path (PyPI's gguf
-    lags)."""
+    lags); its output goes to the log beside `target`."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
         str(converter / "gguf-py"), os.environ.get("PYTHONPATH")])))
-    with atomic.atomic_path(target) as tmp:
-        process = subprocess.Popen([sys.executable, str(converter / script), *args, "--outfile", str(tmp)], env=env,
-                                   stderr=subprocess.PIPE)
-        traceback = []  # its log goes on as it comes; a traceback is held back until it says what failed
-        # newline="": a progress bar's \r stays a \r, so that it redraws in place as it would on the terminal
-        for line in io.TextIOWrapper(process.stderr, encoding="utf-8", errors="replace", newline=""):
-            if not traceback and TRACEBACK in line:
-                sys.stderr.write(line[: line.index(TRACEBACK)])
-                line = line[line.index(TRACEBACK):]
-            if traceback or TRACEBACK in line:
-                traceback.append(line)
-            else:
-                sys.stderr.write(line)
-                sys.stderr.flush()
-        if process.wait() != 0:
-            said = next((line.strip() for line in reversed(traceback) if re.match(r"\w+(Error|Exception)\b", line)), "")
-            # numpy's short write ("N requested and M written") names no errno: a disk with no room left says why
-            if said.startswith("OSError") and ("Errno 28" in said or nearly_full(target)):
-                raise OSError(errno.ENOSPC, "No space left on device", str(target))  # said in one line by staged()
-            sys.stderr.writelines(traceback)
-            raise ExportError(f"{target}: llama.cpp's {script} failed (exit {process.returncode}"
-                              f"{': ' + said if said else ''}); see its log above")
+    log = target.parent / LOG
+    with atomic.atomic_path(target) as tmp, open(log, "a", encoding="utf-8") as out:
+        print(f"converting to {target.name} with llama.cpp's {script}", flush=True)
+        out.write(f"==== {script} -> {target.name}\n")
+        out.flush()
+        result = subprocess.run([sys.executable, str(converter / script), *args, "--outfile", str(tmp)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        said = last_error(log)
+        # numpy's short write ("N requested and M written") names no errno, and on a full disk the log may lack the
+        # traceback: a disk with no room left says why
+        if "Errno 28" in said or nearly_full(target):
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))  # said in one line by staged()
+        raise ExportError(f"{target}: llama.cpp's {script} failed (exit {result.returncode}"
+                          f"{': ' + said if said else ''}); {log_tail(log)}")
+
+
+def last_error(log: Path) -> str:
+    """The exception a Python traceback in the log ends with ("OSError: ..."), or ""."""
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    return next((line.strip() for line in reversed(lines) if re.match(r"\w+(Error|Exception)\b", line)), "")
+
+
+def log_tail(log: Path) -> str:
+    """The end of llama.cpp's log, printed, for an error line to point at (the log goes with a failed export's
+    staging folder)."""
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL:]
+    print("\n".join(f"  | {line}" for line in lines), file=sys.stderr, flush=True)
+    return f"the last {len(lines)} lines of its output are above"
 
 
 def convert_f16(model_dir: Path, target: Path, converter: Path, chat_template: str) -> None:
@@ -452,6 +466,9 @@ def write_base_config(base: str, folder: Path) -> None:
     if not source.is_file():
         from huggingface_hub import hf_hub_download
 
+        from .hub import hub_unreachable
+
+        hub_unreachable()  # with no connection: the cache alone, without huggingface_hub's retries
         try:
             source = Path(hf_hub_download(base, "config.json"))
         except (OSError, ValueError) as err:  # offline, no such repo, a malformed id
@@ -468,21 +485,27 @@ def first_line(err: Exception) -> str:
 
 
 def quantize(f16_path: Path, target: Path, gguf_type: str) -> None:
-    """llama.cpp's quantizer on every core; its per-tensor log lines are the progress display."""
+    """llama.cpp's quantizer on every core; its log (a line per tensor) goes to the log beside `target`."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # every core
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}")
-    log = logging.getLogger("llama-cpp-python")  # llama-cpp-python prints llama.cpp's log at this level or above
-    level = log.level
-    log.setLevel(logging.INFO)
+    logger = logging.getLogger("llama-cpp-python")  # llama-cpp-python prints llama.cpp's log at this level or above,
+    level = logger.level                            # to whatever sys.stderr is then
+    logger.setLevel(logging.INFO)
+    log = target.parent / LOG
+    print(f"quantizing to {target.name} with llama.cpp", flush=True)
     try:
-        with atomic.atomic_path(target) as tmp:
-            if llama_cpp.llama_model_quantize(str(f16_path).encode(), str(tmp).encode(), params) != 0:
-                raise ExportError(f"{target}: llama.cpp could not quantize {f16_path.name} to {gguf_type}")
+        with atomic.atomic_path(target) as tmp, open(log, "a", encoding="utf-8") as out:
+            out.write(f"==== quantize {f16_path.name} -> {target.name}\n")
+            with redirect_stderr(out):
+                failed = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(tmp).encode(), params) != 0
+            if failed:
+                raise ExportError(f"{target}: llama.cpp could not quantize {f16_path.name} to {gguf_type}; "
+                                  f"{log_tail(log)}")
     finally:
-        log.setLevel(level)
+        logger.setLevel(level)
 
 
 def modelfile_target(types: list[str]) -> str:
@@ -654,6 +677,8 @@ def export_planned(config: Config, p: Plan, prompts: list[Conversation]) -> Plan
         if report["runtimes"]:
             print(runtime_lines(report), flush=True)
         verdict(report)
+        modelfile_from = None if config.lora_only else p.gguf(modelfile_target(p.gguf_types)).name
+        print(closing_summary(p.export_dir, p.adapter_dir, report, modelfile_from), flush=True)
     return p
 
 

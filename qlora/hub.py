@@ -9,9 +9,12 @@ so the whole chain of causes is looked at; anything else passes through unchange
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
+from pathlib import Path
 
 LOGIN = "log in (`hf auth login`, or set HF_TOKEN)"
+PROBE_SECONDS = 10  # how long the one request that tells whether the hub can be reached may take
 
 
 class HubError(RuntimeError):
@@ -60,14 +63,38 @@ def message(repo_id: str, what: str, reason: str, instead: str, kind: str = "mod
     if reason == "missing":
         return (f"{what} {repo_id} is not on the Hugging Face Hub (or is private): check the id, {LOGIN} if it is "
                 f"private, or {instead}")
-    fix = ("HF_HUB_OFFLINE is set: unset it on a machine with a connection" if constants.HF_HUB_OFFLINE else
+    fix = ("the hub cannot be reached: check the connection" if hub_unreachable() else
+           "HF_HUB_OFFLINE is set: unset it on a machine with a connection" if constants.HF_HUB_OFFLINE else
            "the hub cannot be reached: check the connection")
     return f"{what} {repo_id} is not in the local Hugging Face cache and cannot be downloaded; {fix}, or {instead}"
 
 
+@functools.cache
+def hub_unreachable() -> bool:
+    """Whether the hub cannot be reached (one request, once a process); if so, offline mode is turned on, as
+    HF_HUB_OFFLINE=1 would: the libraries then read the local cache alone. huggingface_hub tries a file it has no cached
+    copy of six times over about 23 s when the network fails (hf_hub_download's retry_on_errors, which nothing turns
+    off), printing `Retrying in Ns [Retry k/5]`, before the one line that says the model cannot be had."""
+    import httpx
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:  # offline already: nothing is requested
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=PROBE_SECONDS)
+    except httpx.TransportError:  # no route, refused, no name resolution, timed out: any answer at all is reachable
+        constants.HF_HUB_OFFLINE = True  # read at each request by huggingface_hub and transformers
+        return True
+    return False
+
+
 @contextmanager
 def fetching(repo_id: str, what: str, instead: str, kind: str = "model"):
-    """Run a hub call for `repo_id`; its hub failures become a one-line HubError (see `message`)."""
+    """Run a hub call for `repo_id`; its hub failures become a one-line HubError (see `message`). A hub id (not a
+    local folder) is only tried where the hub can be reached (`hub_unreachable`)."""
+    if not Path(repo_id).exists():
+        hub_unreachable()
     try:
         yield
     except HubError:

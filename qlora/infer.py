@@ -46,7 +46,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("model", help="training output / adapter folder, merged model folder, or .gguf file")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="answer this one prompt")
-    mode.add_argument("--chat", action="store_true", help="multi-turn chat on stdin (/reset, /exit)")
+    mode.add_argument("--chat", action="store_true", help="multi-turn chat on stdin (/reset; /exit, /quit or "
+                      "Ctrl-D ends)")
     mode.add_argument("--input", help="JSONL file, one {\"prompt\": ..., \"system\"?: ...} a line")
     parser.add_argument("--output", help="JSONL answers for --input, one a line, in order")
     parser.add_argument("--lora", help="LoRA adapter GGUF (export_gguf.py --lora_only's adapter.gguf) applied to "
@@ -425,9 +426,13 @@ def conversation(prompt: str, system: str | None, where: str = "--prompt") -> Co
     return opening(system) + [Message("user", prompt.strip())]
 
 
+# Lines that end the chat rather than go to the model: ours, Ollama's /bye, and the bare words other chat shells take
+EXIT_WORDS = ("/exit", "/quit", "/bye", "exit", "quit")
+
+
 def chat(session: Session, system: str | None) -> None:
     """Multi-turn chat on stdin: each answer joins the history, as it would in a training row."""
-    print("chat: /reset clears the history, /exit (or end of input) ends", file=sys.stderr)
+    print("chat: /reset clears the history; /exit, /quit or Ctrl-D ends", file=sys.stderr)
     prompt = ""
     # bytes that are not UTF-8 become lone surrogates, refused line by line below, instead of a UnicodeDecodeError
     # that would end the chat and its history
@@ -441,8 +446,10 @@ def chat(session: Session, system: str | None) -> None:
         try:
             line = input(prompt).strip()
         except EOFError:
+            if prompt:  # Ctrl-D at the prompt: the shell's own prompt goes on a line of its own
+                print(flush=True)
             return
-        if line == "/exit":
+        if line.lower() in EXIT_WORDS:
             return
         if line == "/reset":
             history = opening(system)

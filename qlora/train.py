@@ -20,9 +20,9 @@ import yaml
 
 from . import atomic, report, runfolder
 from .chat import find_tokenizer_file, load_prompt_format
-from .config import FIELDS, Config, is_dump, to_yaml
+from .config import FIELDS, Config, given_by, is_dump, show, to_yaml
 from .data import PREPARED_MARK, is_prepared, load_prepared, prepare_dataset
-from .errors import writing
+from .errors import interpreter, writing
 from .planner import LAYERS
 
 GROUPS = ("data", "base", "model", "train")
@@ -241,9 +241,11 @@ def as_prepared(config: Config) -> Config:
              if f.metadata["group"] == "data" and name not in ("dataset", "seed") and name in (prepared or {})]
     given = [name for name in fixed if getattr(config, name) not in (prepared[name], FIELDS[name].default)]
     if given:
+        presets = list(dict.fromkeys(given_by(config, n) for n in given if given_by(config, n) != f"--{n}"))
+        again = " ".join(["data_prep.py"] + [f"--config {preset}" for preset in presets])
         raise RunError(f"{config.dataset} was prepared with " + ", ".join(f"{n}: {prepared[n]!r}" for n in given) +
-                       ", which --dataset cannot change; leave out " + ", ".join(f"--{n}" for n in given) +
-                       ", or prepare it again with data_prep.py (or give its raw data as --dataset)")
+                       f", which --dataset cannot change; {leave_out(config, given, presets)}; or prepare it again "
+                       f"with {again} (or give its raw data as --dataset)")
     config = dataclasses.replace(config, **{name: prepared[name] for name in fixed})
     check_prepared_tokenizer(config)
     return config
@@ -259,6 +261,18 @@ def check_prepared_tokenizer(config: Config) -> None:
         raise RunError(f"{config.dataset} was prepared with the {stats['tokenizer']} tokenizer, but {tokenizer} is "
                        f"{model_has}: its token ids would mean other words to {config.model_name}; prepare the data "
                        f"again with data_prep.py --model_name {config.model_name} (or give the raw data as --dataset)")
+
+
+def leave_out(config: Config, names: list[str], presets: list[str]) -> str:
+    """What to leave out, by where each value came from: `leave out --a` for a flag given, `configs/x.yaml sets b: 1:
+    leave b out of it` for a preset's value."""
+    flags = [f"--{n}" for n in names if given_by(config, n) == f"--{n}"]
+    parts = [f"leave out {', '.join(flags)}"] if flags else []
+    for preset in presets:
+        mine = [n for n in names if given_by(config, n) == preset]
+        parts.append(f"{preset} sets " + ", ".join(f"{n}: {getattr(config, n)!r}" for n in mine) +
+                     f": leave {', '.join(mine)} out of it")
+    return "; ".join(parts)
 
 
 def load_data(config: Config):
@@ -398,7 +412,7 @@ def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulat
 
 
 def resume_command(out: Path) -> str:
-    return f"python train_unsloth.py --config {out / 'config.yaml'} --resume"
+    return f"{interpreter()} train_unsloth.py --config {out / 'config.yaml'} --resume"
 
 
 def close_progress_bars(trainer) -> None:
@@ -644,7 +658,7 @@ def save_after_oom(trainer, config: Config) -> str:
     if not (out / f"checkpoint-{step}").is_dir():
         trainer._save_checkpoint(trainer.model, None)
     return (f"Step {step} is in {out / f'checkpoint-{step}'}; go on from it with the lower settings: "
-            f"python train_unsloth.py --config {out / 'config.yaml'} --resume, plus the flags above")
+            f"{resume_command(out)}, plus the flags above")
 
 
 # ---------------------------------------------------------------- saving
@@ -694,7 +708,9 @@ def train_run(config: Config, backend: str) -> int:
     from .compat import patch_trl_without_triton
 
     check_reporting(config)
-    config = as_prepared(config)
+    # what `auto` became here: the config printed and saved says what ran (the CPU never loads 4-bit weights)
+    config = dataclasses.replace(as_prepared(config), backend=backend,
+                                 load_in_4bit=config.load_in_4bit and backend != "cpu")
     resume_from = check_output_dir(config)
     out = Path(config.output_dir)
     check_own_files(out)
@@ -712,6 +728,7 @@ def train_run(config: Config, backend: str) -> int:
     set_seed(config.seed)  # the LoRA weights start the same in every run and in every process
     config, feeding, model, tokenizer = plan_and_load(config, backend, longest_row)
     if is_main_process():
+        show(config, GROUPS)  # resolved: the backend, the prepared data's settings, the plan's micro-batches
         if overwrite:
             remove_old_run(out, reads=Path(config.dataset) if is_prepared(config.dataset) else out / "data")
         atomic.write_text(out / "config.yaml", to_yaml(config))

@@ -18,12 +18,25 @@ PYTHON=${PYTHON:-python}
 
 wheel=$(ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
-  echo "compiling llama-cpp-python $VERSION with $FLAGS (several minutes on two cores)"
+  mkdir -p "$WHEELS"
+  log="$WHEELS/build.log"
+  echo "compiling llama-cpp-python $VERSION with $FLAGS (several minutes on two cores; log: $log)"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  CMAKE_ARGS="$FLAGS" "$PYTHON" -m pip wheel --quiet --no-deps --no-cache-dir --no-binary llama-cpp-python \
-    "llama-cpp-python==$VERSION" -w "$work"
-  mkdir -p "$WHEELS"
+  # pip's verbose output carries the build's own `[step/steps]` lines (ninja): the log keeps them all and every tenth
+  # of the way is shown, so that a compile of several minutes shows it is moving
+  { CMAKE_ARGS="$FLAGS" "$PYTHON" -m pip wheel --verbose --no-deps --no-cache-dir --no-binary llama-cpp-python \
+      "llama-cpp-python==$VERSION" -w "$work" 2>&1; echo $? >"$work/status"; } | tee "$log" | awk '
+    match($0, /\[[0-9]+\/[0-9]+\]/) {
+      split(substr($0, RSTART + 1, RLENGTH - 2), step, "/")
+      tenth = int(10 * step[1] / step[2])
+      if (tenth > shown) { shown = tenth; printf "  compiling: %d%% (%d of %d steps)\n", 10 * tenth, step[1], step[2]; fflush() }
+    }'
+  if [ "$(cat "$work/status")" != 0 ]; then
+    tail -n 20 "$log"
+    echo "error: compiling llama-cpp-python $VERSION failed (its last lines above; the whole log: $log)"
+    exit 1
+  fi
   mv "$work"/llama_cpp_python-*.whl "$WHEELS/"  # only a finished wheel ever lands in the folder
   wheel=$(ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl | head -n 1)
 else

@@ -121,6 +121,32 @@ def test_a_prepared_folders_data_settings_are_recorded_as_the_runs(prepared, tmp
     assert (recorded["system_prompt"], recorded["dataset"]) == ("Be brief.", str(prepared))
 
 
+def test_a_presets_data_setting_is_named_as_the_presets_not_as_a_flag(prepared, tmp_path):
+    """configs/smoke.yaml's eval_fraction (0.1) against the folder's (0): the line names the preset, not a flag the
+    user never passed, and says to prepare with it."""
+    result = run_script("train_unsloth.py", "--config", "configs/smoke.yaml", "--max_steps", "1", "--dataset",
+                        str(prepared), "--output_dir", str(tmp_path / "run"), check=False)
+    one_line_error(result, f"{prepared} was prepared with eval_fraction: 0.0",
+                   "configs/smoke.yaml sets eval_fraction: 0.1: leave eval_fraction out of it",
+                   "prepare it again with data_prep.py --config configs/smoke.yaml")
+    assert "--eval_fraction" not in result.stderr
+
+
+def test_the_printed_and_saved_config_is_the_resolved_one(prepared, tmp_path):
+    """backend auto, load_in_4bit and token_budget auto (the defaults) on this CPU machine: printed and saved as what
+    ran, the CPU backend, full-precision weights and the planned micro-batch."""
+    import yaml
+
+    out = tmp_path / "run"
+    result = run_script("train_unsloth.py", "--model_name", str(ROOT / "fixtures" / "tiny-mistral"), "--dataset",
+                        str(prepared), "--max_steps", "1", "--output_dir", str(out))
+    shown = result.stdout.split("resolved config:\n", 1)[1]
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert (recorded["backend"], recorded["load_in_4bit"]) == ("cpu", False) and isinstance(recorded["token_budget"], int)
+    for name in ("backend", "load_in_4bit", "token_budget", "max_seq_length", "system_prompt"):
+        assert f"\n  {name}: {recorded[name]}\n" in "\n" + shown, name
+
+
 def test_a_truncated_arrow_file_in_a_prepared_folder_is_one_line(prepared, tmp_path):
     damaged = tmp_path / "data"
     shutil.copytree(prepared, damaged)

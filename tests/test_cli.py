@@ -50,6 +50,7 @@ def test_data_prep_without_model_name_offline_names_the_default_model(sample_dat
                         check=False, timeout=300, env=env)
     one_line_error(result, "model unsloth/mistral-7b-instruct-v0.2-bnb-4bit is not in the local Hugging Face cache",
                    fix, "--model_name PATH")
+    assert "Retry" not in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "d").exists()
 
 
@@ -69,6 +70,18 @@ def test_train_with_an_unknown_model_offline_is_one_line(fixture_dir, tmp_path):
     result = run_script("train_unsloth.py", "--config", "configs/smoke.yaml", "--model_name", MADE_UP,
                         "--output_dir", str(tmp_path / "run"), check=False, timeout=300, env=OFFLINE)
     one_line_error(result, f"model {MADE_UP}", "--model_name PATH")
+
+
+@pytest.mark.parametrize("script", ["train_unsloth.py", "data_prep.py"])
+def test_a_missing_model_with_no_connection_is_one_line_without_retries(script, sample_data, tmp_path):
+    """Without HF_HUB_OFFLINE, on a machine that cannot reach the hub: huggingface_hub would try the model's files six
+    times over about 23 s (`Retrying in 1s [Retry 1/5]`, ...); the hub is found unreachable first, then the cache is
+    all there is."""
+    result = run_script(script, "--dataset", str(sample_data), "--model_name", MADE_UP, "--output_dir",
+                        str(tmp_path / "out"), check=False, timeout=300, env=NO_CONNECTION)
+    one_line_error(result, f"model {MADE_UP} is not in the local Hugging Face cache",
+                   "the hub cannot be reached: check the connection", "--model_name PATH")
+    assert "Retry" not in result.stdout + result.stderr, result.stderr[-2000:]
 
 
 def test_export_with_an_unknown_base_offline_is_one_line(tmp_path):
@@ -134,3 +147,22 @@ def test_the_libraries_errors_are_told_apart_through_their_causes():
     assert hub.why(wrapped(RepositoryNotFoundError("no", response=response), DatasetNotFoundError("no"))) == "missing"
     assert hub.why(wrapped(LocalEntryNotFoundError("not cached"), OSError("We couldn't connect"))) == "offline"
     assert hub.why(OSError("disk full")) is None and hub.why(ValueError("bad")) is None
+
+
+def test_commands_to_copy_name_the_python_that_ran():
+    """The resume hint and the export's `run it:` lines name this Python: `python` where that is it on PATH (an
+    activated virtualenv), else its path, relative below the working folder (`.venv/bin/python`)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from qlora.errors import interpreter; print(interpreter())"
+
+    def named(path: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                              env={**os.environ, "PATH": path}).stdout.strip()
+
+    relative = os.path.relpath(sys.executable, ROOT)
+    assert named("/usr/bin:/bin") == (relative if not relative.startswith("..") else sys.executable)
+    if os.path.basename(sys.executable) == "python":
+        assert named(f"{os.path.dirname(sys.executable)}:/usr/bin:/bin") == "python"

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, run_script
-from qlora import atomic, export, gguf_check, isolate, modelfile, runtimes
+from conftest import ROOT, one_line_error, run_script
+from qlora import atomic, export, fixtures, gguf_check, isolate, modelfile, runtimes
 from qlora.chat import Message
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
@@ -221,7 +221,7 @@ def test_lora_only_writes_adapter_gguf_and_a_modelfile_with_adapter(lora_exporte
     plan, _ = lora_exported
     assert sorted(p.name for p in plan.export_dir.iterdir()) == [  # no merged/ and no model-*.gguf: nothing merged
         "Modelfile", "adapter", "adapter.gguf", "base-f16.gguf", "chat_template.jinja", "config.yaml",
-        "export_report.json"]
+        "export_report.json", "llama.cpp.log"]
     llama_cpp_template = prompt_format.chat_template(space_after_special=False)
     assert (plan.export_dir / "chat_template.jinja").read_text() == llama_cpp_template  # for --chat-template-file
     assert GGUFReader(plan.base_gguf_file).fields["tokenizer.chat_template"].contents() == llama_cpp_template
@@ -351,6 +351,24 @@ def test_adapter_route_settings(tmp_path):
     result = run_script("export_gguf.py", "--adapter_dir", str(tmp_path), "--lora_only", check=False)
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: --ollama_base: ")
     assert "Traceback" not in result.stderr
+
+
+def test_convert_base_of_a_local_base_writes_the_modelfile_from_the_converted_file(tmp_path, tiny_model):
+    """--lora_only --convert_base on a base no Ollama model is known for: FROM the base GGUF the export writes beside
+    the Modelfile, whether --ollama_base is left out or names that file before it exists."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model)}))
+    whole_adapter_file(adapter)
+
+    def plan(**flags):
+        return export.plan(Config(adapter_dir=str(adapter), lora_only=True, convert_base=True, **flags))
+
+    assert plan().ollama_base == "./base-f16.gguf"
+    assert plan(ollama_base=str(adapter / "export" / "base-f16.gguf")).ollama_base == "./base-f16.gguf"
+    assert plan(ollama_base="my-base:f16").ollama_base == "my-base:f16"
+    with pytest.raises(export.ExportError, match=r"--ollama_base elsewhere.gguf: no such file"):
+        plan(ollama_base="elsewhere.gguf")
 
 
 # ---------------------------------------------------------------- Ollama
@@ -575,3 +593,47 @@ def test_an_f16_parting_within_the_logits_own_difference_is_a_near_tie():
     assert "greedy tokens part at step 1 with HF margin 0.0700 >= 0.0540" in gguf_check.f16_failure(m)
     exact = gguf_check.compare(gguf_check.Run([7, 8, 9], logits, [0.5, 0.014, 0.3]), gguf_check.Run([7, 5], logits, []))
     assert exact["near_tie_margin"] == gguf_check.NEAR_TIE and gguf_check.f16_failure(exact) is not None
+
+
+# ---------------------------------------------------------------- what the export says
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tiny_model, tmp_path_factory) -> Path:
+    """A LoRA adapter of the tiny model with random weights: the export's output does not depend on training."""
+    return fixtures.save_random_adapter(tiny_model, tmp_path_factory.mktemp("random") / "adapter")
+
+
+def test_the_export_ends_with_where_its_files_are_and_how_to_run_them(random_adapter, tmp_path):
+    """llama.cpp's converter and quantizer talk into llama.cpp.log in the export folder; the export's own output is
+    short and ends with the folder, each file's verdict and the llama.cpp, Ollama and infer.py commands."""
+    out = tmp_path / "export"
+    result = run_script("export_gguf.py", "--adapter_dir", str(random_adapter), "--export_dir", str(out),
+                        "--gguf_types", "f16", "q4_k_m")
+    said = result.stdout + result.stderr
+    assert "INFO:hf-to-gguf" not in said and "llama_model_loader" not in said and "Unknown RoPE type" not in said
+    assert len(result.stdout.splitlines()) < 40, result.stdout
+    last = result.stdout.strip().split(f"done: the export is in {out}\n", 1)[1].splitlines()
+    assert last[0].split()[0] == "model-f16.gguf" and "ok: agrees with the merged model" in last[0]
+    assert last[1].split()[0] == "model-q4_k_m.gguf" and "greedy agreement" in last[1]
+    assert any(line.strip().startswith("Modelfile") for line in last)
+    assert f"llama-cli -m {out / 'model-q4_k_m.gguf'} -cnv --jinja" in result.stdout
+    assert f"ollama create adapter -f {out / 'Modelfile'} && ollama run adapter" in result.stdout
+    log = (out / "llama.cpp.log").read_text()
+    assert "==== convert_hf_to_gguf.py -> model-f16.gguf" in log and "==== quantize model-f16.gguf -> " in log
+    assert "INFO:hf-to-gguf" in log and "llama_model_loader" in log
+
+
+def test_a_failing_converter_shows_the_end_of_its_output(random_adapter, tmp_path):
+    """A converter that fails: the export stops in one line, after the last lines of the converter's output (the log
+    goes with the failed export's staging folder), and nothing of the export is left."""
+    converter = tmp_path / "converter"
+    shutil.copytree(ROOT / ".llama.cpp" / "gguf-py", converter / "gguf-py")
+    (converter / "convert_hf_to_gguf.py").write_text("import sys\nprint('reading the model')\n"
+                                                     "sys.exit('ValueError: a tensor this converter cannot map')\n")
+    out = tmp_path / "export"
+    result = run_script("export_gguf.py", "--adapter_dir", str(random_adapter), "--export_dir", str(out),
+                        "--gguf_types", "f16", check=False, env={"LLAMA_CPP_CONVERTER": str(converter)})
+    one_line_error(result, "convert_hf_to_gguf.py failed (exit 1)", "the last 3 lines of its output are above")
+    assert "  | ValueError: a tensor this converter cannot map" in result.stderr
+    assert not list(out.glob("*")) and not list(tmp_path.glob(".export.tmp-*"))

@@ -407,6 +407,29 @@ def test_chat_keeps_history_until_reset(merged, sessions):
     assert result.stdout == f"{a1}\n{a2}\n{a1}\n"
 
 
+@pytest.mark.parametrize("word", ["quit", "/quit", "/bye", "Exit"])
+def test_chat_ends_at_the_usual_words_which_never_reach_the_model(word, tiny_model):
+    first, second = "Add 3 and 4.", "Count from 1 to 6."
+    one_turn = infer_cli(str(tiny_model), "--chat", stdin=f"{first}\n")
+    result = infer_cli(str(tiny_model), "--chat", stdin=f"{first}\n{word}\n{second}\n")
+    assert one_turn.stdout.count("\n") == 1 and result.stdout == one_turn.stdout
+
+
+def test_ctrl_d_at_the_chat_prompt_ends_the_line(tiny_model):
+    """On a terminal, end of input at the `> ` prompt leaves a line break, so the shell's prompt starts a line."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    with subprocess.Popen([sys.executable, str(ROOT / "infer.py"), str(tiny_model), "--chat"], cwd=ROOT,
+                          stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        os.close(terminal)
+        os.write(controller, b"\x04")  # Ctrl-D
+        out, err = process.communicate(timeout=300)
+    os.close(controller)
+    assert process.returncode == 0, err[-2000:]
+    assert out == "> \n" and "/exit, /quit or Ctrl-D ends" in err
+
+
 @pytest.mark.parametrize("case", ["missing", "neither", "not gguf", "no tokenizer", "empty prompt", "bad jsonl",
                                   "no base", "lora on a folder", "no lora file"])
 def test_bad_input_is_one_clear_line(case, tmp_path, tiny_model):

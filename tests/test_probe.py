@@ -45,3 +45,15 @@ def test_env_report_names_the_stack_and_the_llama_cpp_check():
                  "- llama.cpp converter: "):
         assert line in out, line
     assert "Traceback" not in result.stderr
+
+
+def test_env_report_from_a_python_without_the_stack_says_so_without_a_traceback():
+    """`python3 -m qlora env` outside the virtualenv (here: site-packages left out with -S) still reports, and says
+    which Python lacks torch and what installs it."""
+    result = subprocess.run([sys.executable, "-S", "-m", "qlora", "env"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "- torch: not installed" in result.stdout
+    assert (f"- torch CUDA build: unknown: the Python package 'torch' is not installed for {sys.executable}; "
+            f"install the requirements") in result.stdout
+    assert "- CUDA: unknown (no torch)" in result.stdout and "- llama.cpp: llama-cpp-python not installed" in result.stdout

@@ -8,6 +8,7 @@ packages depends on the platform (Unsloth requires xformers on Linux x86-64 and 
 """
 
 import json
+import os
 import platform
 import re
 import subprocess
@@ -85,3 +86,34 @@ def test_the_readme_names_what_the_install_brings(resolved):
     for name in BROUGHT_BY_UNSLOTH:
         assert name in resolved, f"{name} is no longer installed: update the README"
         assert f"{name} {resolved[name]}" in readme, f"README should say {name} {resolved[name]} is installed"
+
+
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # scripts/setup.sh's torch where no NVIDIA GPU is
+
+
+def cpu_index_reachable() -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{CPU_INDEX}/torch/", timeout=20)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not cpu_index_reachable(), reason=f"{CPU_INDEX} cannot be reached (bench/RESULTS.md records what "
+                                                          f"it resolves to from a local copy of its wheel)")
+def test_the_cpu_setup_resolves_without_any_cuda_package(tmp_path):
+    """What scripts/setup.sh installs on a machine without an NVIDIA GPU, resolved by pip alone (this machine's pip
+    configuration left out): torch from PyTorch's CPU index, then requirements-dev.txt beside it. No nvidia-*, cuda-*
+    or triton package: those come with the package index's (CUDA) torch."""
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--ignore-installed",
+                             "--quiet", "--report", str(report), "--extra-index-url", CPU_INDEX, "torch==2.13.0+cpu",
+                             "-r", str(ROOT / "requirements-dev.txt")], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
+             for i in json.loads(report.read_text())["install"]}
+    assert names["torch"] == "2.13.0+cpu"
+    assert not [n for n in names if n.startswith(("nvidia", "cuda")) or n == "triton"], names
