@@ -208,6 +208,15 @@ def check_export_dir(adapter_dir: Path, export_dir: Path) -> None:
     if (folder / "config.yaml").exists() and not is_dump(folder / "config.yaml"):
         raise ExportError(f"--export_dir {export_dir}: its config.yaml is not an export's (a file of yours?), and "
                           f"the export writes its own there; choose another folder, or move the file")
+    if folder.is_dir() and not (folder / "config.yaml").exists():  # no export wrote here: names it writes are yours
+        theirs = [item.name for item in folder.iterdir() if is_export_output(item.name)]
+        if theirs:
+            raise ExportError(f"--export_dir {export_dir}: holds {', '.join(sorted(theirs))}, which no export wrote "
+                              f"and the export would replace; choose another folder, or move them")
+
+
+def is_export_output(name: str) -> bool:
+    return name in EXPORT_OUTPUTS or (name.startswith("model-") and name.endswith(".gguf"))
 
 
 def adapter_plan(config: Config, adapter_dir: Path, export_dir: Path, system: str | None) -> Plan:
@@ -733,7 +742,7 @@ def carry_over(old: Path, new: Path) -> None:
     if not old.is_dir():
         return
     for item in old.iterdir():
-        ours = item.name in EXPORT_OUTPUTS or (item.name.startswith("model-") and item.suffix == ".gguf")
+        ours = is_export_output(item.name)
         if ours or (new / item.name).exists() or ".tmp-" in item.name:
             continue
         if item.is_dir():

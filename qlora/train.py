@@ -155,12 +155,20 @@ def check_resumed_settings(config: Config, checkpoint: Path) -> None:
 
 
 def check_own_files(out: Path) -> None:
-    """The run writes config.yaml (its resolved settings) into output_dir: one there that no run wrote (a preset of
-    the user's, run with --output_dir set to its folder: no run beside it, not in to_yaml's form) would be replaced."""
+    """The run writes its files (RUN_FILES) into output_dir. In a folder no run has written to (no run, no config.yaml
+    of a run's), a file of one of those names is the user's and would be replaced: refused, naming them. A README.md
+    is kept instead (the run then writes no card); a prepared data/ folder is a killed run's own."""
     saved = out / "config.yaml"
     if saved.exists() and not holds_run(out) and not is_dump(saved):  # beside a run, it is the run's (maybe edited)
         raise RunError(f"{saved}: not the settings of a run (a preset of yours?), and the run writes its own there; "
                        f"choose another --output_dir, or move the file")
+    if holds_run(out) or saved.exists():
+        return
+    theirs = [name for name in RUN_FILES if (out / name).exists() and name != "README.md"
+              and not name.startswith(".") and not (name == "data" and is_prepared(out / name))]
+    if theirs:
+        raise RunError(f"{out}: holds {', '.join(theirs)}, which no run wrote and the run would replace; choose "
+                       f"another --output_dir, or move them")
 
 
 def is_model_card(path: Path) -> bool:

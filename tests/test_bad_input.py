@@ -376,6 +376,29 @@ def test_a_preset_in_the_output_folder_is_not_replaced(fixture_dir, tmp_path):
     assert snapshot(tmp_path) == before and not (tmp_path / "data").exists()
 
 
+def test_files_of_the_users_that_a_run_would_replace_are_refused(fixture_dir, tmp_path):
+    """A folder no run wrote to, holding files of the names a run writes (here metrics.json and a data/ folder of the
+    user's own): one line naming them, before anything is written."""
+    (tmp_path / "metrics.json").write_text('{"mine": 1}\n')
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "raw.jsonl").write_text('{"q": "a", "a": "b"}\n')
+    before = snapshot(tmp_path)
+    result = run_script("train_unsloth.py", *QUICK, "--output_dir", str(tmp_path), check=False)
+    one_line_error(result, f"{tmp_path}: holds metrics.json, data, which no run wrote", "choose another --output_dir")
+    assert snapshot(tmp_path) == before
+
+
+def test_files_of_the_users_that_an_export_would_replace_are_refused(finished_run, tmp_path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "Modelfile").write_text("FROM my-own-model\n")
+    before = snapshot(folder)
+    result = run_script("export_gguf.py", "--adapter_dir", str(finished_run), "--export_dir", str(folder),
+                        "--merged_only", check=False)
+    one_line_error(result, f"--export_dir {folder}: holds Modelfile, which no export wrote", "choose another folder")
+    assert snapshot(folder) == before
+
+
 @pytest.mark.parametrize("script,flag", [("train_unsloth.py", "--output_dir"), ("data_prep.py", "--output_dir"),
                                          ("export_gguf.py", "--export_dir"), ("export_gguf.py", "--adapter_dir")])
 def test_an_empty_path_is_refused_before_anything_is_written(fixture_dir, script, flag):
