@@ -423,14 +423,14 @@ def run_converter(converter: Path, script: str, *args: str, target: Path) -> Non
         out.flush()
         result = subprocess.run([sys.executable, str(converter / script), *args, "--outfile", str(tmp)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        said = last_error(log)
-        # numpy's short write ("N requested and M written") names no errno, and on a full disk the log may lack the
-        # traceback: a disk with no room left says why
-        if "Errno 28" in said or nearly_full(target):
-            raise OSError(errno.ENOSPC, "No space left on device", str(target))  # said in one line by staged()
-        raise ExportError(f"{target}: llama.cpp's {script} failed (exit {result.returncode}"
-                          f"{': ' + said if said else ''}); {log_tail(log)}")
+        if result.returncode != 0:  # raised inside: atomic_path then removes the half-written file
+            said = last_error(log)
+            # numpy's short write ("N requested and M written") names no errno, and on a full disk the log may lack
+            # the traceback: a disk with no room left says why
+            if "Errno 28" in said or nearly_full(target):
+                raise OSError(errno.ENOSPC, "No space left on device", str(target))  # said in one line by staged()
+            raise ExportError(f"{target}: llama.cpp's {script} failed (exit {result.returncode})"
+                              f"{': ' + said if said else ''}; {log_tail(log)}")
 
 
 def last_error(log: Path) -> str:

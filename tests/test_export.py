@@ -533,8 +533,8 @@ def test_a_reexport_replaces_the_old_export_whole_and_keeps_the_users_files(old_
     and Modelfile are the new ones, and the user's file is still there."""
     out, other, before = old_export
     run_script("export_gguf.py", "--adapter_dir", str(other), "--export_dir", str(out), "--gguf_types", "f16")
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "config.yaml", "export_report.json", "merged",
-                                                     "model-f16.gguf", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "config.yaml", "export_report.json",
+                                                     "llama.cpp.log", "merged", "model-f16.gguf", "notes.txt"]
     assert (out / "notes.txt").read_text() == "the user's own file\n"
     assert_whole_and_consistent(out, other)
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]

@@ -22,7 +22,7 @@ import yaml
 
 from conftest import run_script
 from qlora import export, fixtures, gguf_check, infer
-from qlora.chat import Message
+from qlora.chat import Message, load_prompt_format, tokenizer_file_in
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
 
@@ -70,7 +70,8 @@ def to_gguf(merged_dir, target):
         converter = export.find_converter()
     except export.ExportError as err:
         pytest.skip(f"no GGUF without llama.cpp's converter: {err}")
-    export.convert_f16(merged_dir, target, converter)
+    template = load_prompt_format(tokenizer_file_in(merged_dir)).chat_template(space_after_special=False)
+    export.convert_f16(merged_dir, target, converter, template)
     return target
 
 
