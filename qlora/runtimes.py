@@ -221,8 +221,8 @@ def check_llama_server(gguf: Path, prompt_format: PromptFormat, conversations: l
     try:
         with LlamaServer(gguf) as server:
             got = [server.chat_ids(as_dicts(c)) for c in conversations]
-    except (OSError, RuntimeError) as err:
-        return {"runtime": name, "not_checked": str(err), "problems": [f"{name}: {err}"]}
+    except (OSError, RuntimeError) as err:  # a server that cannot start or answer says nothing of the template
+        return verdict(name, [], None, why_not=f"llama-server could not be run ({err})")
     # a chat ending with an answer asks llama-server to continue that answer: the training ids up to its EOS
     want = [prompt_format.encode(c)[0][:-1 if c[-1].role == "assistant" else None] for c in conversations]
     edges = [c[-1].role == "assistant" and prompt_format.gap != "" and not isinstance(prompt_format, MistralControl)

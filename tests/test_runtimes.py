@@ -154,3 +154,11 @@ def test_llama_server_chat_stops_at_the_end_of_the_answer(trained_adapter, tmp_p
     assert process.poll() is not None
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_a_llama_server_that_cannot_run_is_reported_not_failed(monkeypatch, tmp_path, prompt_format):
+    """A broken or missing server says nothing of the template: the report line says why it was not checked, and the
+    export goes on."""
+    monkeypatch.setenv(runtimes.LLAMA_SERVER_ENV, "/bin/false")
+    result = runtimes.check_llama_server(tmp_path / "model.gguf", prompt_format, runtimes.CONVERSATIONS)
+    assert result["problems"] == [] and "llama-server could not be run" in result["not_checked"], result
