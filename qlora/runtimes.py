@@ -32,6 +32,7 @@ from pathlib import Path
 
 from . import isolate
 from .chat import Conversation, Message, MistralControl, PromptFormat
+from .gguf_check import llama_cpp_vocab_facts
 
 LLAMA_SERVER_ENV = "LLAMA_SERVER"  # the llama-server binary, where it is not in the virtualenv's bin/ or on PATH
 INSTALL_LLAMA_SERVER = "sh scripts/install_llama_server.sh"
@@ -254,15 +255,6 @@ def with_modelfile_system(conversation: Conversation, system: str | None) -> Con
     return conversation
 
 
-def ollama_ids(gguf: Path, texts: list[str]) -> list[list[int]]:
-    import llama_cpp
-
-    from .gguf_check import llama_cpp_tokenize
-
-    llm = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
-    return [llama_cpp_tokenize(llm, text) for text in texts]
-
-
 def check_ollama(template: str, system: str | None, gguf: Path, prompt_format: PromptFormat,
                  conversations: list[Conversation]) -> dict:
     name = "Ollama (Modelfile)"
@@ -278,7 +270,9 @@ def check_ollama(template: str, system: str | None, gguf: Path, prompt_format: P
             return verdict(name, [], None, why_not=f"Go could not build {OLLAMA_RENDER.name}: {why}")
         return {"runtime": name, "not_checked": why, "problems": [f"{name}: the TEMPLATE fails in Go: {why}"]}
     try:
-        got = isolate.run_isolated(f"llama.cpp's tokenizer on {gguf.name}", ollama_ids, gguf, texts)
+        # llama.cpp's tokenization of the texts, as Ollama hands them over (BOS added, special tokens parsed)
+        got = isolate.run_isolated(f"llama.cpp's tokenizer on {gguf.name}", llama_cpp_vocab_facts, gguf,
+                                   texts)["tokenized"]
     except (isolate.ChildCrashed, isolate.ChildFailed) as err:
         return {"runtime": name, "not_checked": str(err), "problems": [f"{name}: {err}"]}
     want = [prompt_format.encode(with_modelfile_system(c, system))[0] for c in conversations]

@@ -150,7 +150,7 @@ def check_resumed_settings(config: Config, checkpoint: Path) -> None:
     if differ:
         raise RunError(f"{checkpoint} was trained with " + ", ".join(
             f"{name}: {run[name]!r} (given: {getattr(config, name)!r})" for name in differ) +
-            f"; a checkpoint goes on only with its run's settings: leave out " +
+            "; a checkpoint goes on only with its run's settings: leave out " +
             ", ".join(f"--{name}" for name in differ) + f", or resume with --config {saved}")
 
 
