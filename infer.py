@@ -11,6 +11,7 @@ a base .gguf with --lora adapter.gguf.
 import sys
 
 from qlora.config import parse
+from qlora.device import BackendError
 from qlora.errors import one_line_errors
 from qlora.hub import HubError
 from qlora.infer import GROUPS, InferError, add_arguments, run
@@ -18,7 +19,7 @@ from qlora.infer import GROUPS, InferError, add_arguments, run
 if __name__ == "__main__":
     config, args = parse(GROUPS, __doc__, extra=add_arguments)
     try:
-        with one_line_errors(HubError, InferError):
+        with one_line_errors(BackendError, HubError, InferError):
             run(config, args)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -15,10 +15,10 @@ if __name__ == "__main__":
     config, _ = parse(GROUPS, __doc__)  # printed once resolved: backend, prepared data, the plan (qlora.train)
 
     from qlora.hub import HubError
-    from qlora.model import BackendError, pick_backend
+    from qlora.device import BackendError, training_backend
 
     with one_line_errors(BackendError, HubError):
-        backend = pick_backend(config)  # before any weights are read
+        backend = training_backend(config)  # before any weights are read
         if backend == "unsloth":
             import unsloth  # noqa: F401  (first, so that its patches reach transformers, trl and peft)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora import export, fixtures  # noqa: E402  (after the path insert, like the scripts it benchmarks)
+from qlora import export, fixtures, hub  # noqa: E402  (after the path insert, like the scripts it benchmarks)
 from qlora.config import LORA_TARGETS  # noqa: E402
 from qlora.report import versions_line  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -88,7 +88,7 @@ def bench_adapter_route(workdir: Path, layers: int) -> None:
     config = Config(adapter_dir=str(adapter), export_dir=str(out), lora_only=True,
                     ollama_base="mistral:7b-instruct-v0.2")
     seconds = timed(export.run_export, config)
-    n = export.parameter_count(str(workdir / "base-config"))
+    n = hub.parameter_count(str(workdir / "base-config"))
     lora = sum(t.numel() for t in load_file(adapter / "adapter_model.safetensors").values())
     rss = [resource.getrusage(who).ru_maxrss / 2**20 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     print("\n| device | date | layers | params | LoRA params | export_gguf.py --lora_only (adapter.gguf + Modelfile) "
@@ -123,7 +123,7 @@ def versions() -> str:
 def bench(workdir: Path, layers: int) -> None:
     converter = export.find_converter()
     base, adapter = build_inputs(workdir, layers)
-    n = export.parameter_count(str(base))
+    n = hub.parameter_count(str(base))
     out = workdir / "export"
     merged, f16, q4 = out / "merged", out / "model-f16.gguf", out / "model-q4_k_m.gguf"
     export.check_disk_space(out, {"merged": 2 * n, f16.name: 2 * n, q4.name: int(n * export.GGUF_BITS["q4_k_m"] / 8)})

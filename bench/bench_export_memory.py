@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_export import device, versions  # noqa: E402  (after the path insert, like the scripts it benchmarks)
 from peak_memory import measure, memory_cgroup  # noqa: E402
-from qlora import export, fixtures  # noqa: E402
+from qlora import fixtures, hub  # noqa: E402
 
 
 def parse():
@@ -64,7 +64,7 @@ def main() -> None:
     args = parse()
     workdir = Path(args.workdir)
     base, adapter = build_inputs(workdir, args.layers)
-    n = export.parameter_count(str(base))
+    n = hub.parameter_count(str(base))
     out = workdir / f"export-{args.layers}"
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "export_gguf.py", "--adapter_dir", str(adapter), "--export_dir", str(out),

@@ -67,7 +67,7 @@ def card_key(config) -> dict:
     software, the precision, the model and the LoRA."""
     import torch
 
-    from .model import compute_dtype, local_device_index
+    from .device import compute_dtype, local_device_index
     from .report import package_version
 
     props = torch.cuda.get_device_properties(local_device_index())

@@ -40,7 +40,8 @@ from .export_summary import LOG, closing_summary
 from .gguf_check import CHECK_PROMPTS, GREEDY_STEPS, MIN_COSINE, NEAR_TIE, check_all, check_file, mismatches, prompt_set
 from .hub import fetching
 from .merge import MergeError, base_checkout, dequantized_checkout, merge_into
-from .model import LOCAL_BASE, check_safetensors_adapter, parameter_count
+from .hub import LOCAL_BASE, parameter_count
+from .model import check_safetensors_adapter
 from .modelfile import modelfile, ollama_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -649,7 +650,7 @@ def check_gpu(needed: bool) -> None:
     """Before anything is fetched: a merge that needs the GPU stops without one, naming an NVIDIA GPU that torch
     cannot use; an export that runs on the CPU only says so."""
     from .gpu import unusable_gpu
-    from .model import cuda_available, note
+    from .device import cuda_available, note
 
     if cuda_available():
         return

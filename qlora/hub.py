@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 LOGIN = "log in (`hf auth login`, or set HF_TOKEN)"
+LOCAL_MODEL = "pass --model_name PATH to a local folder with the model"
+LOCAL_BASE = "pass --base_model_16bit PATH to a local folder with it"
 PROBE_SECONDS = 10  # how long the one request that tells whether the hub can be reached may take
 
 
@@ -104,3 +106,16 @@ def fetching(repo_id: str, what: str, instead: str, kind: str = "model"):
         if reason is None:
             raise
         raise HubError(message(repo_id, what, reason, instead, kind)) from None
+
+
+def parameter_count(name: str, what: str = "base model", instead: str = LOCAL_BASE) -> int:
+    """Parameters of a model's architecture, from its config.json and counted on the meta device (no weights read or
+    downloaded). `what` and `instead` word the error when the config cannot be had."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with fetching(name, what, instead):
+        architecture = AutoConfig.from_pretrained(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(architecture)
+    return sum(p.numel() for p in model.parameters())

@@ -15,8 +15,6 @@ system prompt from the training run's config.yaml (see `run_settings`; near the 
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import sys
 from contextlib import nullcontext
@@ -28,6 +26,7 @@ from .atomic import check_writable, write_text
 from .chat import (Conversation, Message, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in,
                    unencodable)
 from .config import CHOICES, FIELDS, SEED, ConfigError, load_yaml
+from .device import pick_backend
 from .hub import fetching
 
 GROUPS = ("infer", "base")
@@ -36,6 +35,7 @@ MARKERS = ("[INST]", "[/INST]", "</s>", "### Instruction:", "### Response:")
 # llama.cpp allocates its KV cache for the whole context up front: Mistral's 32k would take 4 GB at 7B.
 LLAMA_CPP_CONTEXT = 4096
 GPU_BATCH = 8
+ANSWERING = "answering on the CPU"  # what infer.py does where a GPU cannot be used
 
 
 class InferError(RuntimeError):
@@ -305,28 +305,6 @@ class LlamaCppEngine:
         return out
 
 
-@functools.lru_cache  # asked again for --input's settings: say it once
-def pick_backend(choice: str) -> str:
-    """"unsloth", "hf" (transformers on the GPU) or "cpu". An NVIDIA GPU that torch cannot use is named: a GPU
-    backend stops on it, `auto` says so and answers on the CPU."""
-    from .gpu import unusable_gpu
-    from .model import cuda_available, note
-
-    has_cuda = cuda_available()
-    problem = None if has_cuda else unusable_gpu()
-    if choice in ("unsloth", "hf") and not has_cuda:
-        raise InferError(f"--backend {choice} needs a CUDA GPU: {problem or 'this machine has none'}")
-    if choice == "unsloth" and importlib.util.find_spec("unsloth") is None:
-        raise InferError("--backend unsloth: Unsloth is not installed (pip install unsloth)")
-    if problem:
-        note(problem, "answering on the CPU")
-    if choice == "auto":
-        if not has_cuda:
-            return "cpu"
-        return "unsloth" if importlib.util.find_spec("unsloth") else "hf"
-    return choice
-
-
 def load_engine(path: Path, kind: str, backend: str, eos: int, seed: int, lora: Path | None = None):
     if kind == "gguf":
         print(f"loading {path}{f' + {lora}' if lora else ''} with llama.cpp", file=sys.stderr)
@@ -364,7 +342,8 @@ def base_elsewhere(adapter: Path) -> str:
 def _load_transformers(path: Path, kind: str, device: str):
     from transformers import AutoModelForCausalLM
 
-    from .model import compute_dtype, load_with_adapter
+    from .device import compute_dtype
+    from .model import load_with_adapter
 
     if kind == "adapter":
         return load_with_adapter(path, base=adapter_base(path), device=device, instead=base_elsewhere(path))
@@ -545,7 +524,7 @@ def open_session(path: Path, config, template: str, backend: str = "auto", seed:
         check_lora(lora, kind)
     tokenizer = tokenizer_file(path, kind, config, lora)
     fmt = load_prompt_format(tokenizer, template)
-    engine = load_engine(path, kind, "gguf" if kind == "gguf" else pick_backend(backend), fmt.eos,
+    engine = load_engine(path, kind, "gguf" if kind == "gguf" else pick_backend(backend, ANSWERING), fmt.eos,
                          config.seed if seed is None else seed, lora)
     check_vocabulary(engine, fmt, tokenizer)
     return Session(engine, fmt, config, compare_base)
@@ -556,7 +535,7 @@ def answer_settings(config, args, template: str, system: str | None) -> dict:
     path, kind = Path(args.model), model_kind(Path(args.model))
     sampling = {name: getattr(config, name) for name, f in FIELDS.items() if f.metadata["group"] == "infer"}
     return {"model": args.model, "base_model": adapter_base(path) if kind == "adapter" else None, "lora": args.lora,
-            "backend": "llama.cpp" if kind == "gguf" else pick_backend(args.backend), "template": template,
+            "backend": "llama.cpp" if kind == "gguf" else pick_backend(args.backend, ANSWERING), "template": template,
             "system": system, "seed": config.seed if args.seed is None else args.seed, **sampling}
 
 

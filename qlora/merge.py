@@ -267,7 +267,7 @@ def base_checkout(base: str, what: str) -> Path:
     from huggingface_hub import snapshot_download
 
     from .hub import fetching
-    from .model import LOCAL_BASE
+    from .hub import LOCAL_BASE
 
     with fetching(base, what, LOCAL_BASE):  # offline, gated, no such repository: one line
         return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
@@ -280,7 +280,7 @@ def dequantized_checkout(base: str, target: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     from .hub import fetching
-    from .model import LOCAL_BASE
+    from .hub import LOCAL_BASE
 
     if not torch.cuda.is_available():
         raise MergeError(f"{base}: dequantizing a 4-bit model needs a CUDA GPU; on this machine pass "

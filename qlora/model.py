@@ -6,89 +6,14 @@ transformers, trl and peft, and the scripts decide the backend before anything i
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
-from .hub import fetching
-
-SMOKE_PRESET = "configs/smoke.yaml"
-LOCAL_MODEL = "pass --model_name PATH to a local folder with the model"
-LOCAL_BASE = "pass --base_model_16bit PATH to a local folder with it"
-
-
-class BackendError(RuntimeError):
-    pass
+from .device import compute_dtype, local_device_index
+from .hub import LOCAL_BASE, LOCAL_MODEL, fetching
 
 
 class WeightsError(ValueError):
     """Weights that cannot be used (a damaged file, NaN or inf): one line naming the file and what to do."""
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-# Below this many parameters (by the model's config) `backend: auto` trains on the CPU when no GPU can be used: the
-# smoke model takes minutes there, a 7 B model in float32 about 29 GB of RAM and days.
-CPU_TRAINING_LIMIT = 1_000_000_000
-
-
-def note(problem: str, then: str) -> None:
-    """The GPU that cannot be used, named on stderr, when the run goes on without it."""
-    print(f"note: {problem}; {then}", file=sys.stderr, flush=True)
-
-
-def pick_backend(config) -> str:
-    """The backend to run: `auto` is Unsloth on a CUDA GPU, else the CPU for a small model; GPU backends refuse a
-    machine without a usable GPU. An NVIDIA GPU that torch cannot use is named, never taken for no GPU."""
-    from .gpu import unusable_gpu
-
-    if cuda_available():
-        return "unsloth" if config.backend == "auto" else config.backend
-    problem = unusable_gpu()
-    no_gpu = f"this machine has no CUDA GPU; for a CPU run use the smoke preset: --config {SMOKE_PRESET}"
-    if config.backend in ("unsloth", "hf"):
-        raise BackendError(f"--backend {config.backend} needs a CUDA GPU: {problem or no_gpu}")
-    if config.backend == "auto":
-        if config.load_in_4bit and "bnb-4bit" in config.model_name:
-            raise BackendError(f"{config.model_name} is a 4-bit GPU model: {problem or no_gpu}")
-        count = parameter_count(config.model_name, "model", LOCAL_MODEL)
-        if count >= CPU_TRAINING_LIMIT:
-            raise BackendError(f"{config.model_name} has {count / 1e9:.1f} B parameters, too many to train on the "
-                               f"CPU (float32, days): {problem or 'this machine has no CUDA GPU'}; "
-                               f"--backend cpu trains on the CPU anyway")
-    if problem:
-        note(problem, "training on the CPU")
-    return "cpu"
-
-
-def parameter_count(name: str, what: str = "base model", instead: str = LOCAL_BASE) -> int:
-    """Parameters of a model's architecture, from its config.json and counted on the meta device (no weights read or
-    downloaded). `what` and `instead` word the error when the config cannot be had."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with fetching(name, what, instead):
-        architecture = AutoConfig.from_pretrained(name)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(architecture)
-    return sum(p.numel() for p in model.parameters())
-
-
-def local_device_index() -> int:
-    """This process's GPU under torchrun / accelerate launch (LOCAL_RANK), else the first."""
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def compute_dtype():
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def _lora_config(config):
