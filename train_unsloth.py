@@ -23,7 +23,8 @@ if __name__ == "__main__":
             import unsloth  # noqa: F401  (first, so that its patches reach transformers, trl and peft)
 
     from qlora.data import DataError
-    from qlora.train import RunError, run
+    from qlora.errors import RunError
+    from qlora.train import run
 
     with one_line_errors(ConfigError, DataError, HubError, RunError):
         sys.exit(run(config, backend))

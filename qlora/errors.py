@@ -31,6 +31,10 @@ ADVICE = {
 }
 
 
+class RunError(RuntimeError):
+    """A training run that cannot go on as asked: one line naming the setting or folder and what to do."""
+
+
 def missing_package(err: ModuleNotFoundError) -> str:
     """What to run for a package this Python lacks: llama.cpp's own install script, else the requirements (often the
     script was started with a Python other than the virtualenv's, so the message names it)."""

@@ -7,15 +7,28 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections import deque
 from importlib import metadata
 from pathlib import Path
 
 from . import atomic
+from .errors import RunError
 
 METER_STATE = "meter_{rank}.json"  # in each checkpoint, one per process
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes", "datasets")
+
+
+def check_reporting(config) -> None:
+    """--report_to names integrations of transformers that must be installed: checked before the model loads."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    wanted = [name.strip() for name in config.report_to.split(",") if name.strip() not in ("none", "all")]
+    missing = [name for name in wanted if name not in get_available_reporting_integrations()]
+    if missing:
+        raise RunError(f"--report_to {config.report_to}: {missing[0]} is not installed for {sys.executable} (or is "
+                       f"not an integration of transformers); pip install {missing[0]}, or pass --report_to none")
 
 
 class Meter:

@@ -2,7 +2,7 @@
 
 from qlora import calibrate, planner
 from qlora.config import Config
-from qlora.train import cached_calibration
+from qlora.feeding import cached_calibration
 
 KEY = {"gpu": "NVIDIA H200", "sms": 132, "memory": 150754820096, "mps_sm_percent": "8", "driver": "580.159.04",
        "torch": "2.11.0+cu130", "unsloth": "2026.10.9", "unsloth_zoo": "2026.10.9", "dtype": "bfloat16",

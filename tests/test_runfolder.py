@@ -214,7 +214,8 @@ def test_a_checkpoint_given_by_path_is_checked_too(six_steps, tmp_path):
     """A flipped byte in the optimizer state is found by the archive's CRC; --resume_from_checkpoint names the fault
     rather than picking another checkpoint."""
     from qlora.config import Config
-    from qlora.train import RunError, check_output_dir
+    from qlora.errors import RunError
+    from qlora.runfolder import check_output_dir
 
     checkpoint = tmp_path / "checkpoint-4"
     shutil.copytree(six_steps / "checkpoint-4", checkpoint)

@@ -108,7 +108,7 @@ def test_data_left_in_the_output_folder_is_prepared_again_when_the_data_settings
     """A run that died before its first checkpoint leaves output_dir/data; the next run with another data set or
     max_seq_length must not train on it."""
     from qlora.config import Config
-    from qlora.train import load_data
+    from qlora.prepared import load_data
 
     config = Config(dataset=str(sample_data), model_name=str(tiny_model), output_dir=str(tmp_path), eval_fraction=0.0)
     first = len(load_data(config)["train"])
@@ -120,7 +120,8 @@ def test_data_left_in_the_output_folder_is_prepared_again_when_the_data_settings
 
 def test_settings_the_trainer_would_refuse_late_are_refused_before_loading():
     from qlora.config import Config
-    from qlora.train import RunError, check_settings
+    from qlora.errors import RunError
+    from qlora.feeding import check_settings
 
     with pytest.raises(RunError, match=r"--token_budget 512 is smaller than the longest training row \(704"):
         check_settings(Config(token_budget=512), 704, has_eval=False)
@@ -140,7 +141,7 @@ def test_settings_the_trainer_would_refuse_late_are_refused_before_loading():
 def test_on_a_cpu_the_plan_keeps_every_setting_concrete():
     """config.yaml holds numbers, not auto, so that --resume replays the run; nothing is recomputed on a CPU."""
     from qlora.config import Config
-    from qlora.train import plan_feeding
+    from qlora.feeding import plan_feeding
 
     config, plan = plan_feeding(Config(), "cpu", longest_row=704)
     assert plan is None
