@@ -20,12 +20,11 @@ import yaml
 
 from . import atomic, report, runfolder
 from .chat import find_tokenizer_file, load_prompt_format
-from .config import FIELDS, Config, given_by, is_dump, show, to_yaml
+from .config import FIELDS, TRAIN, Config, given_by, is_dump, show, to_yaml
 from .data import PREPARED_MARK, is_prepared, load_prepared, prepare_dataset
 from .errors import interpreter, writing
 from .planner import LAYERS
 
-GROUPS = ("data", "base", "model", "train")
 STAGING = ".checkpoint-staging"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # the config last: it marks a finished adapter
 # What a run writes into output_dir besides its checkpoint-N folders (README.md: PEFT's model card; export: where
@@ -736,7 +735,7 @@ def train_run(config: Config, backend: str) -> int:
     set_seed(config.seed)  # the LoRA weights start the same in every run and in every process
     config, feeding, model, tokenizer = plan_and_load(config, backend, longest_row)
     if is_main_process():
-        show(config, GROUPS)  # resolved: the backend, the prepared data's settings, the plan's micro-batches
+        show(config, TRAIN)  # resolved: the backend, the prepared data's settings, the plan's micro-batches
         if overwrite:
             remove_old_run(out, reads=Path(config.dataset) if is_prepared(config.dataset) else out / "data")
         atomic.write_text(out / "config.yaml", to_yaml(config))
