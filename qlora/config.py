@@ -1,8 +1,8 @@
 """One typed config for every script: the reference recipe as defaults, YAML presets, flags named like fields.
 
 Each field names the scripts that read it: a script's flags are exactly those fields (`SCRIPTS`), with the help text
-and choices beside each field. Its `group` (data, base, model, train, export, infer) keeps related settings together
-in the printed and saved config.
+and choices beside each field. Its `group` (data, base, model, train, export, infer) is the part of the recipe it
+belongs to: the data and base groups are what prepared data depends on, the infer group the sampling.
 Numbers and names carry a `check`, run on every value from a file or a flag, before anything is fetched or loaded.
 Precedence: dataclass default < `--config file.yaml` < command-line flag.
 """
@@ -73,9 +73,8 @@ DATA_PREP, TRAIN, EXPORT, INFER = "data_prep", "train", "export", "infer"
 
 def _f(default, group: str, scripts: tuple[str, ...], help: str, check: Check | None = None,
        choices: tuple[str, ...] | None = None):
-    """A dataclass field with its group (where it is printed and saved among the others), the scripts that read it,
-    its help text, its choices where it has a few, and, for numbers and names, the check its values must pass; lists
-    get a factory so instances never share one."""
+    """A dataclass field with its group, the scripts that read it, its help text, its choices where it has a few,
+    and, for numbers and names, the check its values must pass; lists get a factory so instances never share one."""
     meta = {"group": group, "scripts": scripts, "help": help, "check": check, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)

@@ -13,7 +13,7 @@ from .hub import fetching
 
 # llama.cpp allocates its KV cache for the whole context up front: Mistral's 32k would take 4 GB at 7B.
 LLAMA_CPP_CONTEXT = 4096
-GPU_BATCH = 8
+GPU_BATCH = 8  # prompts per generate call for --input on a GPU
 
 
 class InferError(RuntimeError):
