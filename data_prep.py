@@ -3,15 +3,13 @@
     python data_prep.py --dataset my_data.jsonl --output_dir data/my_data
 """
 
-from qlora.config import parse, show
+from qlora.config import DATA_PREP, parse, show
 from qlora.data import DataError, prepare_dataset
 from qlora.errors import one_line_errors
 from qlora.hub import HubError
 
-GROUPS = ("data", "base")
-
 if __name__ == "__main__":
-    config, _ = parse(GROUPS + ("train",), __doc__)
-    show(config, GROUPS + ("train",))
+    config, _ = parse(DATA_PREP, __doc__)
+    show(config, DATA_PREP)
     with one_line_errors(DataError, HubError):
         prepare_dataset(config, config.output_dir)

@@ -6,17 +6,15 @@ each file against the merged model (export_report.json).
     ollama create my-mistral -f outputs/mistral-qlora/export/Modelfile
 """
 
-from qlora.config import parse, show
+from qlora.config import EXPORT, parse, show
 from qlora.errors import one_line_errors
 from qlora.export import ExportError, run_export
 from qlora.hub import HubError
 from qlora.model import WeightsError
 from qlora.runfolder import Locked
 
-GROUPS = ("export",)
-
 if __name__ == "__main__":
-    config, _ = parse(GROUPS, __doc__)
-    show(config, GROUPS)
+    config, _ = parse(EXPORT, __doc__)
+    show(config, EXPORT)
     with one_line_errors(ExportError, HubError, WeightsError, Locked):  # and FileNotFoundError, an OSError
         run_export(config)

@@ -10,14 +10,15 @@ a base .gguf with --lora adapter.gguf.
 
 import sys
 
-from qlora.config import parse
+from qlora.config import INFER, parse
 from qlora.device import BackendError
+from qlora.engines import InferError
 from qlora.errors import one_line_errors
 from qlora.hub import HubError
-from qlora.infer import GROUPS, InferError, add_arguments, run
+from qlora.infer import add_arguments, run
 
 if __name__ == "__main__":
-    config, args = parse(GROUPS, __doc__, extra=add_arguments)
+    config, args = parse(INFER, __doc__, extra=add_arguments)
     try:
         with one_line_errors(BackendError, HubError, InferError):
             run(config, args)

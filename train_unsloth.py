@@ -7,12 +7,11 @@
 
 import sys
 
-from qlora.config import ConfigError, parse
+from qlora.config import TRAIN, ConfigError, parse
 from qlora.errors import one_line_errors
-from qlora.train import GROUPS
 
 if __name__ == "__main__":
-    config, _ = parse(GROUPS, __doc__)  # printed once resolved: backend, prepared data, the plan (qlora.train)
+    config, _ = parse(TRAIN, __doc__)  # printed once resolved: backend, prepared data, the plan (qlora.train)
 
     from qlora.hub import HubError
     from qlora.device import BackendError, training_backend

@@ -68,7 +68,7 @@ def load(variant: str, model_dir: Path):
 def batch_inputs(model_dir: Path, batch_size: int):
     """The first `batch_size` prompts as Mistral ids (this project's PromptFormat), left-padded."""
     from qlora.chat import Message, load_prompt_format
-    from qlora.infer import left_padded
+    from qlora.engines import left_padded
 
     fmt = load_prompt_format(model_dir / "tokenizer.model")
     ids = [fmt.prompt_ids([Message("user", PROMPTS[i % len(PROMPTS)])]) for i in range(batch_size)]

@@ -287,9 +287,9 @@ def describe(record: dict) -> str:
 
 def main() -> None:
     """python -m qlora.calibrate [train_unsloth.py flags]: whether this card's figures are cached, and what they are."""
-    from .config import parse
+    from .config import TRAIN, parse
 
-    config, _ = parse(("data", "base", "model", "train"), main.__doc__)
+    config, _ = parse(TRAIN, main.__doc__)
     import torch
 
     if not torch.cuda.is_available():

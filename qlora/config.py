@@ -1,6 +1,8 @@
 """One typed config for every script: the reference recipe as defaults, YAML presets, flags named like fields.
 
-Each field carries a `group` (data, base, model, train, export, infer); a script exposes only the groups it uses.
+Each field names the scripts that read it: a script's flags are exactly those fields (`SCRIPTS`), with the help text
+and choices beside each field. Its `group` (data, base, model, train, export, infer) is the part of the recipe it
+belongs to: the data and base groups are what prepared data depends on, the infer group the sampling.
 Numbers and names carry a `check`, run on every value from a file or a flag, before anything is fetched or loaded.
 Precedence: dataclass default < `--config file.yaml` < command-line flag.
 """
@@ -63,11 +65,17 @@ SCHEDULE = transformers_name("transformers.trainer_utils", "SchedulerType", "lin
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+# The scripts, by the names `parse`, `build_parser` and `show` take: data_prep.py, train_unsloth.py, export_gguf.py,
+# infer.py. Each field names the scripts whose code reads it; those, and only those, offer it as a flag
+# (tests/test_script_flags.py holds each script's reads against its flags).
+DATA_PREP, TRAIN, EXPORT, INFER = "data_prep", "train", "export", "infer"
 
-def _f(default, group: str, help: str, check: Check | None = None):
-    """A dataclass field with its group, help text and, for numbers and names, the check its values must pass; lists
-    get a factory so instances never share one."""
-    meta = {"group": group, "help": help, "check": check}
+
+def _f(default, group: str, scripts: tuple[str, ...], help: str, check: Check | None = None,
+       choices: tuple[str, ...] | None = None):
+    """A dataclass field with its group, the scripts that read it, its help text, its choices where it has a few,
+    and, for numbers and names, the check its values must pass; lists get a factory so instances never share one."""
+    meta = {"group": group, "scripts": scripts, "help": help, "check": check, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -75,125 +83,145 @@ def _f(default, group: str, help: str, check: Check | None = None):
 
 @dataclass
 class Config:
-    # data
-    dataset: str = _f("mlabonne/guanaco-llama2-1k", "data", "hub id, local .jsonl/.json/.csv/.parquet file, or a "
-                      "data_prep output folder", check=PATH)
-    dataset_split: str = _f("train", "data", "split to read from a hub dataset")
-    dataset_format: str = _f("auto", "data", "auto, llama2, guanaco, alpaca, dolly, question_answer, messages, "
-                             "sharegpt, prompt_completion")
-    prompt_field: str | None = _f(None, "data", "column holding the prompt: with --response_field, reads rows of any "
-                                  "other shape by column names")
-    response_field: str | None = _f(None, "data", "column holding the answer (with --prompt_field)")
-    input_field: str | None = _f(None, "data", "column whose text goes after the prompt, after a blank line, as "
-                                 "Alpaca's input (optional)")
-    system_field: str | None = _f(None, "data", "column holding a system message for the row (optional)")
-    template: str = _f("mistral", "data", "mistral ([INST] chat format, Mistral's own token ids) or instruction (### Instruction / ### Response)")
-    system_prompt: str | None = _f(None, "data", "system message of every row without one (placed as the model's "
-                                   "tokenizer does: v1 in the first user turn, v3 and Tekken in the last)")
-    train_on_prompt: bool = _f(False, "data", "train on the whole text instead of on the responses only")
-    max_seq_length: int = _f(2048, "data", "rows longer than this are truncated", check=at_least(1))
-    eval_fraction: float = _f(0.05, "data", "share of rows held out for evaluation", check=SHARE)
-    skip_invalid: bool = _f(False, "data", "count and drop unreadable rows instead of stopping at the first")
-    seed: int = _f(42, "data", "seed for the split, LoRA init and data order", check=SEED)
+    # data: what the rows are and how they are rendered; data_prep.py prepares them, train_unsloth.py too when given
+    # raw data
+    dataset: str = _f("mlabonne/guanaco-llama2-1k", "data", (DATA_PREP, TRAIN), "hub id, local "
+                      ".jsonl/.json/.csv/.parquet file, or a data_prep output folder", check=PATH)
+    dataset_split: str = _f("train", "data", (DATA_PREP, TRAIN), "split to read from a hub dataset")
+    dataset_format: str = _f("auto", "data", (DATA_PREP, TRAIN), "auto, llama2, guanaco, alpaca, dolly, "
+                             "question_answer, messages, sharegpt, prompt_completion",
+                             choices=("auto", "llama2", "guanaco", "alpaca", "dolly", "question_answer", "messages",
+                                      "sharegpt", "prompt_completion"))
+    prompt_field: str | None = _f(None, "data", (DATA_PREP, TRAIN), "column holding the prompt: with "
+                                  "--response_field, reads rows of any other shape by column names")
+    response_field: str | None = _f(None, "data", (DATA_PREP, TRAIN), "column holding the answer (with "
+                                    "--prompt_field)")
+    input_field: str | None = _f(None, "data", (DATA_PREP, TRAIN), "column whose text goes after the prompt, after "
+                                 "a blank line, as Alpaca's input (optional)")
+    system_field: str | None = _f(None, "data", (DATA_PREP, TRAIN), "column holding a system message for the row "
+                                  "(optional)")
+    template: str = _f("mistral", "data", (DATA_PREP, TRAIN, INFER), "mistral ([INST] chat format, Mistral's own "
+                       "token ids) or instruction (### Instruction / ### Response); infer.py takes the training "
+                       "run's where it finds the run's config.yaml", choices=("mistral", "instruction"))
+    system_prompt: str | None = _f(None, "data", (DATA_PREP, TRAIN, EXPORT), "system message of every row without "
+                                   "one (placed as the model's tokenizer does: v1 in the first user turn, v3 and "
+                                   "Tekken in the last); export_gguf.py: the Modelfile's SYSTEM, the training run's "
+                                   "when not given")
+    train_on_prompt: bool = _f(False, "data", (DATA_PREP, TRAIN), "train on the whole text instead of on the "
+                               "responses only")
+    max_seq_length: int = _f(2048, "data", (DATA_PREP, TRAIN), "rows longer than this are truncated",
+                             check=at_least(1))
+    eval_fraction: float = _f(0.05, "data", (DATA_PREP, TRAIN), "share of rows held out for evaluation", check=SHARE)
+    skip_invalid: bool = _f(False, "data", (DATA_PREP, TRAIN), "count and drop unreadable rows instead of stopping "
+                            "at the first")
+    seed: int = _f(42, "data", (DATA_PREP, TRAIN), "seed for the split, LoRA init and data order", check=SEED)
     # base: the model whose tokenizer every script renders prompts with
-    model_name: str = _f("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "base", "hub id or local folder of the base "
-                         "model", check=PATH)
-    tokenizer_name: str | None = _f(None, "base", "hub id or folder holding tokenizer.model (or Tekken's "
-                                    "tokenizer.json), when the model's lacks it", check=PATH)
+    model_name: str = _f("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "base", (DATA_PREP, TRAIN, INFER), "hub id or "
+                         "local folder of the base model", check=PATH)
+    tokenizer_name: str | None = _f(None, "base", (DATA_PREP, TRAIN, INFER), "hub id or folder holding "
+                                    "tokenizer.model (or Tekken's tokenizer.json), when the model's lacks it",
+                                    check=PATH)
     # model
-    backend: str = _f("auto", "model", "auto (unsloth on CUDA, cpu otherwise), unsloth, hf (transformers+bitsandbytes+PEFT), cpu")
-    load_in_4bit: bool = _f(True, "model", "load the base in 4 bits (GPU backends only)")
-    lora_r: int = _f(8, "model", "LoRA rank", check=at_least(1))
-    lora_alpha: int = _f(32, "model", "LoRA alpha", check=at_least(1))
-    lora_dropout: float = _f(0.0, "model", "LoRA dropout (0 keeps Unsloth's fastest LoRA kernels; 0.1 costs about 7%)",
-                             check=SHARE)
-    lora_target_modules: list[str] = _f(LORA_TARGETS, "model", "modules that get LoRA adapters")
-    gradient_checkpointing: str = _f("auto", "model", "recompute activations in the backward pass to save memory: "
-                                     "true, false, unsloth (offload them to host memory instead) or auto (the planner "
-                                     "picks the fastest that fits the free GPU memory)")
-    checkpoint_skip_layers: int | str = _f("auto", "model", "with gradient_checkpointing true on Unsloth: this many "
-                                           "of the decoder layers keep their activations instead of recomputing them "
-                                           "(faster, more memory); auto: as many as fit the free GPU memory",
-                                           check=at_least(0))
+    backend: str = _f("auto", "model", (TRAIN, INFER), "auto (Unsloth on a CUDA GPU, transformers there where "
+                      "Unsloth is not installed; the CPU otherwise), unsloth, hf (transformers+bitsandbytes+PEFT), "
+                      "cpu; infer.py runs a .gguf in llama.cpp whatever it is",
+                      choices=("auto", "unsloth", "hf", "cpu"))
+    load_in_4bit: bool = _f(True, "model", (TRAIN,), "load the base in 4 bits (GPU backends only)")
+    lora_r: int = _f(8, "model", (TRAIN,), "LoRA rank", check=at_least(1))
+    lora_alpha: int = _f(32, "model", (TRAIN,), "LoRA alpha", check=at_least(1))
+    lora_dropout: float = _f(0.0, "model", (TRAIN,), "LoRA dropout (0 keeps Unsloth's fastest LoRA kernels; 0.1 costs "
+                             "about 7%)", check=SHARE)
+    lora_target_modules: list[str] = _f(LORA_TARGETS, "model", (TRAIN,), "modules that get LoRA adapters")
+    gradient_checkpointing: str = _f("auto", "model", (TRAIN,), "recompute activations in the backward pass to save "
+                                     "memory: true, false, unsloth (offload them to host memory instead) or auto (the "
+                                     "planner picks the fastest that fits the free GPU memory)",
+                                     choices=("auto", "true", "false", "unsloth"))
+    checkpoint_skip_layers: int | str = _f("auto", "model", (TRAIN,), "with gradient_checkpointing true on Unsloth: "
+                                           "this many of the decoder layers keep their activations instead of "
+                                           "recomputing them (faster, more memory); auto: as many as fit the free GPU "
+                                           "memory", check=at_least(0))
     # train
-    output_dir: str = _f("outputs/mistral-qlora", "train", "where data, checkpoints, adapter and reports go",
-                         check=PATH)
-    per_device_train_batch_size: int = _f(1, "train", "rows per micro-batch (per device), when token_budget is unset",
-                                          check=at_least(1))
-    token_budget: int | str | None = _f("auto", "train", "micro-batches of rows of similar length holding up to this "
-                                        "many padded tokens (none: per_device_train_batch_size rows); auto: the "
-                                        "planner cuts tokens_per_step into micro-batches that fit the free GPU memory",
-                                        check=at_least(1))
-    tokens_per_step: int = _f(12288, "train", "padded tokens per optimizer step when token_budget is auto",
+    output_dir: str = _f("outputs/mistral-qlora", "train", (DATA_PREP, TRAIN, EXPORT), "where data, checkpoints, "
+                         "adapter and reports go; export_gguf.py exports the adapter there unless --adapter_dir is "
+                         "given", check=PATH)
+    per_device_train_batch_size: int = _f(1, "train", (TRAIN,), "rows per micro-batch (per device), when "
+                                          "token_budget is unset", check=at_least(1))
+    token_budget: int | str | None = _f("auto", "train", (TRAIN,), "micro-batches of rows of similar length holding "
+                                        "up to this many padded tokens (none: per_device_train_batch_size rows); "
+                                        "auto: the planner cuts tokens_per_step into micro-batches that fit the free "
+                                        "GPU memory", check=at_least(1))
+    tokens_per_step: int = _f(12288, "train", (TRAIN,), "padded tokens per optimizer step when token_budget is auto",
                               check=at_least(1))
-    calibrate: bool = _f(True, "train", "with the planner on Unsloth: measure this GPU's speed at the start (a few "
-                         "seconds, once per card: cached in ~/.cache/qlora-mistral) and plan from it; false: plan "
-                         "from built-in figures")
-    pad_to_multiple_of: int | None = _f(8, "train", "pad each micro-batch's length up to a multiple of this (PyTorch's "
-                                        "memory-efficient attention wants 8; none: to the longest row)",
+    calibrate: bool = _f(True, "train", (TRAIN,), "with the planner on Unsloth: measure this GPU's speed at the start "
+                         "(a few seconds, once per card: cached in ~/.cache/qlora-mistral) and plan from it; false: "
+                         "plan from built-in figures")
+    pad_to_multiple_of: int | None = _f(8, "train", (TRAIN,), "pad each micro-batch's length up to a multiple of this "
+                                        "(PyTorch's memory-efficient attention wants 8; none: to the longest row)",
                                         check=at_least(1))
-    gradient_accumulation_steps: int = _f(1, "train", "micro-batches per optimizer step (one process)",
+    gradient_accumulation_steps: int = _f(1, "train", (TRAIN,), "micro-batches per optimizer step (one process)",
                                           check=at_least(1))
-    keep_gradient_accumulation: bool = _f(False, "train", "with N processes keep the accumulation as given instead of "
-                                          "dividing it by N to keep the one-process effective batch")
-    learning_rate: float = _f(2e-4, "train", "peak learning rate", check=above(0))
-    num_train_epochs: float = _f(3.0, "train", "epochs over the training split", check=above(0))
-    max_steps: int = _f(-1, "train", "stop after this many optimizer steps (-1: run the epochs)", check=STEPS)
-    lr_scheduler_type: str = _f("linear", "train", "learning-rate schedule", check=SCHEDULE)
-    warmup_steps: float = _f(0.03, "train", "warm-up: a number of steps, or a share of all steps when below 1",
-                             check=at_least(0))
-    weight_decay: float = _f(0.0, "train", "AdamW weight decay", check=at_least(0))
-    optim: str = _f("auto", "train", "optimizer: auto (adamw_torch_fused on GPU, adamw_torch on CPU) or any transformers name",
-                    check=OPTIMIZER)
-    packing: bool = _f(False, "train", "pack several rows per sequence, padding-free, no attention across rows")
-    logging_steps: int = _f(10, "train", "log every N optimizer steps", check=at_least(1))
-    save_steps: int = _f(100, "train", "checkpoint every N optimizer steps", check=at_least(1))
-    save_total_limit: int = _f(3, "train", "checkpoints kept", check=at_least(1))
-    eval_steps: int | None = _f(None, "train", "evaluate every N steps (default: as save_steps)", check=at_least(1))
-    early_stopping_patience: int | None = _f(None, "train", "stop after N evaluations without a better eval loss",
-                                             check=at_least(1))
-    report_to: str = _f("none", "train", "none, tensorboard or wandb")
-    profile_steps: int = _f(0, "train", "profile this many steps after 3 warm-up ones into output_dir/profile.txt and "
-                           "profile.trace.json.gz", check=at_least(0))
-    resume: bool = _f(False, "train", "continue from the last complete checkpoint in output_dir")
-    resume_from_checkpoint: str | None = _f(None, "train", "continue from this checkpoint folder", check=PATH)
-    overwrite_output_dir: bool = _f(False, "train", "replace a finished run in output_dir: its files go once the new "
-                                    "run's settings, data and model are ready; other files there stay")
+    keep_gradient_accumulation: bool = _f(False, "train", (TRAIN,), "with N processes keep the accumulation as given "
+                                          "instead of dividing it by N to keep the one-process effective batch")
+    learning_rate: float = _f(2e-4, "train", (TRAIN,), "peak learning rate", check=above(0))
+    num_train_epochs: float = _f(3.0, "train", (TRAIN,), "epochs over the training split", check=above(0))
+    max_steps: int = _f(-1, "train", (TRAIN,), "stop after this many optimizer steps (-1: run the epochs)",
+                        check=STEPS)
+    lr_scheduler_type: str = _f("linear", "train", (TRAIN,), "learning-rate schedule", check=SCHEDULE)
+    warmup_steps: float = _f(0.03, "train", (TRAIN,), "warm-up: a number of steps, or a share of all steps when "
+                             "below 1", check=at_least(0))
+    weight_decay: float = _f(0.0, "train", (TRAIN,), "AdamW weight decay", check=at_least(0))
+    optim: str = _f("auto", "train", (TRAIN,), "optimizer: auto (adamw_torch_fused on GPU, adamw_torch on CPU) or any "
+                    "transformers name", check=OPTIMIZER)
+    packing: bool = _f(False, "train", (TRAIN,), "pack several rows per sequence, padding-free, no attention across "
+                       "rows")
+    logging_steps: int = _f(10, "train", (TRAIN,), "log every N optimizer steps", check=at_least(1))
+    save_steps: int = _f(100, "train", (TRAIN,), "checkpoint every N optimizer steps", check=at_least(1))
+    save_total_limit: int = _f(3, "train", (TRAIN,), "checkpoints kept", check=at_least(1))
+    eval_steps: int | None = _f(None, "train", (TRAIN,), "evaluate every N steps (default: as save_steps)",
+                                check=at_least(1))
+    early_stopping_patience: int | None = _f(None, "train", (TRAIN,), "stop after N evaluations without a better "
+                                             "eval loss", check=at_least(1))
+    report_to: str = _f("none", "train", (TRAIN,), "none, tensorboard or wandb")
+    profile_steps: int = _f(0, "train", (TRAIN,), "profile this many steps after 3 warm-up ones into "
+                            "output_dir/profile.txt and profile.trace.json.gz", check=at_least(0))
+    resume: bool = _f(False, "train", (TRAIN,), "continue from the last complete checkpoint in output_dir")
+    resume_from_checkpoint: str | None = _f(None, "train", (TRAIN,), "continue from this checkpoint folder",
+                                            check=PATH)
+    overwrite_output_dir: bool = _f(False, "train", (TRAIN,), "replace a finished run in output_dir: its files go "
+                                    "once the new run's settings, data and model are ready; other files there stay")
     # export
-    adapter_dir: str | None = _f(None, "export", "training output or adapter folder to merge (default: output_dir)",
-                                 check=PATH)
-    export_dir: str | None = _f(None, "export", "where merged model, GGUF files and Modelfile go (default: "
-                                "adapter_dir/export)", check=PATH)
-    base_model_16bit: str | None = _f(None, "export", "16-bit base to merge into (default: the known original of a "
-                                      "-bnb-4bit repo)", check=PATH)
-    gguf_types: list[str] = _f(["f16", "q8_0", "q4_k_m", "q5_k_m"], "export", "GGUF files to write (f16 is always written first)")
-    merged_only: bool = _f(False, "export", "stop after the merged 16-bit safetensors")
-    lora_only: bool = _f(False, "export", "no merge: write the adapter as adapter.gguf with a Modelfile that puts "
-                         "it on a base llama.cpp (or Ollama up to 0.34.0) already has")
-    ollama_base: str | None = _f(None, "export", "with --lora_only: the Modelfile's FROM, an Ollama model of the base "
-                                 "or the path of a GGUF of it (default: the Ollama tag of a known base, "
+    adapter_dir: str | None = _f(None, "export", (EXPORT,), "training output or adapter folder to merge (default: "
+                                 "output_dir)", check=PATH)
+    export_dir: str | None = _f(None, "export", (EXPORT,), "where merged model, GGUF files and Modelfile go "
+                                "(default: adapter_dir/export)", check=PATH)
+    base_model_16bit: str | None = _f(None, "export", (EXPORT,), "16-bit base to merge into (default: the known "
+                                      "original of a -bnb-4bit repo)", check=PATH)
+    gguf_types: list[str] = _f(["f16", "q8_0", "q4_k_m", "q5_k_m"], "export", (EXPORT,), "GGUF files to write (f16 is "
+                               "always written first)")
+    merged_only: bool = _f(False, "export", (EXPORT,), "stop after the merged 16-bit safetensors")
+    lora_only: bool = _f(False, "export", (EXPORT,), "no merge: write the adapter as adapter.gguf with a Modelfile "
+                         "that puts it on a base llama.cpp (or Ollama up to 0.34.0) already has")
+    ollama_base: str | None = _f(None, "export", (EXPORT,), "with --lora_only: the Modelfile's FROM, an Ollama model "
+                                 "of the base or the path of a GGUF of it (default: the Ollama tag of a known base, "
                                  "mistral:7b-instruct-v0.2 for the default base)", check=ONE_LINE)
-    base_gguf: str | None = _f(None, "export", "with --lora_only: a GGUF of the base to check adapter.gguf on in "
-                               "llama.cpp (an f16 base must match the merged model, a quantized one is reported)",
-                               check=PATH)
-    convert_base: bool = _f(False, "export", "with --lora_only: convert the 16-bit base to base-f16.gguf and "
-                            "check adapter.gguf on it (downloads the base)")
+    base_gguf: str | None = _f(None, "export", (EXPORT,), "with --lora_only: a GGUF of the base to check adapter.gguf "
+                               "on in llama.cpp (an f16 base must match the merged model, a quantized one is "
+                               "reported)", check=PATH)
+    convert_base: bool = _f(False, "export", (EXPORT,), "with --lora_only: convert the 16-bit base to base-f16.gguf "
+                            "and check adapter.gguf on it (downloads the base)")
     # infer
-    max_new_tokens: int = _f(256, "infer", "tokens to generate at most", check=at_least(1))
-    temperature: float = _f(0.7, "infer", "sampling temperature; 0 is greedy", check=at_least(0))
-    top_p: float = _f(0.95, "infer", "nucleus sampling", check=NUCLEUS)
-    top_k: int = _f(50, "infer", "top-k sampling", check=at_least(0))
-    repetition_penalty: float = _f(1.0, "infer", "penalty for repeated tokens", check=above(0))
+    max_new_tokens: int = _f(256, "infer", (INFER,), "tokens to generate at most", check=at_least(1))
+    temperature: float = _f(0.7, "infer", (INFER,), "sampling temperature; 0 is greedy", check=at_least(0))
+    top_p: float = _f(0.95, "infer", (INFER,), "nucleus sampling", check=NUCLEUS)
+    top_k: int = _f(50, "infer", (INFER,), "top-k sampling", check=at_least(0))
+    repetition_penalty: float = _f(1.0, "infer", (INFER,), "penalty for repeated tokens", check=above(0))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-CHOICES = {
-    "dataset_format": ("auto", "llama2", "guanaco", "alpaca", "dolly", "question_answer", "messages", "sharegpt",
-                       "prompt_completion"),
-    "template": ("mistral", "instruction"),
-    "backend": ("auto", "unsloth", "hf", "cpu"),
-    "gradient_checkpointing": ("auto", "true", "false", "unsloth"),
-}
+CHOICES = {name: f.metadata["choices"] for name, f in FIELDS.items() if f.metadata["choices"]}
+# Each script's flags: the fields it reads, in the order they are declared (and printed)
+SCRIPTS = {script: tuple(name for name, f in FIELDS.items() if script in f.metadata["scripts"])
+           for script in (DATA_PREP, TRAIN, EXPORT, INFER)}
 
 
 AUTO_NUMBERS = ("token_budget", "checkpoint_skip_layers")  # numbers that also take "auto"
@@ -288,13 +316,13 @@ def load_yaml(path: str | Path) -> dict:
     return {k: coerce(k, v, str(path)) for k, v in data.items()}
 
 
-def build_parser(groups: tuple[str, ...], description: str) -> argparse.ArgumentParser:
+def build_parser(script: str, description: str) -> argparse.ArgumentParser:
+    """--config and a flag for each field `script` (a key of SCRIPTS) reads."""
     # Raw description: the scripts' docstrings hold usage examples, one a line, that argparse would run together
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML preset; flags given here win over it")
-    for name, f in FIELDS.items():
-        if f.metadata["group"] not in groups:
-            continue
+    for name in SCRIPTS[script]:
+        f = FIELDS[name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         tp, _ = _base_type(typing.get_type_hints(Config)[name])
         # SUPPRESS: a flag not given stays out of the namespace, so the YAML file's value is not overwritten
@@ -334,11 +362,11 @@ def given_by(config: Config, name: str) -> str:
     return getattr(config, "_given_by", {}).get(name, f"--{name}")
 
 
-def parse(groups: tuple[str, ...], description: str, argv: list[str] | None = None, extra=None):
+def parse(script: str, description: str, argv: list[str] | None = None, extra=None):
     """Parse a script's command line into a Config; `extra(parser)` adds script-only arguments (positional paths).
 
     Returns (config, namespace of the extra arguments)."""
-    parser = build_parser(groups, description)
+    parser = build_parser(script, description)
     extra_names = set()
     if extra:
         before = {a.dest for a in parser._actions}
@@ -372,10 +400,9 @@ def is_dump(path: str | Path) -> bool:
             FIELDS.keys() and yaml.safe_dump(settings, sort_keys=False) == text)
 
 
-def show(config: Config, groups: tuple[str, ...]) -> None:
+def show(config: Config, script: str) -> None:
     """Print the resolved settings a script uses, one per line, so every log starts with what was run."""
     print("resolved config:")
-    for name, f in FIELDS.items():
-        if f.metadata["group"] in groups:
-            print(f"  {name}: {getattr(config, name)}")
+    for name in SCRIPTS[script]:
+        print(f"  {name}: {getattr(config, name)}")
     sys.stdout.flush()

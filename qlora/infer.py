@@ -2,15 +2,15 @@
 --lora, a base GGUF with the adapter.gguf that export_gguf.py --lora_only writes).
 
 Every backend is fed the same token ids, rendered by `PromptFormat` exactly as training rendered the prompt part of a
-row; llama.cpp gets them through `Llama.generate(tokens)`, never its own tokenizer. Backends: Unsloth on a CUDA GPU
-(when installed), transformers (+ PEFT) otherwise, llama.cpp for `.gguf`. Heavy imports stay inside the functions so
-that Unsloth can be imported before transformers and bad input fails before anything loads.
+row; llama.cpp gets them through `Llama.generate(tokens)`, never its own tokenizer. Backends (qlora/engines.py):
+Unsloth on a CUDA GPU (when installed), transformers (+ PEFT) otherwise, llama.cpp for `.gguf`. Heavy imports stay
+inside the functions so that Unsloth can be imported before transformers and bad input fails before anything loads.
 
 The prompt's pieces come from where the model was made: tokenizer.model from --tokenizer_name, else the model's own
 (its folder; for a .gguf, beside it or in the merged/ folder that export_gguf.py writes next to it; with --lora, first
 beside the adapter GGUF or in the adapter/ folder next to it), else the adapter's base or --model_name; template and
-system prompt from the training run's config.yaml (see `run_settings`; near the --lora file when given) unless
---system is given.
+system prompt from the training run's config.yaml (see `run_settings`; near the --lora file when given), else
+--template and none; --system overrides the system prompt.
 """
 
 from __future__ import annotations
@@ -25,21 +25,14 @@ import yaml
 from .atomic import check_writable, write_text
 from .chat import (Conversation, Message, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in,
                    unencodable)
-from .config import CHOICES, FIELDS, SEED, ConfigError, load_yaml
+from .config import FIELDS, SEED, ConfigError, load_yaml
 from .device import pick_backend
-from .hub import fetching
+from .engines import GPU_BATCH, InferError, adapter_base, load_engine
 
-GROUPS = ("infer", "base")
 # Text a model that has not learned to stop writes after its answer; nothing from the first one on is shown.
 MARKERS = ("[INST]", "[/INST]", "</s>", "### Instruction:", "### Response:")
-# llama.cpp allocates its KV cache for the whole context up front: Mistral's 32k would take 4 GB at 7B.
-LLAMA_CPP_CONTEXT = 4096
-GPU_BATCH = 8
 ANSWERING = "answering on the CPU"  # what infer.py does where a GPU cannot be used
-
-
-class InferError(RuntimeError):
-    """Bad input or a model that cannot be used: one line for the user."""
+SAMPLING_SEED = 42  # --seed's default
 
 
 def add_arguments(parser) -> None:
@@ -53,11 +46,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lora", help="LoRA adapter GGUF (export_gguf.py --lora_only's adapter.gguf) applied to "
                         "MODEL, a .gguf of its base")
     parser.add_argument("--system", help="system message (default: the training run's system_prompt)")
-    parser.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
+    parser.add_argument("--seed", type=int, default=SAMPLING_SEED, help="sampling seed (default: %(default)s)")
     parser.add_argument("--compare_base", action="store_true",
                         help="also answer with the adapter's base model, without the adapter")
-    parser.add_argument("--backend", choices=CHOICES["backend"], default="auto",
-                        help="auto: Unsloth on a CUDA GPU when installed, else transformers; ignored for .gguf")
     parser.add_argument("--batch_size", type=positive_int, help=f"prompts per generate call for --input, left-padded "
                         f"(default: {GPU_BATCH} on a GPU, 1 otherwise)")
 
@@ -95,15 +86,6 @@ def model_kind(path: Path) -> str:
                      f"(config.json + *.safetensors)")
 
 
-def adapter_base(path: Path) -> str:
-    from .model import adapter_base as recorded_base
-
-    try:
-        return recorded_base(path)
-    except (KeyError, ValueError) as err:
-        raise InferError(f"{path}/adapter_config.json: no usable base_model_name_or_path ({err})") from None
-
-
 def tokenizer_file(path: Path, kind: str, config, lora: Path | None = None) -> Path:
     """--tokenizer_name's if given; else the model's own tokenizer file (tokenizer.model, or Tekken's tokenizer.json):
     in its folder, or for a .gguf beside it or in the merged/ folder export_gguf.py writes next to it (with --lora,
@@ -137,11 +119,12 @@ def run_settings(path: Path) -> dict:
 
 
 def prompt_settings(path: Path, config, system: str | None) -> tuple[str, str | None]:
-    """(template, system prompt): --system wins, then the run's config.yaml, then --config / the defaults."""
+    """(template, system prompt) as the run's config.yaml has them: --system wins over its system prompt; without
+    one, --template (or --config's, or the default) and no system prompt."""
     trained = run_settings(path)
     template = trained.get("template", config.template)
     if system is None:
-        system = trained.get("system_prompt", config.system_prompt)
+        system = trained.get("system_prompt")
     return template, (system.strip() or None) if system else None
 
 
@@ -198,156 +181,6 @@ class TextStream:
         piece = text[len(self.shown):] if len(text) > len(self.shown) else ""
         self.shown += piece
         return piece
-
-
-# ---------------------------------------------------------------- backends
-
-
-class HFEngine:
-    """A transformers model (Unsloth's patched one too); with PEFT, `disable_adapter()` gives the base."""
-
-    def __init__(self, model, eos: int):
-        self.model, self.eos = model, eos
-        self.vocab_size = model.config.vocab_size
-        self.batch_size = GPU_BATCH if model.device.type == "cuda" else 1  # for --input; a CPU gains little
-
-    def base(self):
-        return self.model.disable_adapter()
-
-    def generate(self, prompts: list[list[int]], config, on_token=None) -> list[list[int]]:
-        """Generated ids of each prompt, up to EOS (not included). `on_token(id) -> stop?` streams a single prompt."""
-        import torch
-
-        ids, mask = left_padded(prompts, self.eos, self.model.device)
-        stream = _Callback(on_token) if on_token else None
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self._settings(config),
-                                      streamer=stream, stopping_criteria=[stream] if stream else None)
-        return [_until(row[ids.shape[1]:].tolist(), self.eos) for row in out]
-
-    def _settings(self, config):
-        from transformers import GenerationConfig
-
-        sampling = ({"do_sample": True, "temperature": config.temperature, "top_p": config.top_p,
-                     "top_k": config.top_k} if config.temperature > 0 else {"do_sample": False})
-        return GenerationConfig(max_new_tokens=config.max_new_tokens, repetition_penalty=config.repetition_penalty,
-                                eos_token_id=self.eos, pad_token_id=self.eos, **sampling)
-
-
-def left_padded(prompts: list[list[int]], pad: int, device):
-    """(ids, attention mask) with the prompts padded on the left, so that every row ends where generation starts."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    return ids, mask
-
-
-def _until(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos)] if eos in ids else ids
-
-
-class _Callback:
-    """Both streamer and stopping criterion of one generate call (transformers takes either by its methods): hands each
-    new id to `on_token` and ends generation once that says so (a marker appeared)."""
-
-    def __init__(self, on_token):
-        self.on_token, self.prompt_seen, self.stop = on_token, False, False
-
-    def put(self, value):
-        if not self.prompt_seen:  # generate first puts the prompt
-            self.prompt_seen = True
-            return
-        self.stop = self.on_token(int(value.reshape(-1)[0])) or self.stop
-
-    def end(self):
-        pass
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.stop, dtype=torch.bool, device=input_ids.device)
-
-
-class LlamaCppEngine:
-    """A GGUF file in llama.cpp; prompts go in as ids, one at a time (llama-cpp-python has no batched generate)."""
-
-    def __init__(self, path: Path, seed: int, lora: Path | None = None):
-        from llama_cpp import Llama
-
-        try:
-            self.llm = Llama(model_path=str(path), n_ctx=LLAMA_CPP_CONTEXT, seed=seed, n_gpu_layers=-1,
-                             lora_path=str(lora) if lora else None, verbose=False)
-        except ValueError as err:
-            what = (f"{path} with the LoRA {lora}: llama.cpp cannot load them" if lora
-                    else f"{path}: llama.cpp cannot load this file as a GGUF model")
-            raise InferError(f"{what} ({err})") from None
-        self.eos, self.vocab_size, self.batch_size = self.llm.token_eos(), self.llm.n_vocab(), 1
-
-    def generate(self, prompts: list[list[int]], config, on_token=None) -> list[list[int]]:
-        return [self._one(ids, config, on_token) for ids in prompts]
-
-    def _one(self, ids: list[int], config, on_token) -> list[int]:
-        if len(ids) + config.max_new_tokens > self.llm.n_ctx():
-            raise InferError(f"{len(ids)} prompt tokens + {config.max_new_tokens} new ones exceed llama.cpp's "
-                             f"{self.llm.n_ctx()}-token context")
-        out = []
-        # min_p and typical_p off: transformers, the other backends, has neither. (llama.cpp's repetition penalty
-        # looks back 64 tokens, transformers' over the whole context: the same only at the default 1.0.)
-        for token in self.llm.generate(ids, temp=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                                       min_p=0.0, typical_p=1.0, repeat_penalty=config.repetition_penalty):
-            if token == self.eos:
-                break
-            out.append(token)
-            if (on_token and on_token(token)) or len(out) == config.max_new_tokens:
-                break
-        return out
-
-
-def load_engine(path: Path, kind: str, backend: str, eos: int, seed: int, lora: Path | None = None):
-    if kind == "gguf":
-        print(f"loading {path}{f' + {lora}' if lora else ''} with llama.cpp", file=sys.stderr)
-        return LlamaCppEngine(path, seed, lora)
-    print(f"loading {path} ({kind}) with {'Unsloth' if backend == 'unsloth' else 'transformers'} on "
-          f"{'cpu' if backend == 'cpu' else 'cuda'}", file=sys.stderr)
-    if backend == "unsloth":
-        from unsloth import FastLanguageModel  # before transformers and peft, which it patches
-
-        # an adapter's base loads in 4 bits as in training (QLoRA); a merged folder as the 16-bit model it is
-        with fetching(adapter_base(path), "base model", base_elsewhere(path)) if kind == "adapter" else nullcontext():
-            model, _ = FastLanguageModel.from_pretrained(model_name=str(path), load_in_4bit=kind == "adapter",
-                                                         dtype=None)
-        FastLanguageModel.for_inference(model)
-    else:
-        model = _load_transformers(path, kind, "cpu" if backend == "cpu" else "cuda")
-    if kind == "merged":  # an adapter's weights were checked in its file (model_kind)
-        from .model import WeightsError, check_finite
-
-        try:
-            check_finite(model.named_parameters(), path)
-        except WeightsError as err:
-            raise InferError(str(err)) from None
-    from transformers import set_seed
-
-    set_seed(seed)
-    return HFEngine(model, eos)
-
-
-def base_elsewhere(adapter: Path) -> str:
-    """What to do when an adapter's base cannot be had: infer.py reads the base from the adapter's config."""
-    return f"set base_model_name_or_path in {adapter / 'adapter_config.json'} to a local folder with it"
-
-
-def _load_transformers(path: Path, kind: str, device: str):
-    from transformers import AutoModelForCausalLM
-
-    from .device import compute_dtype
-    from .model import load_with_adapter
-
-    if kind == "adapter":
-        return load_with_adapter(path, base=adapter_base(path), device=device, instead=base_elsewhere(path))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype(), use_safetensors=True).to(device).eval()
 
 
 # ---------------------------------------------------------------- answering
@@ -513,8 +346,8 @@ def check_lora(lora: Path, kind: str) -> None:
         raise InferError(f"--lora {lora}: not a LoRA adapter GGUF (export_gguf.py --lora_only writes one)")
 
 
-def open_session(path: Path, config, template: str, backend: str = "auto", seed: int | None = None,
-                 compare_base: bool = False, lora: Path | None = None) -> Session:
+def open_session(path: Path, config, template: str, seed: int, compare_base: bool = False,
+                 lora: Path | None = None) -> Session:
     """The model at `path` (with the LoRA GGUF `lora`) loaded on its backend, with the tokenizer its prompts are
     rendered with."""
     kind = model_kind(path)
@@ -524,8 +357,8 @@ def open_session(path: Path, config, template: str, backend: str = "auto", seed:
         check_lora(lora, kind)
     tokenizer = tokenizer_file(path, kind, config, lora)
     fmt = load_prompt_format(tokenizer, template)
-    engine = load_engine(path, kind, "gguf" if kind == "gguf" else pick_backend(backend, ANSWERING), fmt.eos,
-                         config.seed if seed is None else seed, lora)
+    engine = load_engine(path, kind, "gguf" if kind == "gguf" else pick_backend(config.backend, ANSWERING), fmt.eos,
+                         seed, lora)
     check_vocabulary(engine, fmt, tokenizer)
     return Session(engine, fmt, config, compare_base)
 
@@ -535,8 +368,8 @@ def answer_settings(config, args, template: str, system: str | None) -> dict:
     path, kind = Path(args.model), model_kind(Path(args.model))
     sampling = {name: getattr(config, name) for name, f in FIELDS.items() if f.metadata["group"] == "infer"}
     return {"model": args.model, "base_model": adapter_base(path) if kind == "adapter" else None, "lora": args.lora,
-            "backend": "llama.cpp" if kind == "gguf" else pick_backend(args.backend, ANSWERING), "template": template,
-            "system": system, "seed": config.seed if args.seed is None else args.seed, **sampling}
+            "backend": "llama.cpp" if kind == "gguf" else pick_backend(config.backend, ANSWERING), "template": template,
+            "system": system, "seed": args.seed, **sampling}
 
 
 def run(config, args) -> None:
@@ -546,7 +379,7 @@ def run(config, args) -> None:
         raise InferError("--prompt is empty")
     if args.system and unencodable(args.system):
         raise InferError(f"--system: {unencodable(args.system)}; give the text again as UTF-8")
-    if args.seed is not None and not SEED.ok(args.seed):
+    if not SEED.ok(args.seed):
         raise InferError(f"--seed must be {SEED.must}, got {args.seed}")
     if args.input and not args.output:
         raise InferError("--input needs --output")
@@ -557,7 +390,7 @@ def run(config, args) -> None:
         check_writable(Path(args.output).parent)
     template, system = prompt_settings(lora or path, config, args.system)  # the fine-tune's settings
     rows = read_prompts(Path(args.input), system) if args.input else None
-    session = open_session(path, config, template, args.backend, args.seed, args.compare_base, lora)
+    session = open_session(path, config, template, args.seed, args.compare_base, lora)
     if args.chat:
         chat(session, system)
     elif args.input:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import atomic, report
-from .config import Config, show, to_yaml
+from .config import TRAIN, Config, show, to_yaml
 from .data import is_prepared
 from .device import is_main_process, precision, processes, wait_for_everyone
 from .errors import writing
@@ -29,8 +29,6 @@ from .runfolder import (STAGING, check_output_dir, check_own_files, finished_ste
 from .sft import make_trainer
 from .stopping import (AtLastStep, StopOnSignal, close_progress_bars, oom_advice, resume_command, save_after_oom,
                        stop_at_last_step)
-
-GROUPS = ("data", "base", "model", "train")
 
 
 def run(config: Config, backend: str) -> int:
@@ -99,7 +97,7 @@ def record_settings(config: Config, overwrite: bool) -> None:
     the plan's micro-batches) and saved as config.yaml, the old run's files gone when overwriting."""
     out = Path(config.output_dir)
     if is_main_process():
-        show(config, GROUPS)
+        show(config, TRAIN)
         if overwrite:
             remove_old_run(out, reads=Path(config.dataset) if is_prepared(config.dataset) else out / "data")
         atomic.write_text(out / "config.yaml", to_yaml(config))

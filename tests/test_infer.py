@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import run_script
-from qlora import export, fixtures, gguf_check, infer
+from qlora import engines, export, fixtures, gguf_check, infer
 from qlora.chat import Message, load_prompt_format, tokenizer_file_in
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
@@ -56,7 +56,7 @@ def adapter(trained_adapter):
 def export_dir(adapter, tmp_path_factory):
     """export_gguf.py's layout: merged/ and model-f16.gguf side by side."""
     folder = tmp_path_factory.mktemp("export")
-    export.merge(adapter, infer.adapter_base(adapter), folder / "merged")
+    export.merge(adapter, engines.adapter_base(adapter), folder / "merged")
     return folder
 
 
@@ -194,7 +194,7 @@ def test_prompt_settings_come_from_the_training_run(tmp_path):
 
 def received_ids(session: infer.Session, conversation) -> list[int]:
     """The prompt ids the backend itself received for this conversation (not what we meant to send)."""
-    if isinstance(session.engine, infer.LlamaCppEngine):
+    if isinstance(session.engine, engines.LlamaCppEngine):
         session.engine.llm.reset()
         session.reply(conversation, io.StringIO())
         llm = session.engine.llm
@@ -394,7 +394,7 @@ def test_batch_mode_writes_one_answer_per_line_in_order(adapter, sessions, promp
     assert [w["answer"] for w in written] == sessions["adapter"].answers(conversations, batch_size=3)
     settings = yaml.safe_load((tmp_path / "answers.config.yaml").read_text())  # what the answers came from
     assert (settings["model"], settings["template"], settings["batch_size"]) == (str(adapter), "mistral", 3)
-    assert (settings["backend"], settings["base_model"]) == ("cpu", infer.adapter_base(adapter))
+    assert (settings["backend"], settings["base_model"]) == ("cpu", engines.adapter_base(adapter))
     assert (settings["temperature"], settings["max_new_tokens"]) == (0.0, MAX_NEW)  # infer_cli's flags, not defaults
     assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
 
@@ -469,7 +469,8 @@ def test_a_lora_that_does_not_load_is_one_clear_line(gguf, tmp_path):
 
 
 def test_a_prompts_file_that_is_not_utf8_and_a_batch_size_of_zero_are_one_line_errors(tmp_path):
-    from qlora.infer import InferError, read_prompts
+    from qlora.engines import InferError
+    from qlora.infer import read_prompts
 
     latin1 = tmp_path / "prompts.jsonl"
     latin1.write_bytes('{"prompt": "Café?"}\n'.encode("latin-1"))
