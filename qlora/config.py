@@ -316,6 +316,12 @@ def load_yaml(path: str | Path) -> dict:
     return {k: coerce(k, v, str(path)) for k, v in data.items()}
 
 
+def saved_settings(path: str | Path) -> dict | None:
+    """The settings a run, an export or data_prep saved (its config.yaml), read and checked as a preset is, or None
+    where there is no such file. Raises ConfigError, naming the file, where it holds no settings."""
+    return load_yaml(path) if Path(path).is_file() else None
+
+
 def build_parser(script: str, description: str) -> argparse.ArgumentParser:
     """--config and a flag for each field `script` (a key of SCRIPTS) reads."""
     # Raw description: the scripts' docstrings hold usage examples, one a line, that argparse would run together

@@ -25,7 +25,7 @@ import yaml
 from .atomic import check_writable, write_text
 from .chat import (Conversation, Message, PromptFormat, find_tokenizer_file, load_prompt_format, tokenizer_file_in,
                    unencodable)
-from .config import FIELDS, SEED, ConfigError, load_yaml
+from .config import FIELDS, SEED, ConfigError, saved_settings
 from .device import pick_backend
 from .engines import GPU_BATCH, InferError, adapter_base, load_engine
 
@@ -112,7 +112,7 @@ def run_settings(path: Path) -> dict:
     found = [f / "config.yaml" for f in (start, start.parent, start.parent.parent) if (f / "config.yaml").is_file()]
     for run in [f for f in found if (f.parent / "adapter_config.json").is_file()] + found:
         try:
-            return load_yaml(run)
+            return saved_settings(run)
         except ConfigError as err:  # some other tool's config.yaml: not ours to judge
             print(f"note: not using {run}: {err}", file=sys.stderr)
     return {}

@@ -7,10 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-import yaml
-
 from .chat import find_tokenizer_file, load_prompt_format
-from .config import FIELDS, Config, given_by
+from .config import FIELDS, Config, ConfigError, given_by, saved_settings
 from .data import PREPARED_MARK, is_prepared, load_prepared, prepare_dataset
 from .device import is_main_process, wait_for_everyone
 from .errors import RunError
@@ -22,14 +20,21 @@ def load_data(config: Config):
     if is_prepared(config.dataset):
         return load_prepared(config.dataset)
     data_dir = Path(config.output_dir) / "data"
-    stale = is_prepared(data_dir) and data_settings(yaml.safe_load((data_dir / "config.yaml").read_text())) != \
-        data_settings(config)
+    stale = is_prepared(data_dir) and data_settings(prepared_with(data_dir)) != data_settings(config)
     if (stale or not is_prepared(data_dir)) and is_main_process():
         if stale:
             print(f"note: {data_dir} was prepared with other data settings; preparing it again")
         prepare_dataset(config, data_dir)
     wait_for_everyone()
     return load_prepared(data_dir)
+
+
+def prepared_with(data_dir: Path) -> dict:
+    """The settings a prepared folder was prepared with ({} where they cannot be read: it is then prepared again)."""
+    try:
+        return saved_settings(data_dir / "config.yaml") or {}
+    except ConfigError:
+        return {}
 
 
 def data_settings(config: Config | dict) -> dict:
@@ -46,9 +51,9 @@ def as_prepared(config: Config) -> Config:
     if not is_prepared(config.dataset) or not saved.is_file():
         return config
     try:
-        prepared = yaml.safe_load(saved.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise RunError(f"{saved}: not readable ({str(err).splitlines()[0]}); prepare {config.dataset} again") from None
+        prepared = saved_settings(saved)
+    except ConfigError as err:
+        raise RunError(f"{err}; prepare {config.dataset} again") from None
     fixed = [name for name, f in FIELDS.items()
              if f.metadata["group"] == "data" and name not in ("dataset", "seed") and name in (prepared or {})]
     given = [name for name in fixed if getattr(config, name) not in (prepared[name], FIELDS[name].default)]

@@ -15,12 +15,10 @@ import zipfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import yaml
-
 from . import atomic
 from .atomic import _alive, check_writable
 from .chat import find_tokenizer_file
-from .config import FIELDS, Config, is_dump
+from .config import FIELDS, Config, ConfigError, is_dump, saved_settings
 from .data import is_prepared
 from .device import is_main_process
 from .errors import RunError, writing
@@ -195,10 +193,10 @@ def check_resumed_settings(config: Config, checkpoint: Path) -> None:
     train silently into another model."""
     saved = checkpoint.parent / "config.yaml"
     try:
-        run = yaml.safe_load(saved.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        run = saved_settings(saved)
+    except ConfigError:
         run = None
-    if not isinstance(run, dict):
+    if run is None:
         return  # no record of the run's settings
     differ = [name for name in RESUME_FIXED if name in run and run[name] != getattr(config, name)]
     if differ:
