@@ -48,9 +48,10 @@ export MISTRAL_TOKENIZER_MODEL=$carried/tokenizer.model
 "$py" - "$work" <<'EOF'
 import sys
 from pathlib import Path
+from bench import standins
 from qlora import fixtures
 work = Path(sys.argv[1])
-fixtures.save_standin(work / "standin", num_layers=2)
+standins.save_standin(work / "standin", num_layers=2)
 fixtures.write_jsonl(work / "sample.jsonl", fixtures.sample_rows())
 EOF
 "$py" train_unsloth.py --model_name "$work/standin" --dataset "$work/sample.jsonl" --max_steps 5 --save_steps 5 \

@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 echo "setup: ${SECONDS} s"
 
 [ -f "$MODEL/config.json" ] ||
-    "$PY" -c "from pathlib import Path; from qlora import fixtures; fixtures.save_standin(Path('$MODEL'))"
+    "$PY" -c "from pathlib import Path; from bench import standins; standins.save_standin(Path('$MODEL'))"
 echo "stand-in: ${SECONDS} s"
 
 export MPS_PIPE=/tmp/qlora-bench-mps-pipe MPS_LOG=/tmp/qlora-bench-mps-log  # bench_train.py's MPS folders
