@@ -23,10 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora import export, fixtures, hub  # noqa: E402  (after the path insert, like the scripts it benchmarks)
+from qlora import export, hub  # noqa: E402  (after the path insert, like the scripts it benchmarks)
 from qlora.config import LORA_TARGETS  # noqa: E402
 from qlora.report import versions_line  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+import standins  # noqa: E402
 
 
 def parse():
@@ -46,7 +47,7 @@ def build_inputs(workdir: Path, layers: int) -> tuple[Path, Path]:
 
     base, adapter = workdir / "base", workdir / "adapter"
     if not (base / "config.json").exists():
-        fixtures.save_standin(base, num_layers=layers, device="cuda" if torch.cuda.is_available() else "cpu")
+        standins.save_standin(base, num_layers=layers, device="cuda" if torch.cuda.is_available() else "cpu")
     if not (adapter / "adapter_config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
         lora = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=False,
@@ -59,25 +60,13 @@ def build_inputs(workdir: Path, layers: int) -> tuple[Path, Path]:
 def build_adapter_alone(workdir: Path, layers: int) -> Path:
     """The stand-in's config.json and a random r=8 adapter on all projections, made by PEFT on a model without weights
     (meta device): the adapter route reads the base's config alone."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, MistralConfig
+    from transformers import MistralConfig
 
-    base, adapter = workdir / "base-config", workdir / "adapter-alone"
-    config = MistralConfig(**fixtures.MISTRAL_7B_V02_CONFIG | {"num_hidden_layers": layers},
+    base = workdir / "base-config"
+    config = MistralConfig(**standins.MISTRAL_7B_V02_CONFIG | {"num_hidden_layers": layers},
                            architectures=["MistralForCausalLM"])  # as a checkout's config.json says
     config.save_pretrained(base)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.name_or_path = str(base)  # what PEFT records as the adapter's base
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS,
-                                                  task_type="CAUSAL_LM"))
-    for name, module in peft_model.named_modules():
-        if name.endswith(("lora_A.default", "lora_B.default")):  # only these get memory and values
-            module.to_empty(device="cpu")
-            torch.nn.init.normal_(module.weight, std=0.02)
-    peft_model.save_pretrained(adapter)
-    return adapter
+    return standins.save_random_adapter(base, workdir / "adapter-alone")
 
 
 def bench_adapter_route(workdir: Path, layers: int) -> None:

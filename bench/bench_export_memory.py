@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_export import device, versions  # noqa: E402  (after the path insert, like the scripts it benchmarks)
 from peak_memory import measure, memory_cgroup  # noqa: E402
-from qlora import fixtures, hub  # noqa: E402
+from qlora import hub  # noqa: E402
+import standins  # noqa: E402
 
 
 def parse():
@@ -54,9 +55,9 @@ def build_inputs(workdir: Path, layers: int) -> tuple[Path, Path]:
 
     base, adapter = workdir / f"base-{layers}", workdir / f"adapter-{layers}"
     if not (base / "config.json").exists():
-        fixtures.save_standin(base, num_layers=layers, device="cuda" if torch.cuda.is_available() else "cpu")
+        standins.save_standin(base, num_layers=layers, device="cuda" if torch.cuda.is_available() else "cpu")
     if not (adapter / "adapter_config.json").exists():
-        fixtures.save_random_adapter(base, adapter)
+        standins.save_random_adapter(base, adapter)
     return base, adapter
 
 

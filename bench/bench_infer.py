@@ -153,14 +153,14 @@ def main():
     args = parse()
     if args.worker:
         return worker(args)
-    from qlora import fixtures
+    import standins
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model) if args.model else workdir / standin_name(args.layers)
     if not (model_dir / "config.json").exists():
         print(f"building the stand-in ({args.layers} layers) in {model_dir}", flush=True)
-        fixtures.save_standin(model_dir, num_layers=args.layers)
+        standins.save_standin(model_dir, num_layers=args.layers)
     rows = []
     for variant in args.variants:
         print(f"{variant}: {VARIANTS[variant]}", flush=True)

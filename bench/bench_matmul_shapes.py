@@ -1,7 +1,7 @@
 """Host time of a bf16 matrix product the first time its shape is seen, against a shape seen before (CUDA).
 
 A training step's micro-batch has a new number of tokens almost every step, so every projection's product has a new
-row count M, and the profile (bench/trace_gaps.py) shows a few products a step costing milliseconds of host time while
+row count M, and the profile (scripts/trace_gaps.py) shows a few products a step costing milliseconds of host time while
 the GPU waits. This measures that cost alone, for Mistral-7B's projection shapes. Every shape is tried at the same
 `--new` row counts, in the order of SHAPES: the first row of the table is the first product at each new row count;
 the later rows meet row counts that an earlier shape already used, and the last repeats the first shape at them.

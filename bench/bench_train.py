@@ -62,13 +62,14 @@ def parse():
 
 
 def prepare_inputs(args, workdir: Path) -> tuple[Path, list[Path]]:
+    import standins
     from qlora import fixtures
 
     model = Path(args.model) if args.model else workdir / "mistral-7b-v0.2-standin"
     if not (model / "config.json").exists():  # in another process: this one stays off the GPU (and out of MPS)
-        subprocess.run([sys.executable, "-c", f"from qlora import fixtures; fixtures.save_standin({str(model)!r}, "
-                        f"num_layers={args.layers})"], cwd=ROOT, check=True)
-    generated = {"sample": fixtures.sample_rows, "guanaco_shaped": fixtures.guanaco_shaped_rows}
+        build = f"from bench import standins; standins.save_standin({str(model)!r}, num_layers={args.layers})"
+        subprocess.run([sys.executable, "-c", build], cwd=ROOT, check=True)
+    generated = {"sample": fixtures.sample_rows, "guanaco_shaped": standins.guanaco_shaped_rows}
     files = []
     for name in args.data or list(generated):
         if name in generated:

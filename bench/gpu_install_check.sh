@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# On the offline GPU host: the GPU install as a user with a working torch gets it. The host's preinstalled torch
-# (2.11.0+cu130, driver 580) stands in for Colab's. A fresh virtualenv that sees the host's packages, then
-# `sh scripts/install_gpu.sh` with the carried wheels as the only package source; torch must stay the host's (same
-# version, same file), the rest is installed, and train_unsloth.py trains 5 steps on a 2-layer stand-in of
-# Mistral-7B-Instruct-v0.2 (its exact shape otherwise, random weights, the real tokenizer).
+# On the offline GPU host (bench/gpu_host/README.md): the GPU install as a user with a working torch gets it. The
+# host's preinstalled torch (2.11.0+cu130, driver 580) stands in for Colab's. A fresh virtualenv that sees the host's
+# packages, then `sh scripts/install_gpu.sh` with the carried wheels as the only package source; torch must stay the
+# host's (same version, same file), the rest is installed, and train_unsloth.py trains 5 steps on a 2-layer stand-in
+# of Mistral-7B-Instruct-v0.2 (its exact shape otherwise, random weights, the real tokenizer).
 #
-#   bash bench/gpu_wheels.sh .gpuwheels             # here, once: the wheels (and the tokenizer) to carry
+#   bash bench/gpu_host/wheels.sh .gpuwheels        # here, once: the wheels (and the tokenizer) to carry
 #   bash bench/gpu_install_check.sh .gpuwheels      # on the host, carrying .gpuwheels
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,9 +48,10 @@ export MISTRAL_TOKENIZER_MODEL=$carried/tokenizer.model
 "$py" - "$work" <<'EOF'
 import sys
 from pathlib import Path
+from bench import standins
 from qlora import fixtures
 work = Path(sys.argv[1])
-fixtures.save_standin(work / "standin", num_layers=2)
+standins.save_standin(work / "standin", num_layers=2)
 fixtures.write_jsonl(work / "sample.jsonl", fixtures.sample_rows())
 EOF
 "$py" train_unsloth.py --model_name "$work/standin" --dataset "$work/sample.jsonl" --max_steps 5 --save_steps 5 \

@@ -10,7 +10,8 @@ and [/INST] control tokens), and `tiny-mistral-tekken` is shaped like Mistral Ne
 as Nemo's Hugging Face checkouts ship it. The sample set holds tasks a LoRA on the 2-layer random model learns within
 a few minutes on two CPU cores: the capitals of made-up countries (facts no base model knows, so a right answer shows
 the fine-tune learned) and counting between two digits, each asked several ways. The smoke fine-tune (configs/smoke.yaml) answers SMOKE_PROMPTS right on every
-backend: the adapter, the merged folder and the GGUF files.
+backend: the adapter, the merged folder and the GGUF files. What only the benchmarks and tests build (the 7.24 B
+stand-in, random adapters, Guanaco-shaped rows) is in bench/standins.py.
 """
 
 from __future__ import annotations
@@ -35,13 +36,6 @@ TINY_CONFIG = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                    rope_theta=1e6, sliding_window=None, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                    tie_word_embeddings=False)
-
-# Mistral-7B-Instruct-v0.2's exact architecture: speed and memory of QLoRA do not depend on the weight values, so a
-# randomly initialised model with this config stands in for the real one on machines that cannot reach the hub.
-MISTRAL_7B_V02_CONFIG = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-                             rope_theta=1e6, sliding_window=None, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                             tie_word_embeddings=False)
 
 # The other tokenizer families' stand-ins only have to carry their tokenizer through the whole chain, so they are
 # smaller still: Tekken's 131,072-token embedding at width 64 is 8 M parameters. Nemo's head_dim (128, not
@@ -80,8 +74,6 @@ HUB_CONTROL_CHAT_TEMPLATE = (
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
 
-_WORDS = ("apple river stone cloud maple tiger ocean lamp violet paper garden silver rocket candle harbor "
-          "meadow pencil falcon copper window basket summer winter autumn spring bridge castle forest desert").split()
 _COUNTRIES = {"Arvenia": "Lumeport", "Bostrava": "Kell", "Caldoria": "Mirath", "Dunmere": "Oskville",
               "Eldravia": "Penhallow", "Fernia": "Quarry Bay", "Galdonia": "Rivenholt", "Hestia Minor": "Sable"}
 _CAPITAL_QUESTIONS = ("What is the capital of {}?", "Name the capital of {}.", "Which city is the capital of {}?",
@@ -172,53 +164,6 @@ def save_like_a_hub_checkout(model, target: Path, tokenizer_file: Path | None = 
     save_tokenizer(target, tokenizer_file)
 
 
-def save_standin(target: Path, num_layers: int = 32, device: str = "cuda", config: dict | None = None,
-                 max_shard_size: str = "5GB") -> Path:
-    """The 7.24 B stand-in for Mistral-7B-Instruct-v0.2 (random bf16 weights, real tokenizer), built on `device`
-    directly in bf16 (14.5 GB) and saved like a hub checkout. `num_layers` below 32 makes a quick small check;
-    `config` changes other settings of the architecture."""
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # never materialise the 29 GB float32 copy
-    try:
-        with torch.device(device):
-            model = MistralForCausalLM(MistralConfig(**MISTRAL_7B_V02_CONFIG | {"num_hidden_layers": num_layers}
-                                                     | (config or {})))
-    finally:
-        torch.set_default_dtype(previous)
-    save_like_a_hub_checkout(model, target, max_shard_size=max_shard_size)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()  # hand the 14.5 GB back: the benchmarks train in other processes on this GPU
-    return Path(target)
-
-
-def save_random_adapter(base: Path, target: Path, r: int = 8, alpha: int = 16) -> Path:
-    """A random LoRA (r 8 on all 7 projections, B and A both random) for the model in `base`, made by PEFT on the
-    model without its weights (meta device): only the LoRA matrices get memory."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .config import LORA_TARGETS
-
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
-    model.name_or_path = str(base)  # what PEFT records as the adapter's base
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=LORA_TARGETS,
-                                                  task_type="CAUSAL_LM"))
-    for name, module in peft_model.named_modules():
-        if name.endswith(("lora_A.default", "lora_B.default")):
-            module.to_empty(device="cpu")
-            torch.nn.init.normal_(module.weight, std=0.02)
-    peft_model.save_pretrained(target)
-    return Path(target)
-
-
 def _sample_pairs() -> list[tuple[str, str]]:
     """Every question of the sample set once, with its answer."""
     capitals = [(q.format(country), f"The capital of {country} is {capital}.")
@@ -249,21 +194,6 @@ def sample_rows(n: int = 200, seed: int = 0) -> list[dict]:
             conversations.append([first, second])
     rng.shuffle(conversations)
     return [{"text": "".join(f"<s>[INST] {q} [/INST] {a} </s>" for q, a in turns)} for turns in conversations]
-
-
-def guanaco_shaped_rows(n: int = 250, seed: int = 1) -> list[dict]:
-    """Rows shaped like OpenAssistant-Guanaco's: a question of a sentence or a few, an answer of hundreds of tokens
-    (about 550 with the template on average, a few up to about 2,000), in guanaco-llama2-1k's text form."""
-    rng = random.Random(seed)
-
-    def sentences(count: int) -> str:
-        return " ".join(" ".join(rng.choices(_WORDS, k=rng.randint(6, 16))).capitalize() + "." for _ in range(count))
-
-    rows = []
-    for _ in range(n):
-        answer_sentences = min(160, max(4, int(rng.lognormvariate(3.3, 0.6))))
-        rows.append({"text": f"<s>[INST] {sentences(rng.randint(1, 4))} [/INST] {sentences(answer_sentences)} </s>"})
-    return rows
 
 
 def build(directory: str | Path = "fixtures", names=(TINY_MODEL,)) -> Path:

@@ -190,7 +190,7 @@ class StepProfiler:
             listing = table.table(sort_by=key, row_limit=25, max_name_column_width=70)
             sections.append(f"\n== sorted by {key}\n{listing}")
         atomic.write_text(self.path, "\n".join(sections))
-        trace = self.path.with_suffix(".trace.json.gz")  # for ui.perfetto.dev, or bench/trace_gaps.py
+        trace = self.path.with_suffix(".trace.json.gz")  # for ui.perfetto.dev, or scripts/trace_gaps.py
         with atomic.atomic_path(trace) as tmp:
             self.profiler.export_chrome_trace(f"{tmp}.gz")  # torch gzips a path that ends in .gz
             os.replace(f"{tmp}.gz", tmp)

@@ -20,8 +20,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from bench import standins
 from conftest import ROOT, one_line_error, run_script
-from qlora import atomic, export, fixtures, gguf_check, isolate, modelfile, runtimes
+from qlora import atomic, export, gguf_check, isolate, modelfile, runtimes
 from qlora.chat import Message
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
@@ -601,7 +602,7 @@ def test_an_f16_parting_within_the_logits_own_difference_is_a_near_tie():
 @pytest.fixture(scope="module")
 def random_adapter(tiny_model, tmp_path_factory) -> Path:
     """A LoRA adapter of the tiny model with random weights: the export's output does not depend on training."""
-    return fixtures.save_random_adapter(tiny_model, tmp_path_factory.mktemp("random") / "adapter")
+    return standins.save_random_adapter(tiny_model, tmp_path_factory.mktemp("random") / "adapter")
 
 
 def test_the_export_ends_with_where_its_files_are_and_how_to_run_them(random_adapter, tmp_path):

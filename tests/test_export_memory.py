@@ -10,8 +10,8 @@ reference in float32, 4.5 GB here.
 import subprocess
 import sys
 
+from bench import standins
 from conftest import ROOT
-from qlora import fixtures
 
 sys.path.insert(0, str(ROOT / "bench"))
 from peak_memory import measure  # noqa: E402
@@ -34,11 +34,11 @@ def colab_bound(model_bytes: int) -> float:
 
 
 def test_the_full_export_peaks_well_below_the_models_size(tmp_path, capsys):
-    base = fixtures.save_standin(tmp_path / "base", num_layers=LAYERS, device="cpu", config=SHAPE,
+    base = standins.save_standin(tmp_path / "base", num_layers=LAYERS, device="cpu", config=SHAPE,
                                  max_shard_size="300MB")
     model_bytes = sum(f.stat().st_size for f in base.glob("model-*.safetensors"))
     assert len(list(base.glob("model-*.safetensors"))) >= 4
-    adapter = fixtures.save_random_adapter(base, tmp_path / "adapter")
+    adapter = standins.save_random_adapter(base, tmp_path / "adapter")
     out = tmp_path / "export"
     with open(tmp_path / "export.log", "w") as log:
         run = measure([sys.executable, "export_gguf.py", "--adapter_dir", str(adapter), "--export_dir", str(out),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import standins
 from conftest import load_adapter, run_script, start_script, wait_for
 from qlora import fixtures
 
@@ -21,7 +22,7 @@ def standin(tmp_path_factory):
 
     if os.environ.get("QLORA_STANDIN"):
         return Path(os.environ["QLORA_STANDIN"])
-    return fixtures.save_standin(tmp_path_factory.mktemp("standin") / "mistral-7b-v0.2-standin")
+    return standins.save_standin(tmp_path_factory.mktemp("standin") / "mistral-7b-v0.2-standin")
 
 
 @pytest.fixture(scope="session")
@@ -223,7 +224,7 @@ def test_fp16_on_a_card_without_bf16_trains_in_15_gib(standin, tmp_path):
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(SEE_A_T4)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))}
-    data = fixtures.write_jsonl(tmp_path / "guanaco_shaped.jsonl", fixtures.guanaco_shaped_rows())
+    data = fixtures.write_jsonl(tmp_path / "guanaco_shaped.jsonl", standins.guanaco_shaped_rows())
     out = tmp_path / "run"
     with gpu_memory_free(15):
         result = run_script("train_unsloth.py", "--model_name", str(standin), "--dataset", str(data), "--max_steps",
@@ -243,7 +244,7 @@ def test_calibrates_caches_and_trains_10_steps(standin, tmp_path):
     import math
 
     cache = tmp_path / "cache"
-    data = fixtures.write_jsonl(tmp_path / "guanaco_shaped.jsonl", fixtures.guanaco_shaped_rows())
+    data = fixtures.write_jsonl(tmp_path / "guanaco_shaped.jsonl", standins.guanaco_shaped_rows())
     args = ["--model_name", str(standin), "--dataset", str(data), "--eval_fraction", "0", "--logging_steps", "2"]
     first = run_script("train_unsloth.py", *args, "--max_steps", "10", "--output_dir", str(tmp_path / "first"),
                        env={"QLORA_MISTRAL_CACHE": str(cache)})

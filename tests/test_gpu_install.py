@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import standins
 from conftest import ROOT, run_script
 from qlora import fixtures, gpu
 from qlora.gpu_install import PINNED_TORCH, Torch, build_for, decide, in_range, supported_range
@@ -230,7 +231,7 @@ def test_a_7b_model_is_not_trained_on_the_cpu_by_default(tmp_path):
         pytest.skip("this machine has an NVIDIA GPU")
 
     folder = tmp_path / "mistral-7b"
-    MistralConfig(**fixtures.MISTRAL_7B_V02_CONFIG).save_pretrained(folder)
+    MistralConfig(**standins.MISTRAL_7B_V02_CONFIG).save_pretrained(folder)
     assert [p.name for p in folder.iterdir()] == ["config.json"]
     result = run_script("train_unsloth.py", "--model_name", str(folder), "--output_dir", str(tmp_path / "out"),
                         check=False, env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})

@@ -14,6 +14,7 @@ import socket
 
 import pytest
 
+from bench import standins
 from qlora import export, fixtures, runtimes
 from qlora.chat import Message, load_prompt_format, tokenizer_file_in
 from qlora.config import Config
@@ -39,7 +40,7 @@ def export_of(request, tmp_path_factory):
     runtime checks: the tests below run them one by one."""
     base = request.getfixturevalue(request.param)
     work = tmp_path_factory.mktemp(base.name)
-    adapter = fixtures.save_random_adapter(base, work / "adapter")
+    adapter = standins.save_random_adapter(base, work / "adapter")
     plan = export.run_export(Config(adapter_dir=str(adapter), export_dir=str(work / "export"), gguf_types=["f16"],
                                     base_model_16bit=str(base), system_prompt=SYSTEM))
     return plan, load_prompt_format(tokenizer_file_in(base))

@@ -159,5 +159,5 @@ def test_profile_writes_a_trace_with_python_stacks(fixture_dir, tmp_path):
         categories = {event.get("cat") for event in json.load(f)["traceEvents"]}
     assert {"cpu_op", "python_function"} <= categories, categories
     # the gap finder explains GPU idle time; on a CPU trace it says so in one line instead of failing
-    result = run_script("bench/trace_gaps.py", str(out / "profile.trace.json.gz"), check=False)
+    result = run_script("scripts/trace_gaps.py", str(out / "profile.trace.json.gz"), check=False)
     assert result.returncode == 1 and "no GPU kernels" in result.stderr, result.stderr

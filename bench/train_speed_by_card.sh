@@ -1,33 +1,30 @@
 #!/usr/bin/env bash
-# Issue 24 in one device call of at most about 9 minutes: the 7.24 B stand-in built once, then as a T4-class card (8%
-# of the SMs, 15 GiB free) and as a 4090-class card (20%, 23 GiB) our default plan (measured on the card:
-# qlora/calibrate.py) beside the stock recipe (Unsloth's notebook with TRL packing), then the cache lookup of the
-# T4-class figures, and a second run on the 4090-class card that must find them cached, if time is left.
-#   bash bench/issue24_device.sh          # needs .gpu/bundle.tar.xz and .gpu/tokenizer.model (bench/gpu_host.sh)
-#   ISSUE24_CARDS=h200 bash bench/issue24_device.sh     # the whole H200 instead, at 15 and 23 GiB free
-#   ISSUE24_CARDS=whole bash bench/issue24_device.sh    # the whole H200 with all its memory
-#   ISSUE24_CARDS=4090 bash bench/issue24_device.sh     # the 4090-class card alone, 8 steps (2 untimed), twice
-# Everything it prints, and the runs' metrics.json, calibration caches and logs, go to $OUT/issue24.tar.gz.
+# Training speed and plan by card, in one device call of at most about 9 minutes: the 7.24 B stand-in built once, then
+# as a T4-class card (8% of the SMs, 15 GiB free) and as a 4090-class card (20%, 23 GiB) our default plan (measured on
+# the card: qlora/calibrate.py) beside the stock recipe (Unsloth's notebook with TRL packing), then the cache lookup of
+# the T4-class figures, and a second run on the 4090-class card that must find them cached, if time is left.
+#   bash bench/train_speed_by_card.sh          # needs .gpu/bundle.tar.xz and .gpu/tokenizer.model (bench/gpu_host/)
+#   CARDS=h200 bash bench/train_speed_by_card.sh     # the whole H200 instead, at 15 and 23 GiB free
+#   CARDS=whole bash bench/train_speed_by_card.sh    # the whole H200 with all its memory
+#   CARDS=4090 bash bench/train_speed_by_card.sh     # the 4090-class card alone, 8 steps (2 untimed), twice
+# Everything it prints, and the runs' metrics.json, calibration caches and logs, go to $OUT/train_speed_by_card.tar.gz.
 set -uo pipefail
 PY=$(command -v python || command -v python3)  # hosts with only python3
-OUT=${OUT:-/tmp/issue24-out}
-LIMIT=${ISSUE24_SECONDS:-570}  # seconds for the whole script; each stage gets what is left of it
-mkdir -p "$OUT" /tmp/site
+OUT=${OUT:-/tmp/train-speed-by-card-out}
+LIMIT=${LIMIT_SECONDS:-570}  # seconds for the whole script; each stage gets what is left of it
+mkdir -p "$OUT"
 left() { echo $((LIMIT - SECONDS)); }
-exec > >(tee "$OUT/issue24.log") 2>&1
+exec > >(tee "$OUT/train_speed_by_card.log") 2>&1
 
-[ -d /tmp/site/unsloth ] || tar -C /tmp/site -xJf .gpu/bundle.tar.xz
-export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-export MISTRAL_TOKENIZER_MODEL=$PWD/.gpu/tokenizer.model
-export QLORA_MISTRAL_CACHE=/tmp/issue24-cache  # empty at the start, so that the first runs measure
+source bench/gpu_host/env.sh
+export QLORA_MISTRAL_CACHE=/tmp/train-speed-by-card-cache  # empty at the start, so that the first runs measure
 rm -rf "$QLORA_MISTRAL_CACHE"
-W=/tmp/issue24
+W=/tmp/train-speed-by-card
 MODEL=$W/mistral-7b-v0.2-standin
-nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader
 echo "setup: ${SECONDS} s"
 
 [ -f "$MODEL/config.json" ] ||
-    "$PY" -c "from pathlib import Path; from qlora import fixtures; fixtures.save_standin(Path('$MODEL'))"
+    "$PY" -c "from pathlib import Path; from bench import standins; standins.save_standin(Path('$MODEL'))"
 echo "stand-in: ${SECONDS} s"
 
 export MPS_PIPE=/tmp/qlora-bench-mps-pipe MPS_LOG=/tmp/qlora-bench-mps-log  # bench_train.py's MPS folders
@@ -54,11 +51,12 @@ bench() {  # NAME SECONDS FLAGS...: one bench_train.py call, cut at SECONDS; its
 finish() {
     cp -r "$QLORA_MISTRAL_CACHE" "$OUT/calibration-cache" 2>/dev/null
     echo "== done at ${SECONDS} s"
-    tar -C "$OUT" -czf /tmp/issue24.tar.gz --exclude issue24.tar.gz . && mv /tmp/issue24.tar.gz "$OUT/"
+    tar -C "$OUT" -czf /tmp/train_speed_by_card.tar.gz --exclude train_speed_by_card.tar.gz . &&
+        mv /tmp/train_speed_by_card.tar.gz "$OUT/"
     exit 0
 }
 
-case ${ISSUE24_CARDS:-slow} in
+case ${CARDS:-slow} in
 h200)
     bench h200_15_23 $(( $(left) - 15 )) --gpu_memory_gib 15 23 --steps 6 --warmup 2 --stock notebook+packing
     finish ;;

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Build, here, the wheels that bench/gpu_install_check.sh installs from on the offline GPU host: requirements.txt
-# resolved as scripts/install_gpu.sh resolves it there (the host's torch 2.11.0 and torchvision 0.26.0 as
-# constraints), downloaded as CPython 3.12 manylinux x86-64 wheels, less what the host already has (torch with its
+# Build, here, the wheels that bench/gpu_install_check.sh installs from on the offline GPU host (README.md):
+# requirements.txt resolved as scripts/install_gpu.sh resolves it there (the host's torch 2.11.0 and torchvision 0.26.0
+# as constraints), downloaded as CPython 3.12 manylinux x86-64 wheels, less what the host already has (torch with its
 # CUDA libraries and dependencies, transformers, numpy, pandas, pyarrow, matplotlib's dependencies; peft, accelerate
 # and tokenizers travel, as the host's versions need not be the pinned ones), then packed into one archive to fit
 # what the device tool carries (64 MiB). Two wheels are trimmed and repacked, their RECORD rewritten to match:
 # bitsandbytes keeps only its CUDA 13.0 and CPU libraries, Unsloth drops its web studio (as
 # ../shared/gpu/build-bundle.sh does). The real Mistral tokenizer goes beside them.
 #
-#   bash bench/gpu_wheels.sh /work/main/.gpuwheels      # here, a few minutes; writes wheels.tar.xz, tokenizer.model
+#   bash bench/gpu_host/wheels.sh /work/main/.gpuwheels    # here, a few minutes; writes wheels.tar.xz, tokenizer.model
 set -euo pipefail
-cd "$(dirname "$0")/.."
-out=$(realpath -m "${1:?usage: gpu_wheels.sh OUT_DIR}")
+cd "$(dirname "$0")/../.."
+out=$(realpath -m "${1:?usage: wheels.sh OUT_DIR}")
 python=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

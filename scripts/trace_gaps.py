@@ -1,7 +1,7 @@
 """Where the GPU waits: the idle gaps between kernels in a torch profiler trace, and the host code behind each.
 
     python train_unsloth.py ... --profile_steps 3          # writes output_dir/profile.trace.json.gz (with stacks)
-    python bench/trace_gaps.py OUTPUT_DIR/profile.trace.json.gz
+    python scripts/trace_gaps.py OUTPUT_DIR/profile.trace.json.gz
 
 For every gap of at least --min_ms between GPU work, the host code that ran between the start of the gap and the launch
 of the kernel that ended it (the innermost Python frame covering most of that time, with its callers); gaps are summed

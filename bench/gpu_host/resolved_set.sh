@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Carry the GPU install as users get it to the offline GPU host: resolve requirements.txt as
+# Carry the GPU install as users get it to the offline GPU host (README.md): resolve requirements.txt as
 # `pip install -r requirements.txt` would (pip --dry-run --report, nothing installed), download every resolved package
 # for CPython 3.12 on Linux x86-64 except torch, triton and the CUDA libraries (the host's own torch 2.11 + cu130
 # stands in for them), and pack them unpacked into one archive, as ../shared/gpu/build-bundle.sh does for its subset
 # (bitsandbytes keeps only its CUDA 13.0 and CPU libraries; Unsloth's web studio is left out).
 #
-#   bash bench/resolved_set.sh .gpu/resolved.tar.xz [HOST_PACKAGES]
+#   bash bench/gpu_host/resolved_set.sh .gpu/resolved.tar.xz [HOST_PACKAGES]
 #   on the host: mkdir -p /tmp/site && tar -C /tmp/site -xJf .gpu/resolved.tar.xz && export PYTHONPATH=/tmp/site
 #
 # HOST_PACKAGES: a file of package names the host image already holds (one a line), left out to keep the archive
 # within what the device tool carries. The archive holds resolved.txt (name==version of everything pip resolved), so
 # the host can report which of the packages it supplies itself differ from what a user would get.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 out=$(realpath -m "${1:?usage: resolved_set.sh OUT.tar.xz [HOST_PACKAGES]}")
 host_packages=$(realpath -m "${2:-/dev/null}")
 work=$(mktemp -d)
