@@ -13,7 +13,7 @@ import yaml
 
 from .config import FIELDS, Config, is_dump
 from .hub import LOCAL_BASE, fetching, parameter_count
-from .model import check_safetensors_adapter
+from .model import adapter_base, check_safetensors_adapter
 
 # 4-bit repos whose 16-bit original is known: merging into the original avoids NF4's rounding of the base weights.
 KNOWN_16BIT = {
@@ -32,12 +32,10 @@ OLLAMA_PREFERRED = "q4_k_m"  # Ollama's own default quantization: the Modelfile'
 
 ADAPTER_GGUF = "adapter.gguf"
 BASE_GGUF = "base-f16.gguf"  # --convert_base's output, the base adapter.gguf is checked on
-# Ollama library models of known bases: the adapter's Modelfile FROM when --ollama_base is not given.
-OLLAMA_BASES = {"unsloth/mistral-7b-instruct-v0.2-bnb-4bit": "mistral:7b-instruct-v0.2",
-                "mistralai/Mistral-7B-Instruct-v0.2": "mistral:7b-instruct-v0.2",
-                "unsloth/mistral-7b-instruct-v0.3-bnb-4bit": "mistral:v0.3",
+# Ollama library models of known bases (a 4-bit repo's by its 16-bit original, KNOWN_16BIT): the adapter's Modelfile
+# FROM when --ollama_base is not given.
+OLLAMA_BASES = {"mistralai/Mistral-7B-Instruct-v0.2": "mistral:7b-instruct-v0.2",
                 "mistralai/Mistral-7B-Instruct-v0.3": "mistral:v0.3",
-                "unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit": "mistral-nemo:12b",
                 "mistralai/Mistral-Nemo-Instruct-2407": "mistral-nemo:12b"}
 # adapter_config.json settings that llama.cpp's LoRA (W + alpha / r * B @ A on each matrix) cannot express
 UNSUPPORTED_LORA = {"use_dora": "DoRA", "use_rslora": "rsLoRA's alpha / sqrt(r) scale",
@@ -124,8 +122,6 @@ def job_for(config: Config) -> ExportJob:
 
 def resolve_base(adapter_dir: Path, base_model_16bit: str | None) -> tuple[str, bool, str]:
     """(base to merge into, whether it must be dequantized, a sentence saying which and why)."""
-    from .model import adapter_base
-
     if base_model_16bit:
         return base_model_16bit, False, f"merging into {base_model_16bit} (--base_model_16bit)"
     trained_on = adapter_base(adapter_dir)
@@ -184,8 +180,6 @@ def is_export_output(name: str) -> bool:
 def adapter_job(config: Config, adapter_dir: Path, export_dir: Path, system: str | None) -> ExportJob:
     """--lora_only: adapter.gguf and its Modelfile; checked in llama.cpp on a base GGUF given or converted. Without a
     check the base's weights are neither read nor downloaded."""
-    from .model import adapter_base
-
     check_convertible(adapter_dir)
     trained_on = adapter_base(adapter_dir)
     ollama = ollama_base(trained_on, config.ollama_base, export_dir / BASE_GGUF if config.convert_base else None)
@@ -227,8 +221,9 @@ def ollama_base(trained_on: str, given: str | None, converted: Path | None = Non
         if not Path(given).is_file():
             raise ExportError(f"--ollama_base {given}: no such file")
         return str(Path(given).resolve())
-    if given or trained_on in OLLAMA_BASES:
-        return given or OLLAMA_BASES[trained_on]
+    known = OLLAMA_BASES.get(KNOWN_16BIT.get(trained_on, trained_on))
+    if given or known:
+        return given or known
     if converted is not None:
         return beside
     raise ExportError(f"--ollama_base: no Ollama model known for the base {trained_on}; pass --ollama_base with an "
