@@ -47,6 +47,7 @@ STRICT_BASE_TYPES = ("ALL_F32", "MOSTLY_F16")
 
 
 def run_export(config: Config, prompts: list[Conversation] = CHECK_PROMPTS) -> ExportJob:
+    """export_gguf.py's work: the job decided from `config`, then run in its folder (one export at a time there)."""
     job = job_for(config)
     check_gpu(job.dequantize and not config.lora_only)
     with runfolder.locked(job.export_dir):  # one export at a time into a folder
@@ -54,6 +55,8 @@ def run_export(config: Config, prompts: list[Conversation] = CHECK_PROMPTS) -> E
 
 
 def run_job(config: Config, job: ExportJob, prompts: list[Conversation]) -> ExportJob:
+    """Every file of the job written in a staging folder swapped in whole, then the report's table, its verdict and
+    the export's last words."""
     needed = LORA_CONVERTER if config.lora_only else HF_CONVERTER if job.gguf_types else None
     converter = find_converter(needed) if needed else None
     print(job.base_note, flush=True)
