@@ -8,7 +8,8 @@ each file against the merged model (export_report.json).
 
 from qlora.config import EXPORT, parse, show
 from qlora.errors import one_line_errors
-from qlora.export import ExportError, run_export
+from qlora.export import run_export
+from qlora.export_job import ExportError
 from qlora.hub import HubError
 from qlora.model import WeightsError
 from qlora.runfolder import Locked

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora import export, hub  # noqa: E402  (after the path insert, like the scripts it benchmarks)
+from qlora import export, export_job, gguf_convert, hub  # noqa: E402  (after the path insert, like the scripts it benchmarks)
 from qlora.config import LORA_TARGETS  # noqa: E402
 from qlora.report import versions_line  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -84,7 +84,7 @@ def bench_adapter_route(workdir: Path, layers: int) -> None:
           "| adapter.gguf | adapter_model.safetensors | peak RSS (bench / converter) | versions |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {device()} | {datetime.date.today()} | {layers} | {n / 1e9:.2f} B | {lora / 1e6:.1f} M | {seconds:.1f} s "
-          f"| {(out / export.ADAPTER_GGUF).stat().st_size / 2**20:.1f} MiB "
+          f"| {(out / export_job.ADAPTER_GGUF).stat().st_size / 2**20:.1f} MiB "
           f"| {(adapter / 'adapter_model.safetensors').stat().st_size / 2**20:.1f} MiB "
           f"| {rss[0]:.1f} / {rss[1]:.1f} GiB | {versions()} |")
 
@@ -110,15 +110,16 @@ def versions() -> str:
 
 
 def bench(workdir: Path, layers: int) -> None:
-    converter = export.find_converter()
+    converter = gguf_convert.find_converter()
     base, adapter = build_inputs(workdir, layers)
     n = hub.parameter_count(str(base))
     out = workdir / "export"
     merged, f16, q4 = out / "merged", out / "model-f16.gguf", out / "model-q4_k_m.gguf"
-    export.check_disk_space(out, {"merged": 2 * n, f16.name: 2 * n, q4.name: int(n * export.GGUF_BITS["q4_k_m"] / 8)})
+    export.check_disk_space(out, {"merged": 2 * n, f16.name: 2 * n,
+                                  q4.name: int(n * export_job.GGUF_BITS["q4_k_m"] / 8)})
     seconds = {"merge": timed(export.merge, adapter, str(base), merged),
-               "f16": timed(export.convert_f16, merged, f16, converter),
-               "q4_k_m": timed(export.quantize, f16, q4, "q4_k_m")}
+               "f16": timed(gguf_convert.convert_f16, merged, f16, converter),
+               "q4_k_m": timed(gguf_convert.quantize, f16, q4, "q4_k_m")}
     rss = [resource.getrusage(who).ru_maxrss / 2**20 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     print("\n| device | date | layers | params | merge (load+merge+save) | f16 conversion | q4_k_m quantization "
           "| f16 file | q4_k_m file | peak RSS (bench / converter) | versions |")
@@ -137,5 +138,5 @@ if __name__ == "__main__":
         else:
             with tempfile.TemporaryDirectory(prefix="bench_export-") as tmp:
                 run(Path(tmp), args.layers)
-    except export.ExportError as err:
+    except export_job.ExportError as err:
         sys.exit(f"error: {err}")

@@ -68,7 +68,8 @@ def llama_cpp_lines() -> list[str]:
 
 def converter_line() -> str:
     try:
-        from .export import ExportError, find_converter
+        from .export_job import ExportError
+        from .gguf_convert import find_converter
     except ModuleNotFoundError as err:
         return f"llama.cpp converter: unknown ({missing_package(err)})"
     try:

@@ -312,7 +312,7 @@ def tensor_check(path: Path, merged_dir: Path) -> dict:
                 if tensor is None:
                     faults[name] = "missing from the GGUF"
                     continue
-                expected = as_converted(merged_tensor(file, name), name, config)
+                expected = as_converted(read_tensor(file, name), name, config)
                 fault = tensor_fault(expected, tensor, os.pread(raw.fileno(), tensor.n_bytes, tensor.data_offset))
                 compared += 1
                 if fault:
@@ -321,7 +321,8 @@ def tensor_check(path: Path, merged_dir: Path) -> dict:
     return {"compared": compared, "faults": faults}
 
 
-def merged_tensor(file: Path, name: str):
+def read_tensor(file: Path, name: str):
+    """One tensor of a safetensors file, as a numpy array."""
     from safetensors import safe_open
 
     with safe_open(file, "np") as f:  # one tensor, then closed: no shard stays mapped (merged floats are float16)

@@ -61,11 +61,11 @@ def merge_into(adapter_dir: Path, base_dir: Path, target: Path) -> None:
         raise MergeError(f"{adapter_file}: the adapter changes {unknown[0]}, which {base_dir} does not have "
                          f"({len(unknown)} such tensor(s)); is it the base the adapter was trained on?")
     check_shapes(adapter_file, base_dir, loras, replaced, names)
-    shards = plan_shards(names)
+    shards = output_shards(names)
     weight_map = {}
     for number, shard in enumerate(shards, 1):
         shard_name = SINGLE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        write_shard(target / shard_name, shard, lambda name: merged_tensor(
+        write_shard(target / shard_name, shard, lambda name: merge_tensor(
             name, names[name], loras.get(name), replaced.get(name), adapter_file))
         weight_map |= {entry.name: shard_name for entry in shard}
     total = sum(entry.nbytes for shard in shards for entry in shard)
@@ -171,7 +171,7 @@ class Entry:
         return DTYPE_BYTES[self.dtype] * math.prod(self.shape)
 
 
-def plan_shards(names: dict[str, Path]) -> list[list[Entry]]:
+def output_shards(names: dict[str, Path]) -> list[list[Entry]]:
     """The base's tensors in order, as they will be written (floats as float16), cut into output shards of at most
     SHARD_BYTES: from the base's headers alone."""
     from safetensors import safe_open
@@ -191,7 +191,7 @@ def plan_shards(names: dict[str, Path]) -> list[list[Entry]]:
     return shards
 
 
-def merged_tensor(name: str, base_file: Path, lora: Lora | None, replacement: str | None, adapter_file: Path):
+def merge_tensor(name: str, base_file: Path, lora: Lora | None, replacement: str | None, adapter_file: Path):
     """One tensor of the merged model: the base's, updated in float32 and rounded to float16 (other dtypes as they
     are). Refuses a value float16 cannot hold: a bfloat16 base can hold values above 65504, which would become inf."""
     import torch
@@ -266,8 +266,7 @@ def base_checkout(base: str, what: str) -> Path:
         return Path(base)
     from huggingface_hub import snapshot_download
 
-    from .hub import fetching
-    from .hub import LOCAL_BASE
+    from .hub import LOCAL_BASE, fetching
 
     with fetching(base, what, LOCAL_BASE):  # offline, gated, no such repository: one line
         return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
@@ -279,8 +278,7 @@ def dequantized_checkout(base: str, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .hub import fetching
-    from .hub import LOCAL_BASE
+    from .hub import LOCAL_BASE, fetching
 
     if not torch.cuda.is_available():
         raise MergeError(f"{base}: dequantizing a 4-bit model needs a CUDA GPU; on this machine pass "

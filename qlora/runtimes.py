@@ -58,7 +58,7 @@ def as_dicts(conversation: Conversation) -> list[dict]:
     return [{"role": m.role, "content": m.content} for m in conversation]
 
 
-def verdict(name: str, want: list[list[int]], got: list[list[int]] | None, edges: list[bool] | None = None,
+def runtime_entry(name: str, want: list[list[int]], got: list[list[int]] | None, edges: list[bool] | None = None,
             edge_note: str = "", why_not: str | None = None) -> dict:
     """One runtime's line of the report: how many conversations gave the training ids. A mismatch is a problem, which
     fails the export, unless the conversation is one of the runtime's known `edges` (`edge_note` says which)."""
@@ -106,7 +106,7 @@ def check_transformers(merged_dir: Path, prompt_format: PromptFormat, conversati
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     got = [list(tokenizer.apply_chat_template(as_dicts(c), tokenize=True, return_dict=False)) for c in conversations]
     edges = [transformers_splits_unlike_mistral(tokenizer, prompt_format, c) for c in conversations]
-    return verdict("transformers (merged/)", [prompt_format.encode(c)[0] for c in conversations], got, edges,
+    return runtime_entry("transformers (merged/)", [prompt_format.encode(c)[0] for c in conversations], got, edges,
                    TRANSFORMERS_EDGE)
 
 
@@ -138,7 +138,7 @@ def check_llama_cpp_python(gguf: Path, prompt_format: PromptFormat, conversation
                                    [as_dicts(c) for c in conversations])
     except (isolate.ChildCrashed, isolate.ChildFailed) as err:
         return {"runtime": name, "not_checked": str(err), "problems": [f"{name}: {err}"]}
-    return verdict(name, [prompt_format.encode(c)[0] for c in conversations], got)
+    return runtime_entry(name, [prompt_format.encode(c)[0] for c in conversations], got)
 
 
 def find_llama_server() -> str | None:
@@ -187,7 +187,7 @@ class LlamaServer:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"llama-server exited with code {self.process.returncode}: {self.log_tail()}")
+                raise RuntimeError(f"llama-server exited with code {self.process.returncode}: {self.last_log_line()}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as response:
                     if response.status == 200:
@@ -195,9 +195,9 @@ class LlamaServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"llama-server did not answer within {SERVER_START_TIMEOUT} s: {self.log_tail()}")
+        raise RuntimeError(f"llama-server did not answer within {SERVER_START_TIMEOUT} s: {self.last_log_line()}")
 
-    def log_tail(self) -> str:
+    def last_log_line(self) -> str:
         self.log.seek(0)
         lines = self.log.read().decode(errors="replace").strip().splitlines()
         return lines[-1] if lines else "no output"
@@ -218,17 +218,17 @@ class LlamaServer:
 def check_llama_server(gguf: Path, prompt_format: PromptFormat, conversations: list[Conversation]) -> dict:
     name = f"llama-server --jinja ({gguf.name})"
     if find_llama_server() is None:
-        return verdict(name, [], None, why_not=f"llama-server is not installed (`{INSTALL_LLAMA_SERVER}`)")
+        return runtime_entry(name, [], None, why_not=f"llama-server is not installed (`{INSTALL_LLAMA_SERVER}`)")
     try:
         with LlamaServer(gguf) as server:
             got = [server.chat_ids(as_dicts(c)) for c in conversations]
     except (OSError, RuntimeError) as err:  # a server that cannot start or answer says nothing of the template
-        return verdict(name, [], None, why_not=f"llama-server could not be run ({err})")
+        return runtime_entry(name, [], None, why_not=f"llama-server could not be run ({err})")
     # a chat ending with an answer asks llama-server to continue that answer: the training ids up to its EOS
     want = [prompt_format.encode(c)[0][:-1 if c[-1].role == "assistant" else None] for c in conversations]
     edges = [c[-1].role == "assistant" and prompt_format.gap != "" and not isinstance(prompt_format, MistralControl)
              for c in conversations]
-    return verdict(name, want, got, edges, LLAMA_SERVER_EDGE)
+    return runtime_entry(name, want, got, edges, LLAMA_SERVER_EDGE)
 
 
 # ---------------------------------------------------------------- Ollama
@@ -259,7 +259,7 @@ def check_ollama(template: str, system: str | None, gguf: Path, prompt_format: P
                  conversations: list[Conversation]) -> dict:
     name = "Ollama (Modelfile)"
     if shutil.which("go") is None:
-        return verdict(name, [], None, why_not="Go is not installed (apt-get install golang-go), which renders "
+        return runtime_entry(name, [], None, why_not="Go is not installed (apt-get install golang-go), which renders "
                                                "Ollama's TEMPLATE as Ollama does")
     try:
         with tempfile.TemporaryDirectory(prefix="ollama-render-") as work_dir:
@@ -267,7 +267,7 @@ def check_ollama(template: str, system: str | None, gguf: Path, prompt_format: P
     except subprocess.CalledProcessError as err:  # Go could not build the renderer, or the template failed in it
         why = ((err.stderr or "").strip().splitlines() or [str(err)])[-1]
         if err.cmd[0] == "go":
-            return verdict(name, [], None, why_not=f"Go could not build {OLLAMA_RENDER.name}: {why}")
+            return runtime_entry(name, [], None, why_not=f"Go could not build {OLLAMA_RENDER.name}: {why}")
         return {"runtime": name, "not_checked": why, "problems": [f"{name}: the TEMPLATE fails in Go: {why}"]}
     try:
         # llama.cpp's tokenization of the texts, as Ollama hands them over (BOS added, special tokens parsed)
@@ -278,4 +278,4 @@ def check_ollama(template: str, system: str | None, gguf: Path, prompt_format: P
     want = [prompt_format.encode(with_modelfile_system(c, system))[0] for c in conversations]
     edges = [isinstance(prompt_format, MistralControl) and any(m.role == "assistant" and m.content.endswith(" ")
                                                                for m in c) for c in conversations]
-    return verdict(name, want, got, edges, OLLAMA_EDGE)
+    return runtime_entry(name, want, got, edges, OLLAMA_EDGE)

@@ -541,12 +541,13 @@ def test_a_full_disk_while_a_checkpoint_is_saved_is_one_line_naming_it(prepared,
 
 
 def test_a_full_disk_during_gguf_conversion_is_one_line_naming_the_file(tiny_model, small_disk, capfd):
-    from qlora import export
+    from qlora import export, export_job, gguf_convert
 
     folder = small_disk("1m") / "export"
-    with pytest.raises(export.ExportError) as caught:
+    with pytest.raises(export_job.ExportError) as caught:
         with export.staged(folder) as staging:
-            export.convert_f16(tiny_model, staging / "model-f16.gguf", export.find_converter(), "{{ bos_token }}")
+            gguf_convert.convert_f16(tiny_model, staging / "model-f16.gguf", gguf_convert.find_converter(),
+                                     "{{ bos_token }}")
     assert str(caught.value).startswith(f"{folder.parent}/.export.tmp-"), caught.value
     assert "model-f16.gguf: No space left on device; free some space" in str(caught.value)
     assert "Traceback" not in capfd.readouterr().err  # the converter's own, held back

@@ -22,7 +22,7 @@ import pytest
 
 from bench import standins
 from conftest import ROOT, one_line_error, run_script
-from qlora import atomic, export, gguf_check, isolate, modelfile, runtimes
+from qlora import atomic, export, export_job, export_report, gguf_check, gguf_convert, isolate, modelfile, runtimes
 from qlora.chat import Message
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
@@ -84,12 +84,12 @@ def test_merged_folder_is_complete_and_equals_adapter_on_base(exported, trained_
 def test_known_4bit_bases_map_to_their_16bit_original(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(
         {"base_model_name_or_path": "unsloth/mistral-7b-instruct-v0.2-bnb-4bit"}))
-    base, dequantize, note = export.resolve_base(tmp_path, None)
+    base, dequantize, note = export_job.resolve_base(tmp_path, None)
     assert (base, dequantize) == ("mistralai/Mistral-7B-Instruct-v0.2", False) and "16-bit original" in note
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "someone/model-bnb-4bit"}))
-    base, dequantize, note = export.resolve_base(tmp_path, None)
+    base, dequantize, note = export_job.resolve_base(tmp_path, None)
     assert (base, dequantize) == ("someone/model-bnb-4bit", True) and "dequantizing" in note
-    assert export.resolve_base(tmp_path, "my/16bit")[:2] == ("my/16bit", False)
+    assert export_job.resolve_base(tmp_path, "my/16bit")[:2] == ("my/16bit", False)
 
 
 def test_merged_only(trained_adapter, tmp_path):
@@ -145,7 +145,7 @@ def test_an_f16_file_larger_than_the_ram_is_checked_by_its_tensors(exported, sam
     entry = gguf_check.check_file(f16, "f16", checked["f16"], prompt_format.chat_template(space_after_special=False),
                                   "llama")
     assert entry["problems"] == [] and entry["metadata"]["chat_template_ok"]
-    assert f"ok: its {tensors} tensors are the merged model's" in export.table({"files": [entry]})
+    assert f"ok: its {tensors} tensors are the merged model's" in export_report.table({"files": [entry]})
 
 
 def test_the_tensor_check_names_a_changed_value_and_a_wrong_rotary_order(exported, tmp_path):
@@ -160,7 +160,7 @@ def test_the_tensor_check_names_a_changed_value_and_a_wrong_rotary_order(exporte
         f.seek(value.data_offset)
         f.write(b"\0\0\0\0")  # one float32 scale set to 0
         f.seek(q.data_offset)  # layer 0's q rows as Hugging Face orders them, not llama.cpp
-        f.write(gguf_check.merged_tensor(plan.merged_dir / "model.safetensors",
+        f.write(gguf_check.read_tensor(plan.merged_dir / "model.safetensors",
                                          "model.layers.0.self_attn.q_proj.weight").tobytes())
     faults = gguf_check.tensor_check(changed, plan.merged_dir)["faults"]
     assert set(faults) == {"output_norm.weight", "blk.0.attn_q.weight"}, faults
@@ -173,7 +173,7 @@ def test_quantized_files_are_reported(exported, capsys):
     for f in report["files"][1:]:
         assert not f["problems"] and f["tokenizer_ok"]
         assert all(0 <= m["agreement"] <= 1 and m["cosine"] > 0.5 for m in f["prompts"])
-    table = export.table(report)
+    table = export_report.table(report)
     assert all(f"model-{t}.gguf" in table for t in TYPES)
 
 
@@ -261,7 +261,7 @@ def test_llama_cpp_base_plus_adapter_gives_the_merged_f16_gguf(lora_exported, ex
     ids = [prompt_format.prompt_ids(c[:-1]) for c in conversations]
     n_ctx = max(map(len, ids)) + gguf_check.GREEDY_STEPS + 8
     merged = gguf_check.load_gguf(exported[0].gguf("f16"), n_ctx)
-    with_adapter = gguf_check.load_gguf(lora_plan.export_dir / export.BASE_GGUF, n_ctx, lora=lora_plan.adapter_gguf)
+    with_adapter = gguf_check.load_gguf(lora_plan.export_dir / export_job.BASE_GGUF, n_ctx, lora=lora_plan.adapter_gguf)
     runs = [(gguf_check.gguf_run(merged, i), gguf_check.gguf_run(with_adapter, i)) for i in ids]
     cosines = [gguf_check.compare(want, got)["cosine"] for want, got in runs]
     print(f"base f16 + adapter.gguf vs merged f16 GGUF: {sum(len(w.tokens) for w, _ in runs)} greedy tokens on "
@@ -274,7 +274,7 @@ def test_infer_with_lora_answers_as_the_merged_gguf(lora_exported, exported, sam
     """infer.py BASE.gguf --lora adapter.gguf gives what infer.py MERGED.gguf gives: the same answers to the training
     prompts (--input), and the same printed answer (--prompt)."""
     lora_plan, _ = lora_exported
-    models = {"adapter": (str(lora_plan.export_dir / export.BASE_GGUF), "--lora", str(lora_plan.adapter_gguf)),
+    models = {"adapter": (str(lora_plan.export_dir / export_job.BASE_GGUF), "--lora", str(lora_plan.adapter_gguf)),
               "merged": (str(exported[0].gguf("f16")),)}
     greedy = ("--system", "", "--temperature", "0", "--max_new_tokens", "24")
     prompts = tmp_path / "prompts.jsonl"
@@ -293,7 +293,7 @@ def test_infer_with_lora_answers_as_the_merged_gguf(lora_exported, exported, sam
 
 def test_adapter_on_a_quantized_base_is_reported(lora_exported, trained_adapter, tmp_path):
     base = tmp_path / "base-q4_k_m.gguf"
-    export.quantize(lora_exported[0].export_dir / export.BASE_GGUF, base, "q4_k_m")
+    gguf_convert.quantize(lora_exported[0].export_dir / export_job.BASE_GGUF, base, "q4_k_m")
     out = tmp_path / "e"
     export.run_export(Config(adapter_dir=str(trained_adapter), export_dir=str(out), lora_only=True,
                              base_gguf=str(base), ollama_base=str(base)))
@@ -334,19 +334,19 @@ def test_adapter_route_settings(tmp_path):
     def plan(base: str, **settings):
         (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base} | settings))
         whole_adapter_file(tmp_path)  # planning checks the adapter's file and never reads the base
-        return lambda **flags: export.plan(Config(adapter_dir=str(tmp_path), **flags))
+        return lambda **flags: export_job.job_for(Config(adapter_dir=str(tmp_path), **flags))
 
     default = plan("unsloth/mistral-7b-instruct-v0.2-bnb-4bit")(lora_only=True)
     assert (default.ollama_base, default.base_gguf) == ("mistral:7b-instruct-v0.2", None)
-    with pytest.raises(export.ExportError, match=r"^--ollama_base: no Ollama model known for the base some/model;"):
+    with pytest.raises(export_job.ExportError, match=r"^--ollama_base: no Ollama model known for the base some/model;"):
         plan("some/model")(lora_only=True)
-    with pytest.raises(export.ExportError, match="--base_gguf nope.gguf: no such file"):
+    with pytest.raises(export_job.ExportError, match="--base_gguf nope.gguf: no such file"):
         plan("some/model")(lora_only=True, ollama_base="m", base_gguf="nope.gguf")
-    with pytest.raises(export.ExportError, match="exclude each other"):
+    with pytest.raises(export_job.ExportError, match="exclude each other"):
         plan("some/model")(lora_only=True, ollama_base="m", base_gguf=__file__, convert_base=True)
-    with pytest.raises(export.ExportError, match="go with --lora_only"):
+    with pytest.raises(export_job.ExportError, match="go with --lora_only"):
         plan("some/model")(ollama_base="m")
-    with pytest.raises(export.ExportError, match="DoRA cannot be expressed as llama.cpp's LoRA"):
+    with pytest.raises(export_job.ExportError, match="DoRA cannot be expressed as llama.cpp's LoRA"):
         plan("some/model", use_dora=True)(lora_only=True, ollama_base="m")
     plan("some/model")
     result = run_script("export_gguf.py", "--adapter_dir", str(tmp_path), "--lora_only", check=False)
@@ -363,12 +363,12 @@ def test_convert_base_of_a_local_base_writes_the_modelfile_from_the_converted_fi
     whole_adapter_file(adapter)
 
     def plan(**flags):
-        return export.plan(Config(adapter_dir=str(adapter), lora_only=True, convert_base=True, **flags))
+        return export_job.job_for(Config(adapter_dir=str(adapter), lora_only=True, convert_base=True, **flags))
 
     assert plan().ollama_base == "./base-f16.gguf"
     assert plan(ollama_base=str(adapter / "export" / "base-f16.gguf")).ollama_base == "./base-f16.gguf"
     assert plan(ollama_base="my-base:f16").ollama_base == "my-base:f16"
-    with pytest.raises(export.ExportError, match=r"--ollama_base elsewhere.gguf: no such file"):
+    with pytest.raises(export_job.ExportError, match=r"--ollama_base elsewhere.gguf: no such file"):
         plan(ollama_base="elsewhere.gguf")
 
 
@@ -400,8 +400,9 @@ def test_modelfile_system_defaults_to_the_training_runs(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "any"}))
     whole_adapter_file(tmp_path)
     (tmp_path / "config.yaml").write_text("system_prompt: Be terse.\n")
-    assert export.plan(Config(adapter_dir=str(tmp_path), base_model_16bit="b")).system_prompt == "Be terse."
-    assert export.plan(Config(adapter_dir=str(tmp_path), base_model_16bit="b", system_prompt="S")).system_prompt == "S"
+    assert export_job.job_for(Config(adapter_dir=str(tmp_path), base_model_16bit="b")).system_prompt == "Be terse."
+    assert export_job.job_for(Config(adapter_dir=str(tmp_path), base_model_16bit="b",
+                                     system_prompt="S")).system_prompt == "S"
 
 
 def test_rendered_text_spells_out_mistral_v1(prompt_format):
@@ -414,19 +415,20 @@ def test_rendered_text_spells_out_mistral_v1(prompt_format):
 
 def test_disk_space_is_checked_before_any_work(trained_adapter, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(total=10**6, used=10**6 - 1000, free=1000))
-    with pytest.raises(export.ExportError, match=r"GiB needed for merged, model-f16.gguf.* but only 0.0 GiB free"):
+    with pytest.raises(export_job.ExportError, match=r"GiB needed for merged, model-f16.gguf.* but only 0.0 GiB free"):
         export.run_export(Config(adapter_dir=str(trained_adapter), export_dir=str(tmp_path / "e"), gguf_types=TYPES))
     assert not list((tmp_path / "e").iterdir())
 
 
 def test_missing_converter_is_one_line_naming_the_command(trained_adapter, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(export.CONVERTER_ENV, str(tmp_path))
+    monkeypatch.setenv(gguf_convert.CONVERTER_ENV, str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["export_gguf.py", "--adapter_dir", str(trained_adapter),
                                       "--export_dir", str(tmp_path / "e")])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(ROOT / "export_gguf.py"), run_name="__main__")
     message = str(exit_.value.code)
-    assert message.startswith(f"error: {tmp_path}") and export.INSTALL_CONVERTER in message and "\n" not in message
+    assert (message.startswith(f"error: {tmp_path}") and gguf_convert.INSTALL_CONVERTER in message
+            and "\n" not in message)
 
 
 REAL_LLAMA_CPP_FACTS = gguf_check.llama_cpp_facts
@@ -461,11 +463,11 @@ def test_llama_cpp_crash_in_a_check_is_one_line_and_the_files_stay(trained_adapt
 
 
 def test_bad_settings_fail_before_work(trained_adapter, tmp_path):
-    with pytest.raises(export.ExportError, match="unknown type.*q9_z"):
+    with pytest.raises(export_job.ExportError, match="unknown type.*q9_z"):
         export.run_export(Config(adapter_dir=str(trained_adapter), export_dir=str(tmp_path), gguf_types=["q9_z"]))
-    with pytest.raises(export.ExportError, match="exclude each other"):
+    with pytest.raises(export_job.ExportError, match="exclude each other"):
         export.run_export(Config(adapter_dir=str(trained_adapter), merged_only=True, lora_only=True))
-    with pytest.raises(export.ExportError, match="no adapter_config.json"):
+    with pytest.raises(export_job.ExportError, match="no adapter_config.json"):
         export.run_export(Config(adapter_dir=str(tmp_path)))
 
 
@@ -478,9 +480,9 @@ def test_an_adapter_trained_on_the_instruction_template_gets_no_inst_modelfile(t
         shutil.copy(trained_adapter / name, adapter)
     trained = (trained_adapter / "config.yaml").read_text()
     (adapter / "config.yaml").write_text(trained.replace("template: mistral", "template: instruction"))
-    with pytest.raises(export.ExportError, match="trained with template: instruction.*--merged_only"):
-        export.plan(Config(adapter_dir=str(adapter)))
-    assert export.plan(Config(adapter_dir=str(adapter), merged_only=True)).gguf_types == []
+    with pytest.raises(export_job.ExportError, match="trained with template: instruction.*--merged_only"):
+        export_job.job_for(Config(adapter_dir=str(adapter)))
+    assert export_job.job_for(Config(adapter_dir=str(adapter), merged_only=True)).gguf_types == []
 
 
 @pytest.fixture
@@ -503,7 +505,7 @@ def snapshot(folder: Path) -> dict:
 
 def assert_whole_and_consistent(out: Path, adapter: Path) -> None:
     """The report vouches for `adapter`, and for files that are there; the Modelfile's FROM file exists."""
-    report = json.loads((out / export.REPORT).read_text())
+    report = json.loads((out / export_job.REPORT).read_text())
     assert report["adapter_dir"] == str(adapter)
     for f in report["files"]:
         assert (out / f["file"]).stat().st_size == f["bytes"], f["file"]

@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from conftest import run_script
-from qlora import export, gguf_check, infer, modelfile, runtimes
+from qlora import export, export_job, gguf_check, infer, modelfile, runtimes
 from qlora.chat import Message, MistralControl, load_prompt_format, tokenizer_file_in
 from qlora.config import Config
 
@@ -94,4 +94,4 @@ def test_rendered_text_spells_out_the_control_tokens(chain):
 def test_known_ollama_bases():
     for base, tag in (("unsloth/mistral-7b-instruct-v0.3-bnb-4bit", "mistral:v0.3"),
                       ("unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit", "mistral-nemo:12b")):
-        assert export.ollama_base(base, None) == tag
+        assert export_job.ollama_base(base, None) == tag

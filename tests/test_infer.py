@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import run_script
-from qlora import engines, export, fixtures, gguf_check, infer
+from qlora import engines, export, export_job, fixtures, gguf_check, gguf_convert, infer
 from qlora.chat import Message, load_prompt_format, tokenizer_file_in
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
@@ -67,11 +67,11 @@ def merged(export_dir):
 
 def to_gguf(merged_dir, target):
     try:
-        converter = export.find_converter()
-    except export.ExportError as err:
+        converter = gguf_convert.find_converter()
+    except export_job.ExportError as err:
         pytest.skip(f"no GGUF without llama.cpp's converter: {err}")
     template = load_prompt_format(tokenizer_file_in(merged_dir)).chat_template(space_after_special=False)
-    export.convert_f16(merged_dir, target, converter, template)
+    gguf_convert.convert_f16(merged_dir, target, converter, template)
     return target
 
 

@@ -15,7 +15,7 @@ import socket
 import pytest
 
 from bench import standins
-from qlora import export, fixtures, runtimes
+from qlora import export, export_job, export_report, fixtures, gguf_check, gguf_convert, runtimes
 from qlora.chat import Message, load_prompt_format, tokenizer_file_in
 from qlora.config import Config
 from qlora.data import read_records, to_conversation
@@ -48,7 +48,7 @@ def export_of(request, tmp_path_factory):
 
 def test_the_export_report_has_a_line_for_each_runtime(export_of):
     plan, _ = export_of
-    report = json.loads((plan.export_dir / export.REPORT).read_text())
+    report = json.loads((plan.export_dir / export_job.REPORT).read_text())
     names = [r["runtime"].split(" ")[0] for r in report["runtimes"]]
     assert names == ["transformers", "llama_cpp.server", "llama-server", "Ollama"]
     for r in report["runtimes"]:
@@ -56,8 +56,8 @@ def test_the_export_report_has_a_line_for_each_runtime(export_of):
             assert "Go is not installed" in r["not_checked"]
             continue
         assert "not_checked" not in r and r["problems"] == [], r
-        assert r["equal"] + r["edges"] == r["conversations"] == len(runtimes.CONVERSATIONS + export.CHECK_PROMPTS)
-    assert "llama-server --jinja (model-f16.gguf): ok" in export.runtime_lines(report)
+        assert r["equal"] + r["edges"] == r["conversations"] == len(runtimes.CONVERSATIONS + gguf_check.CHECK_PROMPTS)
+    assert "llama-server --jinja (model-f16.gguf): ok" in export_report.runtime_lines(report)
 
 
 def test_transformers_renders_the_training_ids(export_of, sample_conversations):
@@ -81,7 +81,7 @@ def test_the_hub_template_does_not_render_the_training_ids(tiny_model, prompt_fo
     with pytest.raises(Exception, match="roles must alternate"):
         runtimes.check_transformers(tiny_model, prompt_format, [runtimes.CONVERSATIONS[1]])
     gguf = tmp_path / "hub-template.gguf"
-    export.convert_f16(tiny_model, gguf, export.find_converter(), fixtures.HUB_V1_CHAT_TEMPLATE)
+    gguf_convert.convert_f16(tiny_model, gguf, gguf_convert.find_converter(), fixtures.HUB_V1_CHAT_TEMPLATE)
     in_gguf = runtimes.check_llama_cpp_python(gguf, prompt_format, conversations)
     with_answers = [c for c in conversations if len(c) > 1]
     assert len(in_gguf["problems"]) == len(with_answers) and in_gguf["equal"] == len(conversations) - len(with_answers)
