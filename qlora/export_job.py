@@ -9,7 +9,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from .config import FIELDS, Config, ConfigError, is_dump, saved_settings
 from .hub import LOCAL_BASE, fetching, parameter_count
 from .model import adapter_base, check_safetensors_adapter
