@@ -50,10 +50,23 @@ def transformers_name(module: str, names: str, *also: str, must: str) -> Check:
     return Check(ok, must)
 
 
+def hub_repo_id(value: str) -> bool:
+    """Whether `value` is a repository id the hub takes (huggingface_hub imported only when a value is checked)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
 # an empty path is the folder a script runs in (often an unset shell variable): never what was meant
 PATH = Check(lambda v: v.strip() != "", "a path, not empty (an unset variable?)")
 # a value written into a line of a generated file (the Modelfile's FROM): a newline would add lines of its own
 ONE_LINE = Check(lambda v: v.strip() != "" and v.isprintable(), "one line of printable text")
+# a model repository to upload to: `name` (in the token's own namespace) or `namespace/name`
+REPO_ID = Check(hub_repo_id, "a Hugging Face repository id (namespace/name)")
 SEED = Check(lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1")  # what numpy's and torch's seeding take
 STEPS = Check(lambda v: v == -1 or v >= 1, "-1 (run the epochs) or at least 1")
 NUCLEUS = Check(lambda v: 0 < v <= 1, "above 0 and at most 1")
@@ -189,6 +202,12 @@ class Config:
                                             check=PATH)
     overwrite_output_dir: bool = _f(False, "train", (TRAIN,), "replace a finished run in output_dir: its files go "
                                     "once the new run's settings, data and model are ready; other files there stay")
+    push_to_hub: str | None = _f(None, "train", (TRAIN, EXPORT), "once every file is written: upload the adapter and "
+                                 "its model card (train_unsloth.py), or the export's files and its card "
+                                 "(export_gguf.py), to this Hugging Face model repository, made if missing; the token "
+                                 "is HF_TOKEN's or `hf auth login`'s", check=REPO_ID)
+    hub_private: bool = _f(True, "train", (TRAIN, EXPORT), "with --push_to_hub: make the repository private (one that "
+                           "exists keeps its visibility)")
     # export
     adapter_dir: str | None = _f(None, "export", (EXPORT,), "training output or adapter folder to merge (default: "
                                  "output_dir)", check=PATH)

@@ -31,13 +31,15 @@ from .chat import Conversation, PromptFormat, find_tokenizer_file, load_prompt_f
 from .config import Config, to_yaml
 from .export_job import (ADAPTER_FOLDER_FILES, ADAPTER_GGUF, LLAMA_CPP_TEMPLATE, ExportError, ExportJob,
                          estimated_bytes, is_export_output, job_for, modelfile_target, trained_setting)
-from .export_report import closing_summary, runtime_lines, table, verdict, write_report
+from .export_report import closing_summary, run_commands, runtime_lines, table, verdict, write_report
 from .gguf_check import CHECK_PROMPTS, check_all, check_file, mismatches, prompt_set
 from .gguf_convert import (HF_CONVERTER, LORA_CONVERTER, LORA_OUTTYPE, convert_f16, convert_lora, find_converter,
                            quantize)
 from .hub import LOCAL_BASE, fetching
 from .merge import MergeError, base_checkout, dequantized_checkout, merge_into
+from .model_card import CARD, PLOT, export_card, is_model_card
 from .modelfile import modelfile, ollama_template
+from .push import push_export
 
 # llama.cpp file types (general.file_type) of bases an adapter is checked on strictly, as an f16 file is
 STRICT_BASE_TYPES = ("ALL_F32", "MOSTLY_F16")
@@ -51,12 +53,15 @@ def run_export(config: Config, prompts: list[Conversation] = CHECK_PROMPTS) -> E
     job = job_for(config)
     check_gpu(job.dequantize and not config.lora_only)
     with runfolder.locked(job.export_dir):  # one export at a time into a folder
-        return run_job(config, job, prompts)
+        run_job(config, job, prompts)
+        if config.push_to_hub:  # once every file is written and checked: a failed push loses none of them
+            push_export(job.export_dir, config.push_to_hub, config.hub_private)
+        return job
 
 
 def run_job(config: Config, job: ExportJob, prompts: list[Conversation]) -> ExportJob:
-    """Every file of the job written in a staging folder swapped in whole, then the report's table, its verdict and
-    the export's last words."""
+    """Every file of the job and its model card written in a staging folder swapped in whole, then the report's table,
+    its verdict and the export's last words."""
     needed = LORA_CONVERTER if config.lora_only else HF_CONVERTER if job.gguf_types else None
     converter = find_converter(needed) if needed else None
     print(job.base_note, flush=True)
@@ -68,13 +73,14 @@ def run_job(config: Config, job: ExportJob, prompts: list[Conversation]) -> Expo
             report = export_adapter(job, converter, prompts)
         else:
             report = export_merged(job, converter, config.merged_only, prompts)
+        modelfile_from = job.gguf(modelfile_target(job.gguf_types)).name if job.gguf_types else None  # None: no GGUF
+        write_card(job, report, modelfile_from)
     job.work_dir = None
     if report is not None:
         print(table(report), flush=True)
         if report["runtimes"]:
             print(runtime_lines(report), flush=True)
         verdict(report)
-        modelfile_from = None if config.lora_only else job.gguf(modelfile_target(job.gguf_types)).name
         print(closing_summary(job.export_dir, job.adapter_dir, report, modelfile_from), flush=True)
     return job
 
@@ -108,6 +114,25 @@ def export_adapter(job: ExportJob, converter: Path, prompts: list[Conversation])
     if job.convert_base:
         convert_f16(base_checkout(job.base, "--convert_base"), job.base_gguf_file, converter, gguf_template)
     return write_report(job, [check_adapter(job, prompts)])
+
+
+def write_card(job: ExportJob, report: dict | None, modelfile_from: str | None) -> None:
+    """The export's model card (qlora/model_card.py), with the run's loss plot beside it; none where the export folder
+    holds a README.md of the user's, which stays (carried over)."""
+    theirs = job.export_dir / CARD
+    if theirs.exists() and not is_model_card(theirs):
+        print(f"note: {theirs} is not a model card of an export: kept as it is, without the export's card")
+        return
+    if (job.adapter_dir / PLOT).is_file():
+        shutil.copyfile(job.adapter_dir / PLOT, job.folder / PLOT)
+    commands = None
+    if report is not None:  # the files named as the card's readers have them: beside it
+        base = report["files"][0].get("base_gguf")
+        beside = base is not None and Path(base).resolve().parent == job.export_dir.resolve()
+        commands = run_commands(Path("."), job.adapter_dir, modelfile_from,
+                                Path(base).name if beside else "BASE.gguf")
+    atomic.write_text(job.folder / CARD, export_card(job.folder, job.adapter_dir, job.base, job.base_note, report,
+                                                     commands))
 
 
 # ---------------------------------------------------------------- before anything is written

@@ -46,8 +46,10 @@ REPORT = "export_report.json"
 LOG = "llama.cpp.log"  # llama.cpp's converter and quantizer output, in the export folder
 # What an export writes: a re-export drops the old export's files of these names (they would be taken for the new
 # adapter's); anything else in the old folder (the user's own files, a base GGUF) is carried over into the new one.
+# Its model card, README.md, is not among them: a README.md of the user's stays, and the export then writes none.
 LLAMA_CPP_TEMPLATE = "chat_template.jinja"  # beside adapter.gguf: the template for llama-server --chat-template-file
-EXPORT_OUTPUTS = ("merged", "adapter", ADAPTER_GGUF, LLAMA_CPP_TEMPLATE, "Modelfile", "config.yaml", REPORT, LOG)
+EXPORT_OUTPUTS = ("merged", "adapter", ADAPTER_GGUF, LLAMA_CPP_TEMPLATE, "Modelfile", "config.yaml", REPORT, LOG,
+                  "loss.png")  # loss.png: the training run's plot, beside the card
 
 
 class ExportError(RuntimeError):

@@ -19,6 +19,8 @@ from .errors import interpreter
 from .export_job import ADAPTER_GGUF, LLAMA_CPP_TEMPLATE, LOG, REPORT, ExportError, ExportJob
 from .gguf_check import GREEDY_STEPS, MIN_COSINE, NEAR_TIE
 
+OLD_OLLAMA = "Ollama 0.34.0 or older: newer ones refuse ADAPTER"  # the adapter route's Modelfile
+
 
 def write_report(job: ExportJob, files: list[dict], runtime_checks: list[dict] | None = None) -> dict:
     """The report, the export's last file: it vouches for the files beside it."""
@@ -113,7 +115,6 @@ def ollama_name(adapter_dir: Path) -> str:
 
 def closing_summary(folder: Path, adapter_dir: Path, report: dict, modelfile_from: str | None) -> str:
     """The lines the export ends with. `modelfile_from`: the GGUF the Modelfile's FROM names (None: adapter route)."""
-    q = shlex.quote
     lines = [f"done: the export is in {folder}"]
     for entry in report["files"]:
         lines.append(f"  {entry['file']:<20} {entry['bytes'] / 2**20:8.1f} MiB  {file_verdict(entry)}")
@@ -121,20 +122,28 @@ def closing_summary(folder: Path, adapter_dir: Path, report: dict, modelfile_fro
         lines.append(f"  {'merged/':<20} {'':>12}  the merged 16-bit model (safetensors), which infer.py runs too")
     lines.append(f"  {'Modelfile':<20} {'':>12}  for Ollama; details in export_report.json, "
                  f"llama.cpp's output in {LOG}")
+    commands = run_commands(folder, adapter_dir, modelfile_from, report["files"][0].get("base_gguf", "BASE.gguf"))
+    lines.append("run it:")
+    for runtime, command in commands.items():
+        old = f"    ({OLD_OLLAMA})" if runtime == "Ollama" and modelfile_from is None else ""
+        lines.append(f"  {runtime + ':':<11} {command}{old}")
+    return "\n".join(lines)
+
+
+def run_commands(folder: Path, adapter_dir: Path, modelfile_from: str | None, base_gguf: str) -> dict[str, str]:
+    """The commands that run the export in llama.cpp, in Ollama and in infer.py (`here`), its files named as in
+    `folder` (`.` for the model card: the files beside it). `modelfile_from`: the GGUF the Modelfile's FROM names
+    (None: the adapter route, on the base GGUF `base_gguf`)."""
+    q = shlex.quote
     name = ollama_name(adapter_dir)
     ollama = f"ollama create {name} -f {q(str(folder / 'Modelfile'))} && ollama run {name}"
-    if modelfile_from is None:  # the adapter route: on a base GGUF
-        base = report["files"][0].get("base_gguf", "BASE.gguf")
+    if modelfile_from is None:
         adapter = q(str(folder / ADAPTER_GGUF))
-        lines += ["run it:",
-                  f"  llama.cpp:  llama-cli -m {q(base)} --lora {adapter} -cnv --jinja "
-                  f"--chat-template-file {q(str(folder / LLAMA_CPP_TEMPLATE))}",
-                  f"  Ollama:     {ollama}    (Ollama 0.34.0 or older: newer ones refuse ADAPTER)",
-                  f"  here:       {interpreter()} infer.py {q(base)} --lora {adapter} --chat"]
-    else:
-        model = q(str(folder / modelfile_from))
-        lines += ["run it:",
-                  f"  llama.cpp:  llama-cli -m {model} -cnv --jinja",
-                  f"  Ollama:     {ollama}",
-                  f"  here:       {interpreter()} infer.py {model} --chat"]
-    return "\n".join(lines)
+        return {"llama.cpp": f"llama-cli -m {q(base_gguf)} --lora {adapter} -cnv --jinja "
+                             f"--chat-template-file {q(str(folder / LLAMA_CPP_TEMPLATE))}",
+                "Ollama": ollama,
+                "here": f"{interpreter()} infer.py {q(base_gguf)} --lora {adapter} --chat"}
+    model = q(str(folder / modelfile_from))
+    return {"llama.cpp": f"llama-cli -m {model} -cnv --jinja",
+            "Ollama": ollama,
+            "here": f"{interpreter()} infer.py {model} --chat"}

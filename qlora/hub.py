@@ -55,8 +55,6 @@ def why(err: BaseException) -> str | None:
 
 def message(repo_id: str, what: str, reason: str, instead: str, kind: str = "model") -> str:
     """`what repo_id: why; what to do`, where `instead` names the local alternative (`--model_name PATH ...`)."""
-    from huggingface_hub import constants
-
     page = f"https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{repo_id}"
     if reason == "gated":
         return f"{what} {repo_id} is gated: accept its terms on {page}, then {LOGIN}; or {instead}"
@@ -65,10 +63,17 @@ def message(repo_id: str, what: str, reason: str, instead: str, kind: str = "mod
     if reason == "missing":
         return (f"{what} {repo_id} is not on the Hugging Face Hub (or is private): check the id, {LOGIN} if it is "
                 f"private, or {instead}")
-    fix = ("the hub cannot be reached: check the connection" if hub_unreachable() else
-           "HF_HUB_OFFLINE is set: unset it on a machine with a connection" if constants.HF_HUB_OFFLINE else
-           "the hub cannot be reached: check the connection")
-    return f"{what} {repo_id} is not in the local Hugging Face cache and cannot be downloaded; {fix}, or {instead}"
+    return (f"{what} {repo_id} is not in the local Hugging Face cache and cannot be downloaded; {offline_fix()}, or "
+            f"{instead}")
+
+
+def offline_fix() -> str:
+    """Why the hub is not reached and what to do: no connection, or offline mode (HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+
+    return ("the hub cannot be reached: check the connection" if hub_unreachable() else
+            "HF_HUB_OFFLINE is set: unset it on a machine with a connection" if constants.HF_HUB_OFFLINE else
+            "the hub cannot be reached: check the connection")
 
 
 @functools.cache

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import RunError
+from .model_card import write_run_card
 
 METER_STATE = "meter_{rank}.json"  # in each checkpoint, one per process
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes", "datasets")
@@ -256,19 +257,24 @@ def metrics(trainer, meter: Meter, wall_time: float, plan: dict | None = None) -
 
 
 def plot_loss(result: dict, path: Path) -> None:
+    """The train and eval losses by step, twice side by side: on a linear scale, and on a log scale, where the late
+    steps' small changes show."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("train_loss", "-"), ("eval_loss", "o-")):
-        if result[key]:
-            ax.plot([p["step"] for p in result[key]], [p["loss"] for p in result[key]], style, label=key)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, scale in zip(axes, ("linear", "log")):
+        for key, style in (("train_loss", "-"), ("eval_loss", "o-")):
+            if result[key]:
+                ax.plot([p["step"] for p in result[key]], [p["loss"] for p in result[key]], style, label=key)
+        ax.set_yscale(scale)
+        ax.set_title(f"{scale} scale")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -277,14 +283,17 @@ def plot_loss(result: dict, path: Path) -> None:
 
 def write_all(out: Path, trainer, meter: Meter, config, data, wall_time: float, backend: str,
               plan: dict | None = None) -> dict:
+    """metrics.json, manifest.json and loss.png, then the model card from them (qlora/model_card.py)."""
     result = metrics(trainer, meter, wall_time, plan)
     atomic.write_text(out / "metrics.json", json.dumps(result, indent=2))
     atomic.write_text(out / "manifest.json", json.dumps(manifest(data, backend), indent=2))
     plot_loss(result, out / "loss.png")
+    carded = write_run_card(out)  # from the files just written
     first, last = (result["eval_loss"][0], result["eval_loss"][-1]) if result["eval_loss"] else (None, None)
     print(f"done: {result['global_step']} steps in {wall_time:.0f} s, "
           f"{result['real_tokens_per_second']:.0f} real tokens/s"
           + (f", eval loss {first['loss']:.3f} -> {last['loss']:.3f}" if first else "")
           + (f"; plan: {plan['summary']}" if plan else "")
-          + f"; adapter, metrics.json, loss.png and manifest.json in {out}")
+          + f"; adapter, metrics.json, loss.png, manifest.json{' and the model card README.md' if carded else ''} "
+            f"in {out}")
     return result

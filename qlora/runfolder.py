@@ -22,10 +22,11 @@ from .config import FIELDS, Config, ConfigError, is_dump, saved_settings
 from .data import is_prepared
 from .device import is_main_process
 from .errors import RunError, writing
+from .model_card import CARD, is_model_card
 
 STAGING = ".checkpoint-staging"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # the config last: it marks a finished adapter
-# What a run writes into output_dir besides its checkpoint-N folders (README.md: PEFT's model card; export: where
+# What a run writes into output_dir besides its checkpoint-N folders (README.md: the run's model card; export: where
 # export_gguf.py writes by default): --overwrite_output_dir removes these and nothing else
 RUN_FILES = ADAPTER_FILES + ("README.md", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                              "special_tokens_map.json", "chat_template.jinja", "config.yaml", "metrics.json",
@@ -223,16 +224,6 @@ def check_own_files(out: Path) -> None:
                        f"another --output_dir, or move them")
 
 
-def is_model_card(path: Path) -> bool:
-    """PEFT's model card (save_pretrained's README.md): YAML front matter naming the library; any other README.md in
-    the output folder is the user's."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return False
-    return text.startswith("---") and "library_name: peft" in text.split("\n---", 1)[0]
-
-
 def remove_old_run(out: Path, reads: Path) -> None:
     """--overwrite_output_dir, once the new run has checked its settings, prepared its data and loaded its model: the
     old run's files go; the user's other files in the folder stay, and so does the data folder this run reads."""
@@ -333,9 +324,9 @@ def save_adapter(trainer, tokenizer, config: Config) -> None:
         source = find_tokenizer_file(config.model_name, config.tokenizer_name)
         shutil.copyfile(source, tmp / source.name)
     staged = out / ".adapter-staging"
-    if (out / "README.md").exists() and not is_model_card(out / "README.md"):
-        (staged / "README.md").unlink(missing_ok=True)  # PEFT's model card: the user's README.md stays
-        print(f"note: {out / 'README.md'} is not a model card of a run: kept as it is, without PEFT's card")
+    (staged / CARD).unlink(missing_ok=True)  # PEFT's generic card: the run writes its own once its reports are written
+    if (out / CARD).exists() and not is_model_card(out / CARD):
+        print(f"note: {out / CARD} is not a model card of a run: kept as it is, without the run's card")
     names = sorted(p.name for p in staged.iterdir() if p.name not in ADAPTER_FILES) + list(ADAPTER_FILES)
     for name in names:
         os.replace(staged / name, out / name)

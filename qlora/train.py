@@ -8,6 +8,7 @@ TRL's trainer, trains (resumable, interruptible), saves the adapter and writes t
 - sft: TRL's SFTTrainer, with what every training method's trainer shares (qlora/trainers.py);
 - stopping: Ctrl-C and SIGTERM, a resumed run's last step, out-of-memory advice;
 - report: metrics.json, loss.png and manifest.json.
+- model_card: the run's README.md, from those reports; push: the adapter and its card to the hub (--push_to_hub).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .device import is_main_process, precision, processes, wait_for_everyone
 from .errors import writing
 from .feeding import accumulation_for, check_settings, plan_and_load
 from .prepared import as_prepared, load_data
+from .push import push_run
 from .runfolder import (STAGING, check_output_dir, check_own_files, finished_steps, holds_run, output_lock,
                         remove_old_run, save_adapter)
 from .sft import make_trainer
@@ -169,3 +171,5 @@ def finish(trainer, tokenizer, config: Config, data, meter: report.Meter, backen
         with writing(out):
             report.write_all(out, trainer, meter, config, data, wall_time=meter.seconds(), backend=backend,
                              plan=feeding)
+        if config.push_to_hub:  # once every file is written: a failed push loses none of them
+            push_run(out, config.push_to_hub, config.hub_private)

@@ -221,8 +221,8 @@ def test_lora_only_writes_adapter_gguf_and_a_modelfile_with_adapter(lora_exporte
 
     plan, _ = lora_exported
     assert sorted(p.name for p in plan.export_dir.iterdir()) == [  # no merged/ and no model-*.gguf: nothing merged
-        "Modelfile", "adapter", "adapter.gguf", "base-f16.gguf", "chat_template.jinja", "config.yaml",
-        "export_report.json", "llama.cpp.log"]
+        "Modelfile", "README.md", "adapter", "adapter.gguf", "base-f16.gguf", "chat_template.jinja", "config.yaml",
+        "export_report.json", "llama.cpp.log", "loss.png"]
     llama_cpp_template = prompt_format.chat_template(space_after_special=False)
     assert (plan.export_dir / "chat_template.jinja").read_text() == llama_cpp_template  # for --chat-template-file
     assert GGUFReader(plan.base_gguf_file).fields["tokenizer.chat_template"].contents() == llama_cpp_template
@@ -536,8 +536,9 @@ def test_a_reexport_replaces_the_old_export_whole_and_keeps_the_users_files(old_
     and Modelfile are the new ones, and the user's file is still there."""
     out, other, before = old_export
     run_script("export_gguf.py", "--adapter_dir", str(other), "--export_dir", str(out), "--gguf_types", "f16")
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "config.yaml", "export_report.json",
-                                                     "llama.cpp.log", "merged", "model-f16.gguf", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "config.yaml", "export_report.json",
+                                                     "llama.cpp.log", "loss.png", "merged", "model-f16.gguf",
+                                                     "notes.txt"]
     assert (out / "notes.txt").read_text() == "the user's own file\n"
     assert_whole_and_consistent(out, other)
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
