@@ -24,8 +24,8 @@ from .export_report import OLD_OLLAMA, file_verdict, runtime_lines
 
 CARD = "README.md"
 PLOT = "loss.png"  # qlora/report.py's plot; the export copies it beside its card
-TAG = "qlora-mistral"  # in the tags of every card the toolkit writes: tells them from a README.md of the user's
 TOOLKIT = "qlora-mistral"
+TAG = TOOLKIT  # in the tags of every card the toolkit writes: tells them from a README.md of the user's
 # The resolved settings a card lists (config.yaml holds them all), in this order
 SETTINGS = ("model_name", "template", "system_prompt", "train_on_prompt", "max_seq_length", "packing", "load_in_4bit",
             "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "lr_scheduler_type",
@@ -268,8 +268,8 @@ def training(run: Run) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def setting(value) -> str:
-    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+def setting(value) -> str | None:
+    return ", ".join(map(str, value)) if isinstance(value, list) else None if value is None else str(value)
 
 
 def speed(run: Run) -> list[str]:
