@@ -62,11 +62,17 @@ def read_prompts(config: Config) -> list[Asked]:
     if not config.sample_prompts:
         return []
     path = Path(config.sample_prompts)
-    if not path.is_file():
-        raise DataError(f"--sample_prompts {path}: {'is a folder' if path.is_dir() else 'no such file'}")
-    asked = (_rows(path, data_format(config)) if path.suffix.lower() in READERS else _lines(path))
-    if not asked:
-        raise DataError(f"--sample_prompts {path}: no prompts in it")
+    try:
+        if not path.is_file():
+            raise DataError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}")
+        if path.suffix.lower() in READERS:
+            asked = [_asked(record, data_format(config), location) for location, record in read_records(str(path))]
+        else:
+            asked = _lines(path)
+        if not asked:
+            raise DataError(f"{path}: no prompts in it")
+    except DataError as err:
+        raise DataError(f"--sample_prompts {err}") from None
     return asked
 
 
@@ -74,26 +80,19 @@ def _lines(path: Path) -> list[Asked]:
     try:
         text = path.read_text(encoding="utf-8-sig")  # as data_prep reads: a byte-order mark is not content
     except UnicodeDecodeError as err:
-        raise DataError(f"--sample_prompts {path}: not UTF-8 text (byte {err.start})") from None
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
     return [Asked([Message("user", line.strip())], None) for line in text.splitlines() if line.strip()]
 
 
-def _rows(path: Path, fmt) -> list[Asked]:
-    asked = []
-    for location, record in read_records(str(path)):
-        if isinstance(record, dict) and detect_format(record) is None and isinstance(record.get("prompt"), str):
-            system = record.get("system")  # infer.py's --input rows
-            opening = [Message("system", system.strip())] if isinstance(system, str) and system.strip() else []
-            asked.append(Asked(opening + [Message("user", record["prompt"].strip())], None))
-            continue
-        try:
-            conversation = to_conversation(record, fmt, location)
-        except DataError as err:
-            raise DataError(f"--sample_prompts {err}") from None
-        if not conversation or conversation[-1].role != "assistant":
-            raise DataError(f"--sample_prompts {location}: no user turn with an answer")
-        asked.append(Asked(conversation[:-1], conversation[-1].content))
-    return asked
+def _asked(record, fmt, location: str) -> Asked:
+    if isinstance(record, dict) and detect_format(record) is None and isinstance(record.get("prompt"), str):
+        system = record.get("system")  # infer.py's --input rows
+        opening = [Message("system", system.strip())] if isinstance(system, str) and system.strip() else []
+        return Asked(opening + [Message("user", record["prompt"].strip())], None)
+    conversation = to_conversation(record, fmt, location)
+    if not conversation or conversation[-1].role != "assistant":
+        raise DataError(f"{location}: no user turn with an answer")
+    return Asked(conversation[:-1], conversation[-1].content)
 
 
 def rendered(asked: list[Asked], fmt: PromptFormat, system_prompt: str | None) -> list[Prompt]:
@@ -171,8 +170,8 @@ class Samples:
             prompts = (rendered(asked, fmt, config.system_prompt) if asked
                        else from_eval_rows(data["eval"], fmt, config.sample_count))
         if config.sample_count and not prompts and is_main_process():
-            why = ("its eval rows are trained whole (--train_on_prompt), their prompts not told from their answers"
-                   if has_eval else "it has no eval split (--eval_fraction 0)")
+            why = ("the eval rows are trained whole (--train_on_prompt), so their prompts cannot be told from their "
+                   "answers" if has_eval else "there is no eval split (--eval_fraction 0)")
             print(f"note: no samples during training: {why}; --sample_prompts FILE gives some")
         return cls(prompts, fmt, config.sample_max_new_tokens, backend, has_eval,
                    config.eval_steps or config.save_steps, Path(config.output_dir))
