@@ -197,6 +197,14 @@ class Config:
     report_to: str = _f("none", "train", (TRAIN,), "none, tensorboard or wandb")
     profile_steps: int = _f(0, "train", (TRAIN,), "profile this many steps after 3 warm-up ones into "
                             "output_dir/profile.txt and profile.trace.json.gz", check=at_least(0))
+    sample_count: int = _f(3, "train", (TRAIN,), "held-out prompts of the eval split answered greedily at the start "
+                           "and at each evaluation, into the log and metrics.json (0: no samples)", check=at_least(0))
+    sample_prompts: str | None = _f(None, "train", (TRAIN,), "answer these prompts instead, all of them: a text "
+                                    "file of one prompt a line, or a .jsonl/.json/.csv/.parquet file in any format "
+                                    "data_prep reads (its answers become the references) or of {\"prompt\": ...} "
+                                    "rows", check=PATH)
+    sample_max_new_tokens: int = _f(64, "train", (TRAIN,), "tokens each sample answer gets at most",
+                                    check=at_least(1))
     resume: bool = _f(False, "train", (TRAIN,), "continue from the last complete checkpoint in output_dir")
     resume_from_checkpoint: str | None = _f(None, "train", (TRAIN,), "continue from this checkpoint folder",
                                             check=PATH)

@@ -346,7 +346,7 @@ def check_lora(lora: Path, kind: str) -> None:
         raise InferError(f"--lora {lora}: not a LoRA adapter GGUF (export_gguf.py --lora_only writes one)")
 
 
-def open_session(path: Path, config, template: str, seed: int, compare_base: bool = False,
+def open_session(path: Path, config, template: str, seed: int = SAMPLING_SEED, compare_base: bool = False,
                  lora: Path | None = None) -> Session:
     """The model at `path` (with the LoRA GGUF `lora`) loaded on its backend, with the tokenizer its prompts are
     rendered with."""

@@ -1,4 +1,4 @@
-"""What a run leaves behind besides the adapter: metrics.json, loss.png and manifest.json."""
+"""What a run leaves behind besides the adapter: metrics.json (with the samples taken), loss.png and manifest.json."""
 
 from __future__ import annotations
 
@@ -237,7 +237,7 @@ def manifest(data, backend: str) -> dict:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
 
 
-def metrics(trainer, meter: Meter, wall_time: float, plan: dict | None = None) -> dict:
+def metrics(trainer, meter: Meter, wall_time: float, plan: dict | None = None, samples: list[dict] = ()) -> dict:
     import torch
 
     history, timeline = trainer.state.log_history, meter.timeline()
@@ -245,6 +245,7 @@ def metrics(trainer, meter: Meter, wall_time: float, plan: dict | None = None) -
         "global_step": trainer.state.global_step,
         "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_loss": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        "samples": list(samples),  # greedy answers to held-out prompts, by step (qlora/samples.py)
         "real_tokens_seen": meter.real,
         "padding_share": 1 - meter.real / meter.total if meter.total else 0.0,
         "throughput_after_warmup": throughput(timeline),
@@ -282,9 +283,9 @@ def plot_loss(result: dict, path: Path) -> None:
 
 
 def write_all(out: Path, trainer, meter: Meter, config, data, wall_time: float, backend: str,
-              plan: dict | None = None) -> dict:
+              plan: dict | None = None, samples: list[dict] = ()) -> dict:
     """metrics.json, manifest.json and loss.png, then the model card from them (qlora/model_card.py)."""
-    result = metrics(trainer, meter, wall_time, plan)
+    result = metrics(trainer, meter, wall_time, plan, samples)
     atomic.write_text(out / "metrics.json", json.dumps(result, indent=2))
     atomic.write_text(out / "manifest.json", json.dumps(manifest(data, backend), indent=2))
     plot_loss(result, out / "loss.png")

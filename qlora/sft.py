@@ -23,11 +23,11 @@ def sft_config(config: Config, backend: str, has_eval: bool, accumulation: int, 
 
 
 def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulation: int, meter, callbacks: list,
-                 resuming: bool = False):
+                 resuming: bool = False, kept=()):
     from trl import SFTTrainer
 
     has_eval = "eval" in data
-    return run_trainer(SFTTrainer, config, meter)(
+    return run_trainer(SFTTrainer, config, meter, kept)(
         model=model, args=sft_config(config, backend, has_eval, accumulation, resuming),
         train_dataset=data["train"], eval_dataset=data["eval"] if has_eval else None, processing_class=tokenizer,
         callbacks=with_early_stopping(callbacks, config, has_eval))

@@ -7,7 +7,8 @@ TRL's trainer, trains (resumable, interruptible), saves the adapter and writes t
 - feeding: micro-batches, accumulation and checkpointing planned from the card's figures; the model (qlora/model.py);
 - sft: TRL's SFTTrainer, with what every training method's trainer shares (qlora/trainers.py);
 - stopping: Ctrl-C and SIGTERM, a resumed run's last step, out-of-memory advice;
-- report: metrics.json, loss.png and manifest.json.
+- samples: greedy answers to a few held-out prompts at the start and at each evaluation;
+- report: metrics.json, loss.png and manifest.json;
 - model_card: the run's README.md, from those reports; push: the adapter and its card to the hub (--push_to_hub).
 """
 
@@ -28,6 +29,7 @@ from .prepared import as_prepared, load_data
 from .push import push_run
 from .runfolder import (STAGING, check_output_dir, check_own_files, finished_steps, holds_run, output_lock,
                         remove_old_run, save_adapter)
+from .samples import Samples, read_prompts
 from .sft import make_trainer
 from .stopping import (AtLastStep, StopOnSignal, close_progress_bars, oom_advice, resume_command, save_after_oom,
                        stop_at_last_step)
@@ -58,6 +60,7 @@ def train(config: Config, backend: str) -> int:
     # what `auto` became here: the config printed and saved says what ran (the CPU never loads 4-bit weights)
     config = dataclasses.replace(as_prepared(config), backend=backend,
                                  load_in_4bit=config.load_in_4bit and backend != "cpu")
+    asked = read_prompts(config)  # a bad --sample_prompts file is refused before anything is written
     resume_from, overwrite = ready_folder(config)
     data = load_data(config)
     longest_row = padded(max(len(ids) for ids in data["train"]["input_ids"]), config.pad_to_multiple_of)
@@ -69,13 +72,15 @@ def train(config: Config, backend: str) -> int:
     record_settings(config, overwrite)
     accumulation = effective_batch(config)
     stop, meter = StopOnSignal(Path(config.output_dir)), report.Meter()
+    samples = Samples.for_run(config, data, asked, backend)
     trainer = make_trainer(model, tokenizer, data, config, backend, accumulation, meter,
-                           callbacks(config, stop, meter, resume_from), resuming=bool(resume_from))
+                           callbacks(config, stop, meter, samples, resume_from), resuming=bool(resume_from),
+                           kept=[samples])
     meter.start()
     stopped = train_steps(trainer, config, stop, resume_from)
     if stopped is not None:
         return stopped
-    finish(trainer, tokenizer, config, data, meter, backend, feeding)
+    finish(trainer, tokenizer, config, data, meter, samples, backend, feeding)
     return 0
 
 
@@ -118,13 +123,16 @@ def effective_batch(config: Config) -> int:
     return accumulation
 
 
-def callbacks(config: Config, stop: StopOnSignal, meter: report.Meter, resume_from: str | None) -> list:
-    """The trainer's callbacks: signals, token counts, the profiler; on resume, the meter's counts restored."""
-    chosen = [stop.callback, meter.callback]
+def callbacks(config: Config, stop: StopOnSignal, meter: report.Meter, samples: Samples,
+              resume_from: str | None) -> list:
+    """The trainer's callbacks: signals, token counts, samples, the profiler; on resume, the meter's counts and the
+    samples taken restored."""
+    chosen = [stop.callback, meter.callback, samples.callback]
     if config.profile_steps:
         chosen.append(report.StepProfiler(Path(config.output_dir) / "profile.txt", config.profile_steps).callback)
     if resume_from:
         chosen.append(stop_at_last_step())
+        samples.restore(Path(resume_from))
         restored = meter.restore(Path(resume_from), processes().process_index)
         if is_main_process():
             print(f"resuming from {resume_from}" + ("" if restored else "; it holds no token counts (written by an "
@@ -159,8 +167,10 @@ def train_steps(trainer, config: Config, stop: StopOnSignal, resume_from: str | 
     return None
 
 
-def finish(trainer, tokenizer, config: Config, data, meter: report.Meter, backend: str, feeding: dict | None) -> None:
-    """The last evaluation (unless the last step was just evaluated), the adapter, and the reports."""
+def finish(trainer, tokenizer, config: Config, data, meter: report.Meter, samples: Samples, backend: str,
+           feeding: dict | None) -> None:
+    """The last evaluation (unless the last step was just evaluated; samples are taken with it), the adapter, and the
+    reports."""
     evaluated = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
     if "eval" in data and evaluated[-1:] != [trainer.state.global_step]:
         trainer.evaluate()
@@ -170,6 +180,6 @@ def finish(trainer, tokenizer, config: Config, data, meter: report.Meter, backen
         save_adapter(trainer, tokenizer, config)
         with writing(out):
             report.write_all(out, trainer, meter, config, data, wall_time=meter.seconds(), backend=backend,
-                             plan=feeding)
+                             plan=feeding, samples=samples.taken)
         if config.push_to_hub:  # once every file is written: a failed push loses none of them
             push_run(out, config.push_to_hub, config.hub_private)

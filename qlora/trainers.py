@@ -66,9 +66,10 @@ def with_early_stopping(callbacks: list, config: Config, has_eval: bool) -> list
     return callbacks
 
 
-def run_trainer(trainer_class, config: Config, meter):
+def run_trainer(trainer_class, config: Config, meter, kept=()):
     """`trainer_class` (TRL's SFTTrainer, ...) feeding micro-batches of up to config.token_budget tokens, counting
-    the training batches' tokens in `meter` (report.Meter), and writing each checkpoint whole."""
+    the training batches' tokens in `meter` (report.Meter), and writing each checkpoint whole: with the meter's
+    counts and the state of each of `kept` (`save(checkpoint, rank)`: the samples taken, qlora/samples.py) in it."""
     from .batching import TokenBudgetBatches
 
     class Trainer(trainer_class):
@@ -102,7 +103,8 @@ def run_trainer(trainer_class, config: Config, meter):
                     super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = str(final_dir)
-            meter.save(final_dir / STAGING / f"checkpoint-{self.state.global_step}", self.args.process_index)
+            for part in (meter, *kept):
+                part.save(final_dir / STAGING / name, self.args.process_index)
             wait_for_everyone()  # every rank has written its part (each saves its own RNG state)
             if self.args.should_save:
                 atomic.replace_dir(final_dir / STAGING / name, final_dir / name)

@@ -64,8 +64,8 @@ def test_exports_are_checked_and_carry_the_tokenizer(chain):
 
 def test_llama_cpp_answers_as_the_adapter(chain):
     asked = [PROMPTS[0], PROMPTS[2]]
-    settings = Config(temperature=0.0, max_new_tokens=12)
-    adapter = infer.open_session(chain["adapter"], settings, "mistral", backend="cpu").answers(asked, batch_size=1)
+    settings = Config(temperature=0.0, max_new_tokens=12, backend="cpu")
+    adapter = infer.open_session(chain["adapter"], settings, "mistral").answers(asked, batch_size=1)
     gguf = infer.open_session(chain["merged"].gguf("f16"), settings, "mistral").answers(asked, batch_size=1)
     on_base = infer.open_session(chain["lora"].base_gguf, settings, "mistral",
                                  lora=chain["lora"].adapter_gguf).answers(asked, batch_size=1)

@@ -88,6 +88,32 @@ def test_unsloth_run_killed_then_resumed_matches_an_uninterrupted_one(standin, s
     assert resume[0] <= 2 * max(noise[0], 1e-4) and resume[1] <= 2 * max(noise[1], 1e-3)
 
 
+def test_unsloth_samples_leave_the_training_as_it_was(standin, sample_file, tmp_path):
+    """Samples at the start and every 4 steps of 12 go through Unsloth's inference mode and back, whose for_training
+    turns gradient checkpointing on in every layer: with 4 layers keeping their activations, per-step losses, adapter
+    and peak memory must stay as close to a run without samples as a second run without them is."""
+    args = ["--model_name", str(standin), "--dataset", str(sample_file), "--max_steps", "12", "--save_steps", "4",
+            "--eval_steps", "4", "--logging_steps", "1", "--token_budget", "4096", "--gradient_checkpointing", "true",
+            "--checkpoint_skip_layers", "4"]
+    without, again, sampled = tmp_path / "without", tmp_path / "again", tmp_path / "sampled"
+    for out in (without, again):
+        run_script("train_unsloth.py", *args, "--sample_count", "0", "--output_dir", str(out))
+    result = run_script("train_unsloth.py", *args, "--output_dir", str(sampled))
+    metrics = {run: json.loads((run / "metrics.json").read_text()) for run in (without, again, sampled)}
+    losses = {run: step_losses(run) for run in metrics}
+    adapters = {run: load_adapter(run) for run in metrics}
+    noise = (loss_gap(losses[without], losses[again]), lora_b_gap(adapters[without], adapters[again]))
+    samples = (loss_gap(losses[without], losses[sampled]), lora_b_gap(adapters[without], adapters[sampled]))
+    peaks = {run.name: round(m["peak_gpu_memory_gib"], 2) for run, m in metrics.items()}
+    walls = {run.name: round(m["wall_time_s"], 1) for run, m in metrics.items()}
+    print(f"\nrelative differences to a run without samples (per-step loss, LoRA B): second run without "
+          f"{noise[0]:.2e}, {noise[1]:.2e}; with samples {samples[0]:.2e}, {samples[1]:.2e}; peak GiB {peaks}; "
+          f"wall s {walls}\n" + "\n".join(line for line in result.stdout.splitlines() if line.startswith("sample @")))
+    assert [s["step"] for s in metrics[sampled]["samples"]] == [0, 4, 8, 12]
+    assert samples[0] <= 2 * max(noise[0], 1e-4) and samples[1] <= 2 * max(noise[1], 1e-3)
+    assert abs(peaks["sampled"] - peaks["without"]) <= 0.03 * peaks["without"], peaks
+
+
 CAPITALS = {"Arvenia": "Lumeport", "Bostrava": "Kell", "Caldoria": "Mirath", "Dunmere": "Oskville"}
 
 
