@@ -15,7 +15,6 @@ from pathlib import Path
 
 from . import atomic
 from .errors import RunError
-from .model_card import write_run_card
 
 METER_STATE = "meter_{rank}.json"  # in each checkpoint, one per process
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes", "datasets")
@@ -289,6 +288,8 @@ def write_all(out: Path, trainer, meter: Meter, config, data, wall_time: float, 
     atomic.write_text(out / "metrics.json", json.dumps(result, indent=2))
     atomic.write_text(out / "manifest.json", json.dumps(manifest(data, backend), indent=2))
     plot_loss(result, out / "loss.png")
+    from .model_card import write_run_card  # here: `python -m qlora env` reads this module without PyYAML
+
     carded = write_run_card(out)  # from the files just written
     first, last = (result["eval_loss"][0], result["eval_loss"][-1]) if result["eval_loss"] else (None, None)
     print(f"done: {result['global_step']} steps in {wall_time:.0f} s, "
