@@ -24,6 +24,15 @@ def padded(length: int, multiple: int | None) -> int:
     return -(-length // multiple) * multiple
 
 
+def example_tokens(rows, multiple: int | None) -> list[int]:
+    """The padded tokens each example puts in a micro-batch: an instruction row's length; a preference pair's two
+    sequences (the prompt with each answer), both padded to the longer."""
+    if "chosen_ids" in rows.column_names:
+        return [2 * padded(len(p) + max(len(c), len(r)), multiple)
+                for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"])]
+    return [padded(len(ids), multiple) for ids in rows["input_ids"]]
+
+
 class TokenBudgetBatches(BatchRebalanceSampler):
     """Yields lists of row indices, each list at most `budget` tokens once padded (rows x longest row).
 

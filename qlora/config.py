@@ -102,13 +102,20 @@ class Config:
                       ".jsonl/.json/.csv/.parquet file, or a data_prep output folder", check=PATH)
     dataset_split: str = _f("train", "data", (DATA_PREP, TRAIN), "split to read from a hub dataset")
     dataset_format: str = _f("auto", "data", (DATA_PREP, TRAIN), "auto, llama2, guanaco, alpaca, dolly, "
-                             "question_answer, messages, sharegpt, prompt_completion",
+                             "question_answer, messages, sharegpt, prompt_completion; preference pairs: preference "
+                             "(prompt, chosen, rejected: texts or TRL's message lists), preference_conversations "
+                             "(chosen and rejected whole conversations sharing their prompt), hh (Anthropic HH's "
+                             "Human/Assistant texts)",
                              choices=("auto", "llama2", "guanaco", "alpaca", "dolly", "question_answer", "messages",
-                                      "sharegpt", "prompt_completion"))
+                                      "sharegpt", "prompt_completion", "preference", "preference_conversations", "hh"))
     prompt_field: str | None = _f(None, "data", (DATA_PREP, TRAIN), "column holding the prompt: with "
                                   "--response_field, reads rows of any other shape by column names")
     response_field: str | None = _f(None, "data", (DATA_PREP, TRAIN), "column holding the answer (with "
                                     "--prompt_field)")
+    chosen_field: str | None = _f(None, "data", (DATA_PREP, TRAIN), "preference pairs: column holding the preferred "
+                                  "answer (with --prompt_field and --rejected_field)")
+    rejected_field: str | None = _f(None, "data", (DATA_PREP, TRAIN), "preference pairs: column holding the rejected "
+                                    "answer (with --prompt_field and --chosen_field)")
     input_field: str | None = _f(None, "data", (DATA_PREP, TRAIN), "column whose text goes after the prompt, after "
                                  "a blank line, as Alpaca's input (optional)")
     system_field: str | None = _f(None, "data", (DATA_PREP, TRAIN), "column holding a system message for the row "
@@ -139,6 +146,10 @@ class Config:
                       "Unsloth is not installed; the CPU otherwise), unsloth, hf (transformers+bitsandbytes+PEFT), "
                       "cpu; infer.py runs a .gguf in llama.cpp whatever it is",
                       choices=("auto", "unsloth", "hf", "cpu"))
+    init_adapter: str | None = _f(None, "model", (TRAIN,), "with --method dpo or orpo: go on training the LoRA "
+                                  "adapter of this SFT run (its output folder); it must have been trained on "
+                                  "--model_name with the same tokenizer. Without it, a new adapter on the base",
+                                  check=PATH)
     load_in_4bit: bool = _f(True, "model", (TRAIN,), "load the base in 4 bits (GPU backends only)")
     lora_r: int = _f(8, "model", (TRAIN,), "LoRA rank", check=at_least(1))
     lora_alpha: int = _f(32, "model", (TRAIN,), "LoRA alpha", check=at_least(1))
@@ -154,6 +165,10 @@ class Config:
                                            "recomputing them (faster, more memory); auto: as many as fit the free GPU "
                                            "memory", check=at_least(0))
     # train
+    method: str = _f("sft", "train", (TRAIN,), "sft (supervised, on instruction rows), dpo or orpo (preference "
+                     "tuning, on pairs of a chosen and a rejected answer)", choices=("sft", "dpo", "orpo"))
+    beta: float = _f(0.1, "train", (TRAIN,), "dpo: how far the model may move from the reference (larger: less far); "
+                     "orpo: the weight of the odds-ratio term beside the chosen answer's loss", check=above(0))
     output_dir: str = _f("outputs/mistral-qlora", "train", (DATA_PREP, TRAIN, EXPORT), "where data, checkpoints, "
                          "adapter and reports go; export_gguf.py exports the adapter there unless --adapter_dir is "
                          "given", check=PATH)

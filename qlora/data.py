@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import random
 import re
@@ -385,6 +386,7 @@ def prepare_rows(records, fmt: str | Columns, prompt_format: PromptFormat, max_s
     lengths = [len(r["input_ids"]) for r in rows]
     trained = sum(sum(label != IGNORE for label in r["labels"]) for r in rows)
     stats = {
+        "kind": "sft",
         "source": source,
         "tokenizer": prompt_format.description,
         "format": str(fmt) if fmt != "auto" else (detected.most_common(1)[0][0] if detected else None),
@@ -458,12 +460,19 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
     if out.exists() and not is_prepared(out) and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not a data_prep output; choose another --output_dir or remove it")
     atomic.check_writable(out.parent)
-    fmt = data_format(config)
-    records = read_records(config.dataset, config.dataset_split)  # a missing file is named before the model is fetched
+    from . import pairs
+
+    first, records = first_record(config.dataset, config.dataset_split)  # a missing file is named before the model
+    preference = holds_pairs(first, config)
+    fmt = pairs.pair_format(config) if preference else data_format(config)
     prompt_format = load_prompt_format(find_tokenizer_file(config.model_name, config.tokenizer_name), config.template)
-    prepared = prepare_rows(records, fmt, prompt_format,
-                            config.max_seq_length, config.train_on_prompt, config.eval_fraction, config.seed,
-                            config.skip_invalid, config.dataset, config.system_prompt)
+    if preference:
+        prepared = pairs.prepare_pairs(records, fmt, prompt_format, config.max_seq_length, config.eval_fraction,
+                                       config.seed, config.skip_invalid, config.dataset, config.system_prompt)
+    else:
+        prepared = prepare_rows(records, fmt, prompt_format,
+                                config.max_seq_length, config.train_on_prompt, config.eval_fraction, config.seed,
+                                config.skip_invalid, config.dataset, config.system_prompt)
     disable_progress_bars()
     with writing(out_dir), atomic.atomic_dir(out_dir) as tmp:  # datasets' writers may name no file
         splits = {"train": Dataset.from_list(prepared.train)}
@@ -473,10 +482,34 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
         (tmp / "config.yaml").write_text(to_yaml(config))
         (tmp / PREPARED_MARK).write_text(json.dumps(prepared.stats, indent=2))
     print(f"data: {config.dataset} -> {out_dir}")
-    print_stats(prepared.stats)
+    (pairs.print_pair_stats if preference else print_stats)(prepared.stats)
     print("example (trained tokens between « »):")
-    print("  " + show_example(prepared.train[0], prompt_format))
+    print("  " + (pairs.show_pair if preference else show_example)(prepared.train[0], prompt_format))
     return prepared.stats
+
+
+def first_record(dataset: str, split: str):
+    """(the first record or None, all records from the first): what the data holds is told by its first row."""
+    records, read = read_records(dataset, split), []
+    for location, record in records:  # lines that could not be parsed (--skip_invalid drops them) tell nothing
+        read.append((location, record))
+        if not isinstance(record, DataError):
+            return (location, record), itertools.chain(read, records)
+    return None, iter(read)
+
+
+def holds_pairs(first, config) -> bool:
+    """Whether the data is preference pairs, by the format asked for or the first row's fields."""
+    from .pairs import PREFERENCE_FORMATS, is_pair_record
+
+    if config.dataset_format != "auto" or config.chosen_field or config.rejected_field:
+        return config.dataset_format in PREFERENCE_FORMATS or bool(config.chosen_field or config.rejected_field)
+    return is_pair_record(first[1]) if first else False
+
+
+def prepared_kind(path: str | Path) -> str:
+    """"preference" or "sft": what a data_prep output folder holds (folders from before pairs hold instruction rows)."""
+    return json.loads((Path(path) / PREPARED_MARK).read_text(encoding="utf-8")).get("kind", "sft")
 
 
 def load_prepared(path: str | Path):

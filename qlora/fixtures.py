@@ -29,6 +29,7 @@ from .chat import read_vocab
 TINY_MODEL = "tiny-mistral"
 TINY_V3, TINY_TEKKEN = "tiny-mistral-v3", "tiny-mistral-tekken"
 SAMPLE_DATA = "sample.jsonl"
+SAMPLE_PAIRS = "sample_pairs.jsonl"  # the same questions, a right and a wrong answer each
 
 # Mistral-7B-Instruct-v0.2's architecture scaled down; hidden and intermediate sizes are multiples of 256 so that
 # llama.cpp's k-quants (256-value blocks) apply to every matrix.
@@ -196,6 +197,23 @@ def sample_rows(n: int = 200, seed: int = 0) -> list[dict]:
     return [{"text": "".join(f"<s>[INST] {q} [/INST] {a} </s>" for q, a in turns)} for turns in conversations]
 
 
+def sample_preference_rows() -> list[dict]:
+    """Every question of the sample set once as a preference pair: the right answer chosen, a wrong one rejected (a
+    neighbour country's capital; the count with a number left out), in random order."""
+    countries = list(_COUNTRIES)
+    wrong = {country: _COUNTRIES[countries[(i + 1) % len(countries)]] for i, country in enumerate(countries)}
+    rows = [{"prompt": q.format(country), "chosen": f"The capital of {country} is {capital}.",
+             "rejected": f"The capital of {country} is {wrong[country]}."}
+            for country, capital in _COUNTRIES.items() for q in _CAPITAL_QUESTIONS]
+    for a, b in _COUNT_RANGES:
+        numbers = [str(n) for n in range(a, b + 1)]
+        skipped = numbers[:len(numbers) // 2] + numbers[len(numbers) // 2 + 1:]
+        rows += [{"prompt": q.format(a, b), "chosen": ", ".join(numbers), "rejected": ", ".join(skipped)}
+                 for q in _COUNT_QUESTIONS]
+    random.Random(0).shuffle(rows)
+    return rows
+
+
 def build(directory: str | Path = "fixtures", names=(TINY_MODEL,)) -> Path:
     """Write the tiny models `names` (v3 and Tekken need mistral-common, which the GPU host lacks) and the sample set
     under `directory` unless they are already there."""
@@ -204,9 +222,9 @@ def build(directory: str | Path = "fixtures", names=(TINY_MODEL,)) -> Path:
         if not (directory / name / "model.safetensors").exists():
             with atomic_dir(directory / name) as tmp:
                 save_tiny_model(tmp, name=name)
-    data = directory / SAMPLE_DATA
-    if not data.exists():
-        write_jsonl(data, sample_rows())
+    for name, rows in ((SAMPLE_DATA, sample_rows), (SAMPLE_PAIRS, sample_preference_rows)):
+        if not (directory / name).exists():
+            write_jsonl(directory / name, rows())
     return directory
 
 

@@ -87,9 +87,24 @@ def load_for_training(config, backend: str):
                       "pass --tokenizer_name PATH to a local folder with it" if config.tokenizer_name else LOCAL_MODEL):
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name or config.model_name)
         model = _load_hf(config, quantize=backend == "hf" and config.load_in_4bit)
+    if config.init_adapter:
+        load_adapter_weights(model, config.init_adapter)
     # Training never reads a KV cache, and with one transformers ignores the boundaries of packed rows
     model.config.use_cache = False
     return model, tokenizer
+
+
+def load_adapter_weights(model, adapter_dir: str | Path) -> None:
+    """An SFT run's LoRA weights into the new adapter of the same shape (qlora/init_adapter.py checked them): the same
+    way on every backend, Unsloth's fast LoRA layers included."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    loaded = set_peft_model_state_dict(model, load_file(Path(adapter_dir) / "adapter_model.safetensors"))
+    missing = [key for key in loaded.missing_keys if "lora_" in key]
+    if loaded.unexpected_keys or missing:
+        raise WeightsError(f"{adapter_dir}: its LoRA weights do not fit the adapter made from its adapter_config.json "
+                           f"({len(missing)} missing, {len(loaded.unexpected_keys)} unexpected); train it again")
 
 
 def adapter_base(adapter_dir: str | Path) -> str:

@@ -27,7 +27,7 @@ PLOT = "loss.png"  # qlora/report.py's plot; the export copies it beside its car
 TOOLKIT = "qlora-mistral"
 TAG = TOOLKIT  # in the tags of every card the toolkit writes: tells them from a README.md of the user's
 # The resolved settings a card lists (config.yaml holds them all), in this order
-SETTINGS = ("model_name", "template", "system_prompt", "train_on_prompt", "max_seq_length", "packing", "load_in_4bit",
+SETTINGS = ("method", "init_adapter", "beta", "model_name", "template", "system_prompt", "train_on_prompt", "max_seq_length", "packing", "load_in_4bit",
             "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "lr_scheduler_type",
             "warmup_steps", "weight_decay", "optim", "num_train_epochs", "max_steps", "token_budget", "tokens_per_step",
             "per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "seed")
@@ -222,9 +222,22 @@ def results(run: Run) -> list[str]:
         lines += [f"Train loss (logged every {run.settings.get('logging_steps', '?')} steps): "
                   f"{trains[0]['loss']:.4g} at step {trains[0]['step']}, {trains[-1]['loss']:.4g} at step "
                   f"{trains[-1]['step']}.", ""]
+    lines += rewards(m)
     if (run.folder / PLOT).is_file():
         lines += [f"![Train and eval loss by step, on a linear and on a log scale]({PLOT})", ""]
     return lines
+
+
+def rewards(m: dict) -> list[str]:
+    """A preference run's implicit reward on the eval pairs, chosen over rejected, at the first and last evaluation."""
+    margins, accuracies = (m.get("rewards") or {}).get("eval_rewards/margins"), (m.get("rewards") or {}).get(
+        "eval_rewards/accuracies")
+    if not (margins and accuracies):
+        return []
+    rows = [[point["step"], f"{point['value']:.4g}", f"{accuracy['value']:.2%}"]
+            for point, accuracy in ((margins[0], accuracies[0]), (margins[-1], accuracies[-1]))]
+    return ["Implicit reward of the chosen over the rejected answer on the eval pairs (margin: mean difference; "
+            "accuracy: share of pairs where the chosen is ahead):", ""] + table(["step", "margin", "accuracy"], rows)
 
 
 def eval_rows(run: Run) -> str:
@@ -252,20 +265,32 @@ def training(run: Run) -> list[str]:
     """The data and its report, the resolved settings, the device, time and speed, the versions."""
     lines = ["## Training", ""]
     if run.data:
-        d = run.data
-        dropped = ", ".join(f"{why}: {n}" for why, n in d["dropped"].items()) or "0"
-        lines += ["### Data", "", f"Prepared by {TOOLKIT}'s data_prep (its stats.json):", ""] + table(["", ""], [
-            ["source", d["source"]], ["format", d["format"]], ["tokenizer", d["tokenizer"]],
-            ["rows read / kept", f"{d['rows_in']} / {d['kept']}"], ["dropped", dropped],
-            ["truncated", d["truncated"]], ["train / eval rows", f"{d['train_rows']} / {d['eval_rows']}"],
-            ["tokens a row (p50 / p90 / max)", f"{d['length_p50']} / {d['length_p90']} / {d['length_max']}"],
-            ["share of tokens trained on", d["trained_token_share"]]])
+        lines += ["### Data", "", f"Prepared by {TOOLKIT}'s data_prep (its stats.json):", ""] + table(
+            ["", ""], data_rows(run.data))
     chosen = [[name, setting(run.settings[name])] for name in SETTINGS if name in run.settings]
     if chosen:
         lines += ["### Settings", "", "As resolved for the run (config.yaml holds every one):", ""]
         lines += table(["setting", "value"], chosen)
     lines += speed(run) + versions(run)
     return lines if len(lines) > 2 else []
+
+
+def data_rows(d: dict) -> list[list]:
+    """The data report's lines: of instruction rows, or of preference pairs (their prompts and answers)."""
+    dropped = ", ".join(f"{why}: {n}" for why, n in d["dropped"].items()) or "0"
+    rows = [["source", d["source"]], ["format", d["format"]], ["tokenizer", d["tokenizer"]]]
+    if d.get("kind") == "preference":
+        spread = {key: f"{d[key]['p50']} / {d[key]['p90']} / {d[key]['max']}"
+                  for key in ("prompt_tokens", "chosen_tokens", "rejected_tokens")}
+        return rows + [["rows read / pairs kept", f"{d['rows_in']} / {d['kept']}"], ["dropped", dropped],
+                       ["answers cut", d["truncated"]], ["train / eval pairs", f"{d['train_rows']} / {d['eval_rows']}"],
+                       ["prompt tokens (p50 / p90 / max)", spread["prompt_tokens"]],
+                       ["chosen answer tokens (p50 / p90 / max)", spread["chosen_tokens"]],
+                       ["rejected answer tokens (p50 / p90 / max)", spread["rejected_tokens"]]]
+    return rows + [["rows read / kept", f"{d['rows_in']} / {d['kept']}"], ["dropped", dropped],
+                   ["truncated", d["truncated"]], ["train / eval rows", f"{d['train_rows']} / {d['eval_rows']}"],
+                   ["tokens a row (p50 / p90 / max)", f"{d['length_p50']} / {d['length_p90']} / {d['length_max']}"],
+                   ["share of tokens trained on", d["trained_token_share"]]]
 
 
 def setting(value) -> str | None:

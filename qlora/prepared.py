@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .chat import find_tokenizer_file, load_prompt_format
 from .config import FIELDS, Config, ConfigError, given_by, saved_settings
-from .data import PREPARED_MARK, is_prepared, load_prepared, prepare_dataset
+from .data import PREPARED_MARK, first_record, holds_pairs, is_prepared, load_prepared, prepare_dataset, prepared_kind
 from .device import is_main_process, wait_for_everyone
 from .errors import RunError
 
@@ -90,3 +90,21 @@ def leave_out(config: Config, names: list[str], presets: list[str]) -> str:
         parts.append(f"{preset} sets " + ", ".join(f"{n}: {getattr(config, n)!r}" for n in mine) +
                      f": leave {', '.join(mine)} out of it")
     return "; ".join(parts)
+
+
+PAIR_METHODS = ("dpo", "orpo")
+
+
+def check_method(config: Config) -> None:
+    """Preference pairs train with --method dpo or orpo, instruction rows with sft: told from the prepared folder's
+    stats or the raw data's first row, before anything is written."""
+    if is_prepared(config.dataset):
+        pairs = prepared_kind(config.dataset) == "preference"
+    else:
+        pairs = holds_pairs(first_record(config.dataset, config.dataset_split)[0], config)
+    if pairs and config.method not in PAIR_METHODS:
+        raise RunError(f"{config.dataset} holds preference pairs (a chosen and a rejected answer): train on them with "
+                       f"--method dpo or --method orpo")
+    if not pairs and config.method in PAIR_METHODS:
+        raise RunError(f"{config.dataset} holds instruction rows, not preference pairs: --method {config.method} "
+                       f"needs rows with a prompt, a chosen and a rejected answer (train on these with --method sft)")

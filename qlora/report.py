@@ -74,9 +74,7 @@ class Meter:
 
         def counted(examples):
             batch = collate(examples)
-            # padding-free batches are one row of packed real tokens
-            real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            self.made.append((real, batch["input_ids"].numel()))
+            self.made.append(batch_tokens(batch))
             return batch
 
         return counted
@@ -128,6 +126,17 @@ class Meter:
         else:
             origin, offset = (self.steps[0][1] if self.steps else 0.0), 0.0
         return self.earlier + [{"step": s, "seconds": offset + t - origin, "real_tokens": n} for s, t, n in self.steps]
+
+
+def batch_tokens(batch: dict) -> tuple[int, int]:
+    """(real, all) tokens of a collated batch: `input_ids` and its mask (SFT, DPO's chosen-then-rejected rows), or
+    ORPO's `chosen_` and `rejected_` ones (its `prompt_` columns are the same tokens again). A padding-free batch is
+    one row of packed real tokens, without a mask."""
+    keys = ["input_ids"] if "input_ids" in batch else ["chosen_input_ids", "rejected_input_ids"]
+    total = sum(batch[key].numel() for key in keys)
+    masks = [key.replace("input_ids", "attention_mask") for key in keys]
+    real = sum(int(batch[mask].sum()) for mask in masks) if all(mask in batch for mask in masks) else total
+    return real, total
 
 
 def throughput(timeline: list[dict], warmup: int = 1) -> dict:
@@ -199,10 +208,11 @@ class StepProfiler:
 
 
 def data_fingerprint(data) -> str:
-    """sha256 of every split's ids and labels: the same fingerprint means the same training tokens."""
+    """sha256 of every split's ids and labels (a pair's prompt and answers): the same fingerprint means the same
+    training tokens."""
     digest = hashlib.sha256()
     for split in sorted(data):
-        for column in ("input_ids", "labels"):
+        for column in sorted(data[split].column_names):
             for row in data[split][column]:
                 digest.update(json.dumps(row).encode())
     return digest.hexdigest()
@@ -236,6 +246,9 @@ def manifest(data, backend: str) -> dict:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
 
 
+REWARD_KEYS = ("rewards/margins", "eval_rewards/margins", "rewards/accuracies", "eval_rewards/accuracies")
+
+
 def metrics(trainer, meter: Meter, wall_time: float, plan: dict | None = None, samples: list[dict] = ()) -> dict:
     import torch
 
@@ -244,6 +257,9 @@ def metrics(trainer, meter: Meter, wall_time: float, plan: dict | None = None, s
         "global_step": trainer.state.global_step,
         "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_loss": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        # DPO's and ORPO's implicit rewards, chosen over rejected: the mean margin and the share of pairs ranked right
+        "rewards": {key: [{"step": h["step"], "value": h[key]} for h in history if key in h]
+                    for key in REWARD_KEYS if any(key in h for h in history)},
         "samples": list(samples),  # greedy answers to held-out prompts, by step (qlora/samples.py)
         "real_tokens_seen": meter.real,
         "padding_share": 1 - meter.real / meter.total if meter.total else 0.0,
@@ -264,8 +280,9 @@ def plot_loss(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, scale in zip(axes, ("linear", "log")):
+    rewards = result.get("rewards") or {}
+    fig, axes = plt.subplots(2 if rewards else 1, 2, figsize=(11, 8 if rewards else 4), squeeze=False)
+    for ax, scale in zip(axes[0], ("linear", "log")):
         for key, style in (("train_loss", "-"), ("eval_loss", "o-")):
             if result[key]:
                 ax.plot([p["step"] for p in result[key]], [p["loss"] for p in result[key]], style, label=key)
@@ -275,10 +292,25 @@ def plot_loss(result: dict, path: Path) -> None:
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
+    if rewards:
+        plot_rewards(axes[1], rewards)
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def plot_rewards(axes, rewards: dict) -> None:
+    """A preference run's reward margin and accuracy (chosen over rejected) by step, train and eval."""
+    for ax, (name, label) in zip(axes, (("margins", "reward margin"), ("accuracies", "reward accuracy"))):
+        for key, style in ((f"rewards/{name}", "-"), (f"eval_rewards/{name}", "o-")):
+            if rewards.get(key):
+                ax.plot([p["step"] for p in rewards[key]], [p["value"] for p in rewards[key]], style,
+                        label=key.split("/")[0].replace("rewards", "train"))
+        ax.set_title(label)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend()
 
 
 def write_all(out: Path, trainer, meter: Meter, config, data, wall_time: float, backend: str,

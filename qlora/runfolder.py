@@ -36,7 +36,7 @@ RUN_FILES = ADAPTER_FILES + ("README.md", "tokenizer.model", "tokenizer.json", "
 # tokenizer), the adapter's shape, and the optimizer and schedule whose state it holds
 RESUME_FIXED = tuple(name for name, f in FIELDS.items() if f.metadata["group"] in ("data", "base")) + (
     "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "optim", "learning_rate", "lr_scheduler_type",
-    "warmup_steps", "weight_decay")
+    "warmup_steps", "weight_decay", "method", "beta", "init_adapter")
 # What the Trainer reads back on resume; a missing optimizer.pt or scheduler.pt it skips without a word
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "optimizer.pt",
                     "scheduler.pt")
@@ -317,7 +317,8 @@ def save_adapter(trainer, tokenizer, config: Config) -> None:
     """Adapter + tokenizer in output_dir (save_pretrained, safetensors), each file renamed into place when whole."""
     out = Path(config.output_dir)
     with writing(out / ".adapter-staging"), atomic.atomic_dir(out / ".adapter-staging") as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        # the trained adapter only: DPO keeps a frozen copy of the starting one as its reference ("ref")
+        trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
         tokenizer.save_pretrained(tmp)
         # the base's own tokenizer file (tokenizer.model, or Tekken's tokenizer.json), which the prompt format, export
         # and llama.cpp all read: as it was, not as save_pretrained writes it again

@@ -108,9 +108,13 @@ def rendered(asked: list[Asked], fmt: PromptFormat, system_prompt: str | None) -
 
 def from_eval_rows(rows, fmt: PromptFormat, count: int) -> list[Prompt]:
     """The first `count` eval rows as prompts: each row's ids before its last answer (the last span of trained
-    labels), that answer the reference."""
+    labels), that answer the reference; a pair's prompt, its chosen answer the reference."""
     prompts = []
     for row in rows.select(range(min(count, len(rows)))):
+        if "prompt_ids" in row:  # a preference pair: its chosen answer is the reference
+            ids = row["prompt_ids"]
+            prompts.append(Prompt(ids, last_user_text(fmt, ids), answer_text(fmt, row["chosen_ids"])))
+            continue
         ids, labels = row["input_ids"], row["labels"]
         start = len(labels)
         while start > 0 and labels[start - 1] != IGNORE:

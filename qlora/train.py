@@ -3,9 +3,11 @@ folder and picks the checkpoint to resume from, prepares the data, plans the fee
 TRL's trainer, trains (resumable, interruptible), saves the adapter and writes the reports. Each step is a module:
 
 - runfolder: the output folder (the lock, checkpoints, a finished run, overwriting one) and the adapter saved whole;
-- prepared: the rows trained on (a data_prep output folder, or prepared into output_dir/data);
+- prepared: the rows trained on (a data_prep output folder, or prepared into output_dir/data), instruction rows for
+  --method sft, preference pairs for dpo and orpo; init_adapter: an SFT run's adapter that dpo or orpo go on from;
 - feeding: micro-batches, accumulation and checkpointing planned from the card's figures; the model (qlora/model.py);
-- sft: TRL's SFTTrainer, with what every training method's trainer shares (qlora/trainers.py);
+- sft, dpo, orpo: TRL's SFTTrainer, DPOTrainer or ORPOTrainer (--method), with what every training method's trainer
+  shares (qlora/trainers.py);
 - stopping: Ctrl-C and SIGTERM, a resumed run's last step, out-of-memory advice;
 - samples: greedy answers to a few held-out prompts at the start and at each evaluation;
 - report: metrics.json, loss.png and manifest.json;
@@ -19,20 +21,22 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import atomic, report
+from . import atomic, dpo, orpo, report, sft
 from .config import TRAIN, Config, show, to_yaml
 from .data import is_prepared
 from .device import is_main_process, precision, processes, wait_for_everyone
 from .errors import writing
 from .feeding import accumulation_for, check_settings, plan_and_load
-from .prepared import as_prepared, load_data
+from .init_adapter import with_init_adapter
+from .prepared import as_prepared, check_method, load_data
 from .push import push_run
 from .runfolder import (STAGING, check_output_dir, check_own_files, finished_steps, holds_run, output_lock,
                         remove_old_run, save_adapter)
 from .samples import Samples, read_prompts
-from .sft import make_trainer
 from .stopping import (AtLastStep, StopOnSignal, close_progress_bars, oom_advice, resume_command, save_after_oom,
                        stop_at_last_step)
+
+METHODS = {"sft": sft, "dpo": dpo, "orpo": orpo}  # each module's make_trainer builds its TRL trainer
 
 
 def run(config: Config, backend: str) -> int:
@@ -53,17 +57,19 @@ def run(config: Config, backend: str) -> int:
 def train(config: Config, backend: str) -> int:
     from transformers import set_seed
 
-    from .batching import padded
+    from .batching import example_tokens
     from .compat import patch_trl_without_triton
 
     report.check_reporting(config)
     # what `auto` became here: the config printed and saved says what ran (the CPU never loads 4-bit weights)
     config = dataclasses.replace(as_prepared(config), backend=backend,
                                  load_in_4bit=config.load_in_4bit and backend != "cpu")
+    check_method(config)  # pairs for dpo and orpo, instruction rows for sft: refused before anything is written
+    config = with_init_adapter(config)
     asked = read_prompts(config)  # a bad --sample_prompts file is refused before anything is written
     resume_from, overwrite = ready_folder(config)
     data = load_data(config)
-    longest_row = padded(max(len(ids) for ids in data["train"]["input_ids"]), config.pad_to_multiple_of)
+    longest_row = max(example_tokens(data["train"], config.pad_to_multiple_of))
     check_settings(config, longest_row, "eval" in data, backend)
     if patch_trl_without_triton():
         print("note: no Triton here; TRL's fused loss runs in plain PyTorch (qlora/compat.py)")
@@ -73,9 +79,9 @@ def train(config: Config, backend: str) -> int:
     accumulation = effective_batch(config)
     stop, meter = StopOnSignal(Path(config.output_dir)), report.Meter()
     samples = Samples.for_run(config, data, asked, backend)
-    trainer = make_trainer(model, tokenizer, data, config, backend, accumulation, meter,
-                           callbacks(config, stop, meter, samples, resume_from), resuming=bool(resume_from),
-                           kept=[samples])
+    trainer = METHODS[config.method].make_trainer(
+        model, tokenizer, data, config, backend, accumulation, meter, callbacks(config, stop, meter, samples, resume_from),
+        resuming=bool(resume_from), kept=[samples])
     meter.start()
     stopped = train_steps(trainer, config, stop, resume_from)
     if stopped is not None:

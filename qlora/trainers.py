@@ -1,4 +1,4 @@
-"""What the trainer of every training method shares (qlora/sft.py now; preference tuning next, as siblings): the
+"""What the trainer of every training method shares (qlora/sft.py, qlora/dpo.py, qlora/orpo.py): the
 Trainer arguments that come from the run's settings, and the Trainer subclass that feeds micro-batches by token
 budget, counts the tokens it trains on, and writes each checkpoint whole."""
 
@@ -58,6 +58,13 @@ def training_arguments(config: Config, backend: str, has_eval: bool, accumulatio
     )
 
 
+def pair_arguments(config: Config, backend: str, has_eval: bool, accumulation: int, resuming: bool) -> dict:
+    """training_arguments for a preference method: a pair is two sequences, so an evaluation batch takes half the
+    rows."""
+    arguments = training_arguments(config, backend, has_eval, accumulation, resuming)
+    return arguments | {"per_device_eval_batch_size": max(1, arguments["per_device_eval_batch_size"] // 2)}
+
+
 def with_early_stopping(callbacks: list, config: Config, has_eval: bool) -> list:
     from transformers import EarlyStoppingCallback
 
@@ -70,16 +77,15 @@ def run_trainer(trainer_class, config: Config, meter, kept=()):
     """`trainer_class` (TRL's SFTTrainer, ...) feeding micro-batches of up to config.token_budget tokens, counting
     the training batches' tokens in `meter` (report.Meter), and writing each checkpoint whole: with the meter's
     counts and the state of each of `kept` (`save(checkpoint, rank)`: the samples taken, qlora/samples.py) in it."""
-    from .batching import TokenBudgetBatches
+    from .batching import TokenBudgetBatches, example_tokens
 
     class Trainer(trainer_class):
         def _get_train_sampler(self, train_dataset=None):
             if not config.token_budget:
                 return super()._get_train_sampler(train_dataset)
             dataset = train_dataset if train_dataset is not None else self.train_dataset
-            return TokenBudgetBatches([len(ids) for ids in dataset["input_ids"]], config.token_budget, config.seed,
-                                      rank=self.args.process_index, world=self.args.world_size,
-                                      multiple=config.pad_to_multiple_of or 1)
+            return TokenBudgetBatches(example_tokens(dataset, config.pad_to_multiple_of), config.token_budget,
+                                      config.seed, rank=self.args.process_index, world=self.args.world_size)
 
         def get_train_dataloader(self):
             """Training batches go through the meter's counting collator (evaluation batches do not)."""

@@ -1,0 +1,59 @@
+"""--init_adapter: DPO or ORPO go on from an SFT run's LoRA adapter. Checked before anything is loaded or written:
+the folder holds a whole, finite safetensors adapter trained on this --model_name, with the same tokenizer file; its
+LoRA shape (rank, alpha, target modules) becomes the run's. qlora/model.py loads its weights into the new adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .chat import find_tokenizer_file, tokenizer_file_in
+from .config import Config
+from .errors import RunError
+from .model import WeightsError, adapter_base, check_safetensors_adapter
+
+
+def with_init_adapter(config: Config) -> Config:
+    """`config` with the LoRA shape of --init_adapter's adapter, once it is checked; as it is without one."""
+    if not config.init_adapter:
+        return config
+    if config.method == "sft":
+        raise RunError("--init_adapter is for --method dpo or orpo; to train an SFT run further, resume it "
+                       "(--resume_from_checkpoint with one of its checkpoints)")
+    folder = Path(config.init_adapter)
+    try:
+        check_safetensors_adapter(folder)
+        base = adapter_base(folder)
+    except (FileNotFoundError, WeightsError) as err:
+        raise RunError(f"--init_adapter {err}") from None
+    if base != config.model_name:
+        raise RunError(f"--init_adapter {folder} was trained on {base}, not on --model_name {config.model_name}: pass "
+                       f"--model_name {base} (the adapter's LoRA weights only fit the base they were trained on)")
+    check_same_tokenizer(folder, config)
+    return dataclasses.replace(config, **lora_shape(folder, config))
+
+
+def check_same_tokenizer(folder: Path, config: Config) -> None:
+    """The SFT run's tokenizer file (save_adapter copies it beside the adapter) must be the base's: the pairs are
+    rendered with the base's ids, which the adapter was trained on."""
+    theirs = tokenizer_file_in(folder)
+    ours = find_tokenizer_file(config.model_name, config.tokenizer_name)
+    if theirs is not None and theirs.read_bytes() != ours.read_bytes():
+        raise RunError(f"--init_adapter {folder} was trained with another tokenizer ({theirs.name} differs from "
+                       f"{ours}): its token ids would mean other words here; pass the run's --tokenizer_name")
+
+
+def lora_shape(folder: Path, config: Config) -> dict:
+    """The adapter's rank, alpha and target modules, as the run's settings (a note where they differ from them)."""
+    saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    targets = saved["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    shape = {"lora_r": saved["r"], "lora_alpha": saved["lora_alpha"],
+             "lora_target_modules": (config.lora_target_modules if set(targets) == set(config.lora_target_modules)
+                                     else sorted(targets))}
+    differ = {name: value for name, value in shape.items() if value != getattr(config, name)}
+    if differ:
+        print(f"note: --init_adapter's adapter has " + ", ".join(f"{k} {v}" for k, v in differ.items()) +
+              "; the run trains it as it is")
+    return shape

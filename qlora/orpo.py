@@ -1,0 +1,52 @@
+"""Odds-ratio preference optimisation: TRL's ORPOTrainer (trl.experimental.orpo) on prepared pairs (qlora/pairs.py),
+with what every method's trainer shares (qlora/trainers.py). ORPO needs no reference model: its loss is the chosen
+answer's language-model loss plus `beta` times the log odds ratio of the chosen over the rejected answer, so it can
+start from the base without an SFT run first.
+"""
+
+from __future__ import annotations
+
+from .chat import IGNORE
+from .config import Config
+from .trainers import pair_arguments, run_trainer, with_early_stopping
+
+
+def orpo_config(config: Config, backend: str, has_eval: bool, accumulation: int, resuming: bool = False):
+    from trl.experimental.orpo import ORPOConfig
+
+    # max_length only bounds TRL's own tokenizing, which the prepared pairs skip (they are cut already)
+    return ORPOConfig(**pair_arguments(config, backend, has_eval, accumulation, resuming), beta=config.beta,
+                      max_length=config.max_seq_length)
+
+
+def orpo_row(row: dict) -> dict:
+    """A prepared pair in the columns ORPOTrainer's collator reads: prompt + each answer, labels on the answer."""
+    prompt = row["prompt_ids"]
+    columns = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+    for answer in ("chosen", "rejected"):
+        ids = prompt + row[f"{answer}_ids"]
+        columns |= {f"{answer}_input_ids": ids, f"{answer}_attention_mask": [1] * len(ids),
+                    f"{answer}_labels": [IGNORE] * len(prompt) + row[f"{answer}_ids"]}
+    return columns
+
+
+def on_prepared_pairs(trainer_class):
+    """ORPOTrainer that takes the prepared ids as they are: its own tokenizing renders the pairs with the tokenizer's
+    Hugging Face chat template, one `▁` away from Mistral's ids."""
+
+    class PreparedPairsORPOTrainer(trainer_class):
+        def tokenize_row(self, feature, model=None):
+            return orpo_row(feature)
+
+    return PreparedPairsORPOTrainer
+
+
+def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulation: int, meter, callbacks: list,
+                 resuming: bool = False, kept=()):
+    from trl.experimental.orpo import ORPOTrainer
+
+    has_eval = "eval" in data
+    return run_trainer(on_prepared_pairs(ORPOTrainer), config, meter, kept)(
+        model=model, args=orpo_config(config, backend, has_eval, accumulation, resuming),
+        train_dataset=data["train"], eval_dataset=data["eval"] if has_eval else None, processing_class=tokenizer,
+        callbacks=with_early_stopping(callbacks, config, has_eval))
