@@ -19,7 +19,6 @@ def dpo_config(config: Config, backend: str, has_eval: bool, accumulation: int, 
         **pair_arguments(config, backend, has_eval, accumulation, resuming),
         beta=config.beta,
         max_length=None,  # pairs are cut to max_seq_length already, the prompt kept whole
-        pad_to_multiple_of=config.pad_to_multiple_of,
     )
 
 
@@ -37,9 +36,12 @@ def on_prepared_pairs(trainer_class):
 def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulation: int, meter, callbacks: list,
                  resuming: bool = False, kept=()):
     from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     has_eval = "eval" in data
+    # padded with EOS, masked out (Mistral has no pad token); given here, so that TRL leaves the tokenizer as it is
+    collator = DataCollatorForPreference(pad_token_id=tokenizer.eos_token_id, pad_to_multiple_of=config.pad_to_multiple_of)
     return run_trainer(on_prepared_pairs(DPOTrainer), config, meter, kept)(
-        model=model, args=dpo_config(config, backend, has_eval, accumulation, resuming),
+        model=model, args=dpo_config(config, backend, has_eval, accumulation, resuming), data_collator=collator,
         train_dataset=data["train"], eval_dataset=data["eval"] if has_eval else None, processing_class=tokenizer,
         callbacks=with_early_stopping(callbacks, config, has_eval))

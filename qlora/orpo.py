@@ -11,12 +11,13 @@ from .config import Config
 from .trainers import pair_arguments, run_trainer, with_early_stopping
 
 
-def orpo_config(config: Config, backend: str, has_eval: bool, accumulation: int, resuming: bool = False):
+def orpo_config(config: Config, backend: str, has_eval: bool, accumulation: int, resuming: bool, pad_id: int):
     from trl.experimental.orpo import ORPOConfig
 
     # max_length only bounds TRL's own tokenizing, which the prepared pairs skip (they are cut already)
+    # the collator reads the pair's columns, which the model's forward does not name
     return ORPOConfig(**pair_arguments(config, backend, has_eval, accumulation, resuming), beta=config.beta,
-                      max_length=config.max_seq_length)
+                      max_length=config.max_seq_length, remove_unused_columns=False, padding_value=pad_id)
 
 
 def orpo_row(row: dict) -> dict:
@@ -44,9 +45,12 @@ def on_prepared_pairs(trainer_class):
 def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulation: int, meter, callbacks: list,
                  resuming: bool = False, kept=()):
     from trl.experimental.orpo import ORPOTrainer
+    from trl.experimental.utils import DPODataCollatorWithPadding
 
     has_eval = "eval" in data
+    pad_id = tokenizer.eos_token_id  # Mistral has no pad token: padded with EOS, masked out
     return run_trainer(on_prepared_pairs(ORPOTrainer), config, meter, kept)(
-        model=model, args=orpo_config(config, backend, has_eval, accumulation, resuming),
+        model=model, args=orpo_config(config, backend, has_eval, accumulation, resuming, pad_id),
+        data_collator=DPODataCollatorWithPadding(pad_token_id=pad_id),
         train_dataset=data["train"], eval_dataset=data["eval"] if has_eval else None, processing_class=tokenizer,
         callbacks=with_early_stopping(callbacks, config, has_eval))
