@@ -7,6 +7,8 @@ on the same variable-length data, in one run.
     python bench/bench_train.py --workdir /tmp/bench --gpu_memory_gib 15 23   # as on a 16 GB and a 24 GB card
     python bench/bench_train.py --workdir /tmp/bench --nproc 1 2 --stock ''   # 1 and 2 GPUs (torchrun), for scaling
     python bench/bench_train.py --workdir /tmp/bench --gpu_sm_percent 8 --gpu_memory_gib 15   # as on a T4
+    python bench/bench_train.py --workdir /tmp/bench --data preference_shaped --stock dpo_notebook --ours \\
+        "ours dpo=--method dpo --max_seq_length 1024"   # DPO, ours against Unsloth's DPO notebook
 
 --gpu_memory_gib N: a second process holds all of the GPU but N GiB for the length of the runs, so every recipe, and
 torch.cuda.mem_get_info (which the toolkit's planner reads), sees a card of N GiB free. (set_per_process_memory_fraction
@@ -35,7 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STOCK = {"notebook": ["notebook"], "notebook+packing": ["notebook", "--packing"], "blog": ["blog"]}
+STOCK = {"notebook": ["notebook"], "notebook+packing": ["notebook", "--packing"], "blog": ["blog"],
+         "dpo_notebook": ["dpo_notebook"], "orpo_notebook": ["orpo_notebook"]}
+INSTRUCTION_SETS = ["sample", "guanaco_shaped"]
 
 
 def parse():
@@ -43,8 +47,10 @@ def parse():
     parser.add_argument("--workdir", required=True, help="scratch folder: stand-in model, data, run outputs")
     parser.add_argument("--model", help="base model folder (default: build the 7.24 B stand-in in the workdir)")
     parser.add_argument("--layers", type=int, default=32, help="stand-in layers (fewer for a quick check)")
-    parser.add_argument("--data", action="append", help="instruction file, or 'sample' / 'guanaco_shaped' for the "
-                        "generated sets (default: both generated sets)")
+    parser.add_argument("--data", action="append", help="data file, or 'sample' / 'guanaco_shaped' for the "
+                        "generated instruction sets (default: both), 'preference_shaped' for generated preference "
+                        "pairs of about 1,000 tokens (for --method dpo/orpo and the stock dpo_notebook, "
+                        "orpo_notebook)")
     parser.add_argument("--rows", type=int, default=2000, help="rows of each generated set: enough that an epoch has "
                         "many steps, as on Guanaco's 9,846 (250 rows make 14, one of them a part-filled remainder)")
     parser.add_argument("--ours", action="append", default=[], help='NAME="flags for train_unsloth.py"; '
@@ -69,9 +75,10 @@ def prepare_inputs(args, workdir: Path) -> tuple[Path, list[Path]]:
     if not (model / "config.json").exists():  # in another process: this one stays off the GPU (and out of MPS)
         build = f"from bench import standins; standins.save_standin({str(model)!r}, num_layers={args.layers})"
         subprocess.run([sys.executable, "-c", build], cwd=ROOT, check=True)
-    generated = {"sample": fixtures.sample_rows, "guanaco_shaped": standins.guanaco_shaped_rows}
+    generated = {"sample": fixtures.sample_rows, "guanaco_shaped": standins.guanaco_shaped_rows,
+                 "preference_shaped": standins.preference_shaped_rows}
     files = []
-    for name in args.data or list(generated):
+    for name in args.data or INSTRUCTION_SETS:
         if name in generated:
             name = fixtures.write_jsonl(workdir / f"{name}.jsonl", generated[name](args.rows))
         files.append(Path(name))
@@ -146,9 +153,13 @@ def summarize(metrics_file: Path, warmup: int) -> dict:
 
     m = json.loads(metrics_file.read_text())
     timed = throughput(m["steps"], warmup)
+    # the preference trainers' last logged rewards, where the run kept its trainer's log
+    rewards = [h for h in m.get("log_history", []) if "rewards/margins" in h]
     return {"real_tok_s": timed["real_tokens_per_second"], "s_per_step": timed["seconds_per_step"],
             "padding": m.get("padding_share", 0.0), "peak_gib": m["peak_gpu_memory_gib"],
-            "final_loss": m["train_loss"][-1]["loss"] if m["train_loss"] else float("nan"), "plan": m.get("plan")}
+            "final_loss": m["train_loss"][-1]["loss"] if m["train_loss"] else float("nan"), "plan": m.get("plan"),
+            **({"reward_margin": rewards[-1]["rewards/margins"], "reward_accuracy": rewards[-1]["rewards/accuracies"]}
+               if rewards else {})}
 
 
 def recipes(args, model: Path, data: Path, out: Path):

@@ -1,6 +1,7 @@
 """Stand-ins that only the benchmarks and the tests build: the 7.24 B stand-in for Mistral-7B-Instruct-v0.2 (random
-bf16 weights, its exact architecture, the real tokenizer), a random LoRA adapter for any base, and rows shaped like
-OpenAssistant-Guanaco's. The smoke run's stand-ins, which the product's setup builds, are qlora/fixtures.py's.
+bf16 weights, its exact architecture, the real tokenizer), a random LoRA adapter for any base, rows shaped like
+OpenAssistant-Guanaco's, and preference pairs of about 1,000 tokens. The smoke run's stand-ins, which the product's
+setup builds, are qlora/fixtures.py's.
 
 Benchmarks import it as `standins` (their folder is on sys.path), tests as `bench.standins` (the repository root is).
 """
@@ -21,6 +22,8 @@ MISTRAL_7B_V02_CONFIG = dict(vocab_size=32000, hidden_size=4096, intermediate_si
 
 _WORDS = ("apple river stone cloud maple tiger ocean lamp violet paper garden silver rocket candle harbor "
           "meadow pencil falcon copper window basket summer winter autumn spring bridge castle forest desert").split()
+# Mistral's tokenizer gives the sentences made of these words 1.38 tokens a word (periods and capitals included)
+_TOKENS_PER_WORD = 1.38
 
 
 def save_standin(target: Path, num_layers: int = 32, device: str = "cuda", config: dict | None = None,
@@ -82,4 +85,31 @@ def guanaco_shaped_rows(n: int = 250, seed: int = 1) -> list[dict]:
     for _ in range(n):
         answer_sentences = min(160, max(4, int(rng.lognormvariate(3.3, 0.6))))
         rows.append({"text": f"<s>[INST] {sentences(rng.randint(1, 4))} [/INST] {sentences(answer_sentences)} </s>"})
+    return rows
+
+
+def _prose(rng: random.Random, tokens: float) -> str:
+    """Sentences of 6 to 16 words, about `tokens` tokens for Mistral's tokenizer in all."""
+    words, sentences = max(1, round(tokens / _TOKENS_PER_WORD)), []
+    while words > 0:
+        count = min(words, rng.randint(6, 16))
+        sentences.append(" ".join(rng.choices(_WORDS, k=count)).capitalize() + ".")
+        words -= count
+    return " ".join(sentences)
+
+
+def preference_shaped_rows(n: int = 2000, seed: int = 1, tokens: int = 1000) -> list[dict]:
+    """Preference pairs ({prompt, chosen, rejected}) whose prompt and longer answer make about `tokens` tokens (for
+    1,000: a prompt of 100 to 400 tokens, the longer answer 600 to 900, the other 40 to 95% of it, the chosen one the
+    longer in 7 pairs of 10, as in UltraFeedback, where the preferred answer tends to be the longer one). Chosen and
+    rejected are different texts. Plain text, no template: each trainer applies its own."""
+    rng = random.Random(seed)
+    scale = tokens / 1000
+    rows = []
+    for _ in range(n):
+        prompt = _prose(rng, rng.uniform(100, 400) * scale)
+        longer = rng.uniform(600, 900) * scale
+        answers = [_prose(rng, longer), _prose(rng, longer * rng.uniform(0.4, 0.95))]
+        chosen, rejected = answers if rng.random() < 0.7 else answers[::-1]
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
