@@ -290,3 +290,33 @@ def test_calibrates_caches_and_trains_10_steps(standin, tmp_path):
     again = json.loads((tmp_path / "second" / "metrics.json").read_text())["plan"]
     assert "calibration, cached" in second.stdout and "measured in" not in second.stdout
     assert again["figures"] == calibration["figures"] and again["calibration"]["cached"]
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory):
+    return fixtures.write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", fixtures.sample_preference_rows())
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_dpo_after_sft_and_orpo_from_the_base(backend, standin, sample_file, pairs_file, tmp_path):
+    """SFT for 12 steps, DPO from its adapter and ORPO from the base for 8 steps each, on the 4-bit stand-in: the
+    trainers run on the card's 4-bit model, DPO's reference (the SFT adapter) gives a zero margin before the first
+    step, and every adapter is saved whole."""
+    import math
+
+    common = ["--backend", backend, "--model_name", str(standin), "--eval_steps", "4", "--logging_steps", "1",
+              "--eval_fraction", "0.2"]
+    sft, dpo, orpo = tmp_path / "sft", tmp_path / "dpo", tmp_path / "orpo"
+    run_script("train_unsloth.py", *common, "--dataset", str(sample_file), "--max_steps", "12", "--output_dir", str(sft))
+    for method, out, extra in (("dpo", dpo, ["--init_adapter", str(sft)]), ("orpo", orpo, [])):
+        run_script("train_unsloth.py", *common, "--method", method, "--dataset", str(pairs_file), *extra,
+                   "--max_steps", "8", "--learning_rate", "5e-5", "--output_dir", str(out))
+    for out in (dpo, orpo):
+        metrics = json.loads((out / "metrics.json").read_text())
+        rewards = metrics["rewards"]
+        print(f"\n{backend} {out.name}: peak {metrics['peak_gpu_memory_gib']:.1f} GiB, "
+              f"{metrics['throughput_after_warmup']}\n  loss {[p['loss'] for p in metrics['train_loss']]}\n"
+              f"  eval margins {rewards['eval_rewards/margins']}\n  eval accuracies {rewards['eval_rewards/accuracies']}")
+        assert metrics["global_step"] == 8 and all(math.isfinite(p["loss"]) for p in metrics["train_loss"])
+        assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
+    assert abs(json.loads((dpo / "metrics.json").read_text())["rewards"]["eval_rewards/margins"][0]["value"]) < 1e-3
