@@ -42,12 +42,12 @@ def is_pair_record(record: object) -> bool:
 
 
 def detect_pair_format(record: dict) -> str:
-    if isinstance(record.get("chosen"), list):
-        chosen = record["chosen"]
+    chosen = record.get("chosen")
+    if isinstance(chosen, list):
         whole = any(isinstance(m, dict) and m.get("role") == "user" for m in chosen)
         return "preference_conversations" if whole else "preference"
-    if "prompt" in record:
-        return "preference"
+    if "prompt" in record or not (isinstance(chosen, str) and _HH_TURN.search(_hh_text(chosen))):
+        return "preference"  # a row with no prompt and no HH turns is a pair missing its prompt: named so
     return "hh"
 
 
@@ -86,8 +86,12 @@ def _from_conversations(record: dict, location: str) -> Pair:
                           _messages(record.get("rejected"), location, "rejected"), location)
 
 
+def _hh_text(text: str) -> str:
+    return "\n\n" + text.lstrip("\n")  # a row may leave out the first turn's blank line
+
+
 def _hh_turns(text: str, location: str, key: str) -> Conversation:
-    parts = _HH_TURN.split("\n\n" + text.lstrip("\n"))  # a row may leave out the first turn's blank line
+    parts = _HH_TURN.split(_hh_text(text))
     turns = [Message("user" if who == "Human" else "assistant", said) for who, said in zip(parts[1::2], parts[2::2])]
     if not turns:
         raise DataError(f"{location}: field '{key}' has no '\\n\\nHuman:' turn")
