@@ -229,13 +229,14 @@ def optimizer_seconds(model) -> float:
     return (time.perf_counter() - started) / 3
 
 
-def measure(model, loaded: str, tokens_per_step: int, bytes_per_token: dict) -> dict:
+def measure(model, loaded: str, tokens_per_step: int, bytes_per_token: dict, max_length: int) -> dict:
     """The calibration record of the loaded model (checkpointed as `loaded`: true or unsloth): figures, the passes
-    they come from, and how long measuring took."""
+    they come from, and how long measuring took. Rows stay within `max_length` (the model's max_seq_length: Unsloth's
+    rotary tables end there, and a longer row indexes past them)."""
     import torch
 
     layers = len(decoder_layers(model))
-    length = max(64, min(ROW, tokens_per_step // 2) // 8 * 8)
+    length = max(64, min(ROW, tokens_per_step // 2, max_length - 8) // 8 * 8)
     model.train()
     keep_activations(model, 0)
     first = one_pass(model, 1, length + 8)[0]  # the first pass compiles Unsloth's decoder blocks (training would)

@@ -8,8 +8,14 @@ base itself) and runs the reference pass through it, without gradients.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from .config import Config
 from .trainers import pair_arguments, run_trainer, with_early_stopping
+
+
+REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
 
 
 def dpo_config(config: Config, backend: str, has_eval: bool, accumulation: int, resuming: bool = False):
@@ -29,6 +35,14 @@ def on_prepared_pairs(trainer_class):
     class PreparedPairsDPOTrainer(trainer_class):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
+
+        def _save_checkpoint(self, model, trial):
+            """Checkpoints without the reference adapter ("ref", a subfolder): it is the starting adapter, made again
+            from it when a run resumes, and where a checkpoint holds adapters in subfolders transformers resumes only
+            those, leaving the trained one as it started."""
+            super()._save_checkpoint(model, trial)
+            checkpoint = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            shutil.rmtree(checkpoint / REFERENCE_ADAPTER, ignore_errors=True)
 
     return PreparedPairsDPOTrainer
 

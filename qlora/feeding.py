@@ -97,7 +97,7 @@ def calibrated_feeding(model, config: Config, planned: Config, backend: str, lon
     record, failed = None, None
     try:
         record = calibrate.measure(model, planned.gradient_checkpointing, config.tokens_per_step,
-                                   BYTES_PER_TOKEN[backend])
+                                   BYTES_PER_TOKEN[backend], config.max_seq_length)
     except Exception as error:  # out of memory, or an Unsloth that changed: the run goes on with the built-in figures
         failed = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
     if record is None:

@@ -11,7 +11,7 @@ from bench import standins
 from conftest import load_adapter, one_line_error, run_script, start_script, wait_for
 from qlora import fixtures
 
-# the smoke recipe on pairs, evaluated on a held-out fifth of them every 10 steps
+# the smoke recipe on pairs, evaluated on the held-out ones every 10 steps
 PAIRS = ["--config", "configs/smoke.yaml", "--eval_steps", "10", "--save_steps", "100", "--logging_steps", "5",
          "--sample_count", "0"]
 
@@ -27,10 +27,10 @@ def sft_run(fixture_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pairs(fixture_dir, tmp_path_factory):
-    """The sample pairs prepared by data_prep.py, a fifth of them held out."""
+    """The sample pairs prepared by data_prep.py with the smoke recipe's data settings (a tenth of them held out)."""
     out = tmp_path_factory.mktemp("pairs") / "prepared"
     run_script("data_prep.py", "--config", "configs/smoke.yaml", "--dataset", str(fixture_dir / fixtures.SAMPLE_PAIRS),
-               "--eval_fraction", "0.2", "--output_dir", str(out))
+               "--output_dir", str(out))
     return out
 
 
@@ -98,6 +98,7 @@ def test_dpo_killed_then_resumed_trains_the_adapter_an_uninterrupted_run_does(sf
     process.wait()
     assert not (killed / "adapter_config.json").exists(), "the run ended before the kill"
 
+    assert not list(killed.glob("checkpoint-*/ref")), "a checkpoint holds the reference adapter"
     resumed = run_script("train_unsloth.py", "--config", str(killed / "config.yaml"), "--resume")
     assert "resuming from" in resumed.stdout
     a, b = load_adapter(straight), load_adapter(killed)
