@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 from qlora import fixtures  # noqa: E402  (after the path insert, like the scripts it measures)
 from qlora.batching import TokenBudgetBatches, padded  # noqa: E402
 from qlora.config import Config  # noqa: E402
-from qlora.data import load_prepared, prepare_dataset  # noqa: E402
+from qlora.data import load_prepared  # noqa: E402
+from qlora.prepare import prepare_dataset  # noqa: E402
 import standins  # noqa: E402
 
 SETS = {"guanaco_shaped": standins.guanaco_shaped_rows, "sample": fixtures.sample_rows}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .chat import find_tokenizer_file, load_prompt_format
 from .config import FIELDS, Config, ConfigError, given_by, saved_settings
-from .data import PREPARED_MARK, first_record, holds_pairs, is_prepared, load_prepared, prepare_dataset, prepared_kind
+from .data import PREPARED_MARK, is_prepared, load_prepared, prepared_kind
+from .prepare import first_record, holds_pairs, prepare_dataset
 from .device import is_main_process, wait_for_everyone
 from .errors import RunError
 

@@ -36,7 +36,7 @@ from .samples import Samples, read_prompts
 from .stopping import (AtLastStep, StopOnSignal, close_progress_bars, oom_advice, resume_command, save_after_oom,
                        stop_at_last_step)
 
-METHODS = {"sft": sft, "dpo": dpo, "orpo": orpo}  # each module's make_trainer builds its TRL trainer
+MAKE_TRAINER = {"sft": sft.make_trainer, "dpo": dpo.make_trainer, "orpo": orpo.make_trainer}  # by --method
 
 
 def run(config: Config, backend: str) -> int:
@@ -79,7 +79,7 @@ def train(config: Config, backend: str) -> int:
     accumulation = effective_batch(config)
     stop, meter = StopOnSignal(Path(config.output_dir)), report.Meter()
     samples = Samples.for_run(config, data, asked, backend)
-    trainer = METHODS[config.method].make_trainer(
+    trainer = MAKE_TRAINER[config.method](
         model, tokenizer, data, config, backend, accumulation, meter, callbacks(config, stop, meter, samples, resume_from),
         resuming=bool(resume_from), kept=[samples])
     meter.start()

@@ -12,7 +12,8 @@ from conftest import run_script
 from qlora import fixtures
 from qlora.chat import IGNORE, Message
 from qlora.config import Config
-from qlora.data import DataError, prepare_dataset, prepare_rows, read_records
+from qlora.data import DataError, prepare_rows, read_records
+from qlora.prepare import prepare_dataset
 
 
 # (system, [(user, answer), ...]); the user text of the last one splits into Alpaca's instruction and input

@@ -19,7 +19,8 @@ from conftest import one_line_error, run_script
 from qlora import fixtures
 from qlora.chat import IGNORE, Message, load_prompt_format
 from qlora.config import Config
-from qlora.data import DataError, first_record, holds_pairs, load_prepared, prepare_dataset, prepared_kind
+from qlora.data import DataError, load_prepared, prepared_kind
+from qlora.prepare import first_record, holds_pairs, prepare_dataset
 from qlora.orpo import orpo_row
 from qlora.pairs import PairColumns, detect_pair_format, encode_pair, pair_format, prepare_pairs, to_pair
 
