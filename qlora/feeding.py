@@ -60,13 +60,16 @@ def plan_feeding(config: Config, backend: str, longest_row: int, figures=None,
     free = least_free_memory() if free is None else free
     # --backend hf has no offloading: its checkpointing recomputes
     checkpointing = "true" if backend == "hf" and config.gradient_checkpointing == "unsloth" else config.gradient_checkpointing
+    reference = config.method == "dpo"  # a forward pass of the reference model over every pair
     if budget_auto:
-        chosen = planner.plan(free, share, longest_row, backend, checkpointing, config.checkpoint_skip_layers, figures)
+        chosen = planner.plan(free, share, longest_row, backend, checkpointing, config.checkpoint_skip_layers, figures,
+                              reference)
         config = dataclasses.replace(config, token_budget=chosen.micro_tokens, keep_gradient_accumulation=True,
                                      gradient_accumulation_steps=chosen.accumulation)
     else:  # a micro-batch size of the user's: only the checkpointing is chosen
         tokens = config.token_budget or config.per_device_train_batch_size * config.max_seq_length
-        chosen = planner.plan(free, tokens, tokens, backend, checkpointing, config.checkpoint_skip_layers, figures)
+        chosen = planner.plan(free, tokens, tokens, backend, checkpointing, config.checkpoint_skip_layers, figures,
+                              reference)
     config = dataclasses.replace(config, gradient_checkpointing=chosen.checkpointing,
                                  checkpoint_skip_layers=chosen.skip_layers)
     return config, {**chosen.as_dict(), "figures": (figures or planner.DEFAULT_FIGURES[backend]).as_dict()}

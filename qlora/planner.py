@@ -126,8 +126,12 @@ def usable_bytes(free_bytes: int, figures: Figures) -> float:
     return free_bytes - max((1 - USABLE) * free_bytes, figures.reserve_bytes)
 
 
-def candidates(free_bytes: int, tokens_per_step: int, longest_row: int, modes, figures: Figures) -> list[Plan]:
-    """Every (mode, accumulation) whose micro-batch holds the longest row, with its memory and predicted speed."""
+def candidates(free_bytes: int, tokens_per_step: int, longest_row: int, modes, figures: Figures,
+               reference_pass: bool = False) -> list[Plan]:
+    """Every (mode, accumulation) whose micro-batch holds the longest row, with its memory and predicted speed.
+    `reference_pass`: DPO's forward pass of the reference over every token too, without gradients (so no memory
+    kept), about a third of a forward and backward pass of the same tokens."""
+    reference_seconds = figures.seconds_per_token.get("false", 0.0) / 3 if reference_pass else 0.0
     plans = []
     for mode in modes:
         for accumulation in range(1, MAX_ACCUMULATION + 1):
@@ -136,7 +140,7 @@ def candidates(free_bytes: int, tokens_per_step: int, longest_row: int, modes, f
                 break
             need = FIXED_BYTES + micro * mode.bytes_per_token
             seconds = (figures.seconds_per_step + accumulation * figures.seconds_per_micro_batch
-                       + micro * accumulation * mode.seconds_per_token)
+                       + micro * accumulation * (mode.seconds_per_token + reference_seconds))
             host = micro * HOST_BYTES_PER_TOKEN if mode.checkpointing == "unsloth" else 0
             plans.append(Plan(mode.checkpointing, mode.skip_layers, micro, accumulation, need,
                               micro * accumulation / seconds, free_bytes, host))
@@ -144,14 +148,15 @@ def candidates(free_bytes: int, tokens_per_step: int, longest_row: int, modes, f
 
 
 def plan(free_bytes: int, tokens_per_step: int, longest_row: int, backend: str, checkpointing: str = "auto",
-         skip_layers: int | str = "auto", figures: Figures | None = None) -> Plan:
+         skip_layers: int | str = "auto", figures: Figures | None = None, reference_pass: bool = False) -> Plan:
     """The fastest plan that fits in the usable memory; if none fits, the one that needs the least memory (the
-    out-of-memory advice takes over from there). `figures`: the card's (default: the built-in ones)."""
+    out-of-memory advice takes over from there). `figures`: the card's (default: the built-in ones). A preference
+    pair's two sequences count as one row of both lengths (qlora/batching.py); `reference_pass` for DPO."""
     figures = figures or DEFAULT_FIGURES[backend]
     modes = modes_for(backend, checkpointing, skip_layers, figures)
-    options = candidates(free_bytes, tokens_per_step, longest_row, modes, figures)
+    options = candidates(free_bytes, tokens_per_step, longest_row, modes, figures, reference_pass)
     if not options:  # a row longer than tokens_per_step: one row per micro-batch
-        options = candidates(free_bytes, longest_row, longest_row, modes, figures)
+        options = candidates(free_bytes, longest_row, longest_row, modes, figures, reference_pass)
     fitting = [p for p in options if p.predicted_bytes <= usable_bytes(free_bytes, figures)]
     if fitting:
         return max(fitting, key=lambda p: p.predicted_tokens_per_second)
