@@ -241,7 +241,9 @@ def rewards(m: dict) -> list[str]:
 
 
 def eval_rows(run: Run) -> str:
-    return f"{run.data['eval_rows']} rows of the " if run.data else ""
+    if not run.data:
+        return ""
+    return f"{run.data['eval_rows']} {'pairs' if run.data.get('kind') == 'preference' else 'rows'} of the "
 
 
 def samples(run: Run) -> list[str]:

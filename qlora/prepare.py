@@ -35,6 +35,7 @@ def prepare_dataset(config, out_dir: str | Path) -> dict:
     fmt = pairs.pair_format(config) if preference else data_format(config)
     prompt_format = load_prompt_format(find_tokenizer_file(config.model_name, config.tokenizer_name), config.template)
     if preference:
+        check_pair_settings(config)
         prepared = pairs.prepare_pairs(records, fmt, prompt_format, config.max_seq_length, config.eval_fraction,
                                        config.seed, config.skip_invalid, config.dataset, config.system_prompt)
     else:
@@ -71,3 +72,10 @@ def holds_pairs(first, config) -> bool:
     if config.dataset_format != "auto" or config.chosen_field or config.rejected_field:
         return config.dataset_format in pairs.PREFERENCE_FORMATS or bool(config.chosen_field or config.rejected_field)
     return pairs.is_pair_record(first[1]) if first else False
+
+
+def check_pair_settings(config) -> None:
+    """Settings of instruction rows that preference pairs cannot take, refused rather than ignored."""
+    if config.train_on_prompt:
+        raise DataError(f"{config.dataset} holds preference pairs, which train on their answers only: leave out "
+                        f"--train_on_prompt")

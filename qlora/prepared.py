@@ -10,7 +10,7 @@ from pathlib import Path
 from .chat import find_tokenizer_file, load_prompt_format
 from .config import FIELDS, Config, ConfigError, given_by, saved_settings
 from .data import PREPARED_MARK, is_prepared, load_prepared, prepared_kind
-from .prepare import first_record, holds_pairs, prepare_dataset
+from .prepare import check_pair_settings, first_record, holds_pairs, prepare_dataset
 from .device import is_main_process, wait_for_everyone
 from .errors import RunError
 
@@ -97,8 +97,8 @@ PAIR_METHODS = ("dpo", "orpo")
 
 
 def check_method(config: Config) -> None:
-    """Preference pairs train with --method dpo or orpo, instruction rows with sft: told from the prepared folder's
-    stats or the raw data's first row, before anything is written."""
+    """Preference pairs train with --method dpo or orpo (not packed), instruction rows with sft: told from the
+    prepared folder's stats or the raw data's first row, before anything is written."""
     if is_prepared(config.dataset):
         pairs = prepared_kind(config.dataset) == "preference"
     else:
@@ -106,6 +106,11 @@ def check_method(config: Config) -> None:
     if pairs and config.method not in PAIR_METHODS:
         raise RunError(f"{config.dataset} holds preference pairs (a chosen and a rejected answer): train on them with "
                        f"--method dpo or --method orpo")
+    if pairs:
+        check_pair_settings(config)
+    if pairs and config.packing:
+        raise RunError("--packing is for instruction rows (--method sft): a preference pair's two sequences are "
+                       "batched side by side; leave it out")
     if not pairs and config.method in PAIR_METHODS:
         raise RunError(f"{config.dataset} holds instruction rows, not preference pairs: --method {config.method} "
                        f"needs rows with a prompt, a chosen and a rejected answer (train on these with --method sft)")

@@ -153,3 +153,14 @@ def test_an_init_adapter_of_another_base_or_for_sft_is_refused_before_anything_i
                          str(fixture_dir / fixtures.SAMPLE_DATA)], "--init_adapter is for --method dpo or orpo")]:
         one_line_error(run_script("train_unsloth.py", *dpo, *args, check=False), says)
         assert not out.exists(), args
+
+
+def test_settings_of_instruction_rows_are_refused_with_pairs(fixture_dir, tmp_path):
+    out = tmp_path / "run"
+    pairs_file = str(fixture_dir / fixtures.SAMPLE_PAIRS)
+    for args, says in [(["--method", "dpo", "--packing"], "--packing is for instruction rows"),
+                       (["--method", "orpo", "--train_on_prompt"], "leave out --train_on_prompt")]:
+        result = run_script("train_unsloth.py", "--config", "configs/smoke.yaml", "--dataset", pairs_file, *args,
+                            "--output_dir", str(out), check=False)
+        one_line_error(result, says)
+        assert not out.exists(), args
