@@ -306,7 +306,7 @@ def plot_rewards(axes, rewards: dict) -> None:
         for key, style in ((f"rewards/{name}", "-"), (f"eval_rewards/{name}", "o-")):
             if rewards.get(key):
                 ax.plot([p["step"] for p in rewards[key]], [p["value"] for p in rewards[key]], style,
-                        label=key.split("/")[0].replace("rewards", "train"))
+                        label="eval" if key.startswith("eval_") else "train")
         ax.set_title(label)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
