@@ -20,6 +20,7 @@ from pathlib import Path
 from . import atomic
 from .config import ConfigError, saved_settings
 from .data import PREPARED_MARK, READERS
+from .export_job import BASE_GGUF, LLAMA_CPP_TEMPLATE
 from .export_report import OLD_OLLAMA, file_verdict, runtime_lines
 
 CARD = "README.md"
@@ -157,8 +158,8 @@ def export_card(folder: Path, adapter_dir: Path, base: str, base_note: str, repo
             else "the merged 16-bit model and its GGUF files, for llama.cpp and Ollama" if ggufs
             else "the merged 16-bit model (safetensors)")
     intro = [f"# {run.name}", "",
-             f"The run `{run.name}`'s LoRA adapter, exported by {TOOLKIT}'s `export_gguf.py`: {what}. Its base: "
-             f"{base_note}.", ""]
+             f"The run `{run.name}`'s LoRA adapter, exported by {TOOLKIT}'s `export_gguf.py`: {what}. "
+             f"{base_note[:1].upper()}{base_note[1:]}.", ""]
     return card_text(front, intro + files(folder, report) + run_it(commands, adapter_route) + results(run) +
                      samples(run) + training(run))
 
@@ -346,9 +347,16 @@ def files(folder: Path, report: dict | None) -> list[str]:
     rows = [[entry["file"], entry["type"], f"{entry['bytes'] / 2**20:.1f}", file_verdict(entry)]
             for entry in (report or {}).get("files", [])]
     if (folder / "merged").is_dir():
-        rows.append(["merged/", "f16 safetensors", "", "the merged 16-bit model, for transformers"])
+        rows.append(["merged/", "f16 safetensors", "", "the reference the GGUF files are checked against; for "
+                     "transformers" if rows else "not checked (--merged_only); for transformers"])
     if (folder / "adapter").is_dir():
         rows.append(["adapter/", "PEFT", "", "the adapter as trained, for PEFT"])
+        if (folder / LLAMA_CPP_TEMPLATE).is_file():
+            rows.append([LLAMA_CPP_TEMPLATE, "", "", "the training prompt's template, for llama.cpp's "
+                         "--chat-template-file (a base GGUF carries its own)"])
+        if (folder / BASE_GGUF).is_file():
+            rows.append([BASE_GGUF, "f16", f"{(folder / BASE_GGUF).stat().st_size / 2**20:.1f}",
+                         "the base converted (--convert_base), the one adapter.gguf is checked on"])
     if (folder / "Modelfile").is_file():
         rows.append(["Modelfile", "", "", "for Ollama"])
     if report:

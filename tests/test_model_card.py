@@ -153,6 +153,25 @@ def test_the_export_card_is_a_model_card_with_each_file_and_its_check(exported, 
     assert (folder / "loss.png").read_bytes() == (trained_adapter / "loss.png").read_bytes()
 
 
+def test_the_adapter_exports_card(trained_adapter, tmp_path):
+    """--lora_only, unchecked: adapter.gguf with its verdict, the commands on a base GGUF of the reader's own and the
+    Ollama versions that take ADAPTER."""
+    from qlora.export_report import OLD_OLLAMA
+
+    folder = tmp_path / "export"
+    run_script("export_gguf.py", "--adapter_dir", str(trained_adapter), "--export_dir", str(folder), "--lora_only",
+               "--ollama_base", "tiny-mistral:f16")
+    report = json.loads((folder / "export_report.json").read_text())
+    loaded = card(folder)
+    assert loaded.data.base_model == "fixtures/tiny-mistral" and loaded.data.base_model_relation == "adapter"
+    entry = report["files"][0]
+    assert row("adapter.gguf", entry["type"], f"{entry['bytes'] / 2**20:.1f}", file_verdict(entry)) in loaded.text
+    assert "not checked" in file_verdict(entry) and "| adapter/ | PEFT |" in loaded.text
+    assert "llama-cli -m BASE.gguf --lora adapter.gguf -cnv --jinja --chat-template-file chat_template.jinja" in (
+        loaded.text)
+    assert f"Ollama ({OLD_OLLAMA}):" in loaded.text
+
+
 def test_an_export_keeps_a_readme_of_the_users(trained_adapter, tmp_path):
     folder = tmp_path / "export"
     folder.mkdir()
