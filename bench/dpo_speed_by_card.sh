@@ -9,58 +9,14 @@
 #   CARDS=t4 bash bench/dpo_speed_by_card.sh   # the T4-class pair alone, 4 steps (1 untimed), then ORPO
 # Everything it prints, and the runs' metrics.json, config.yaml and logs, go to $OUT/dpo_speed_by_card.tar.gz.
 set -uo pipefail
-PY=$(command -v python || command -v python3)  # hosts with only python3
-OUT=${OUT:-/tmp/dpo-speed-by-card-out}
-LIMIT=${LIMIT_SECONDS:-570}  # seconds for the whole script; each stage gets what is left of it
-mkdir -p "$OUT"
-left() { echo $((LIMIT - SECONDS)); }
-exec > >(tee "$OUT/dpo_speed_by_card.log") 2>&1
-
-source bench/gpu_host/env.sh
-export QLORA_MISTRAL_CACHE=/tmp/dpo-speed-by-card-cache  # empty at the start: each card's first run calibrates
-rm -rf "$QLORA_MISTRAL_CACHE"
-W=/tmp/dpo-speed-by-card
-MODEL=$W/mistral-7b-v0.2-standin
+NAME=dpo_speed_by_card
+DATA="--data preference_shaped --rows 600"
+source bench/gpu_host/by_card.sh
 DPO="ours dpo=--method dpo --max_seq_length 1024"
-echo "setup: ${SECONDS} s"
-
-[ -f "$MODEL/config.json" ] ||
-    "$PY" -c "from pathlib import Path; from bench import standins; standins.save_standin(Path('$MODEL'))"
-echo "stand-in: ${SECONDS} s"
-
-export MPS_PIPE=/tmp/qlora-bench-mps-pipe  # bench_train.py's MPS folder
-stop_mps() {  # a daemon a cut-short stage left running would keep the next one from starting its own
-    echo quit | CUDA_MPS_PIPE_DIRECTORY=$MPS_PIPE nvidia-cuda-mps-control >/dev/null 2>&1
-    sleep 2
-}
-
-bench() {  # NAME SECONDS FLAGS...: one bench_train.py call, cut at SECONDS; its rows and runs go to $OUT/NAME
-    local name=$1 seconds=$2
-    shift 2
-    stop_mps
-    echo "== $name: $* (up to $seconds s, at ${SECONDS} s)"
-    # TERM first: bench_train.py then stops its runs, the memory holder and MPS. 600 pairs: more than 4 steps take
-    # in any plan, and only a few seconds of tokenizing
-    timeout --signal=TERM --kill-after=60 "$seconds" "$PY" bench/bench_train.py --workdir "$W/$name" \
-        --model "$MODEL" --data preference_shaped --rows 600 "$@"
-    echo "== $name: exit $?, at ${SECONDS} s"
-    mkdir -p "$OUT/$name"
-    cp "$W/$name/bench_train.json" "$OUT/$name/" 2>/dev/null
-    (cd "$W/$name" && find runs \( -name metrics.json -o -name '*.log' -o -name config.yaml \) \
-        -exec cp --parents {} "$OUT/$name" \;)
-}
 
 orpo_fit() {  # our ORPO on the T4-class card, 2 steps logged each: does it fit 15 GiB, what do its rewards do
     bench t4_class_orpo $(( $(left) - 15 )) --gpu_sm_percent 8 --gpu_memory_gib 15 --steps 2 --warmup 0 \
         --stock '' --ours "ours orpo=--method orpo --max_seq_length 1024 --logging_steps 1"
-}
-
-finish() {
-    cp -r "$QLORA_MISTRAL_CACHE" "$OUT/calibration-cache" 2>/dev/null
-    echo "== done at ${SECONDS} s"
-    tar -C "$OUT" -czf /tmp/dpo_speed_by_card.tar.gz --exclude dpo_speed_by_card.tar.gz . &&
-        mv /tmp/dpo_speed_by_card.tar.gz "$OUT/"
-    exit 0
 }
 
 case ${CARDS:-both} in

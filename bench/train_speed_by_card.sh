@@ -9,52 +9,9 @@
 #   CARDS=4090 bash bench/train_speed_by_card.sh     # the 4090-class card alone, 8 steps (2 untimed), twice
 # Everything it prints, and the runs' metrics.json, calibration caches and logs, go to $OUT/train_speed_by_card.tar.gz.
 set -uo pipefail
-PY=$(command -v python || command -v python3)  # hosts with only python3
-OUT=${OUT:-/tmp/train-speed-by-card-out}
-LIMIT=${LIMIT_SECONDS:-570}  # seconds for the whole script; each stage gets what is left of it
-mkdir -p "$OUT"
-left() { echo $((LIMIT - SECONDS)); }
-exec > >(tee "$OUT/train_speed_by_card.log") 2>&1
-
-source bench/gpu_host/env.sh
-export QLORA_MISTRAL_CACHE=/tmp/train-speed-by-card-cache  # empty at the start, so that the first runs measure
-rm -rf "$QLORA_MISTRAL_CACHE"
-W=/tmp/train-speed-by-card
-MODEL=$W/mistral-7b-v0.2-standin
-echo "setup: ${SECONDS} s"
-
-[ -f "$MODEL/config.json" ] ||
-    "$PY" -c "from pathlib import Path; from bench import standins; standins.save_standin(Path('$MODEL'))"
-echo "stand-in: ${SECONDS} s"
-
-export MPS_PIPE=/tmp/qlora-bench-mps-pipe MPS_LOG=/tmp/qlora-bench-mps-log  # bench_train.py's MPS folders
-stop_mps() {  # a daemon a cut-short stage left running would keep the next one from starting its own
-    echo quit | CUDA_MPS_PIPE_DIRECTORY=$MPS_PIPE nvidia-cuda-mps-control >/dev/null 2>&1
-    sleep 2
-}
-
-bench() {  # NAME SECONDS FLAGS...: one bench_train.py call, cut at SECONDS; its rows and runs go to $OUT/NAME
-    local name=$1 seconds=$2
-    shift 2
-    stop_mps
-    echo "== $name: $* (up to $seconds s, at ${SECONDS} s)"
-    # TERM first: bench_train.py then stops its runs, the memory holder and MPS
-    timeout --signal=TERM --kill-after=60 "$seconds" "$PY" bench/bench_train.py --workdir "$W/$name" \
-        --model "$MODEL" --data guanaco_shaped "$@"
-    echo "== $name: exit $?, at ${SECONDS} s"
-    mkdir -p "$OUT/$name"
-    cp "$W/$name/bench_train.json" "$OUT/$name/" 2>/dev/null
-    (cd "$W/$name" && find runs \( -name metrics.json -o -name '*.log' -o -name config.yaml \) \
-        -exec cp --parents {} "$OUT/$name" \;)
-}
-
-finish() {
-    cp -r "$QLORA_MISTRAL_CACHE" "$OUT/calibration-cache" 2>/dev/null
-    echo "== done at ${SECONDS} s"
-    tar -C "$OUT" -czf /tmp/train_speed_by_card.tar.gz --exclude train_speed_by_card.tar.gz . &&
-        mv /tmp/train_speed_by_card.tar.gz "$OUT/"
-    exit 0
-}
+NAME=train_speed_by_card
+DATA="--data guanaco_shaped"
+source bench/gpu_host/by_card.sh
 
 case ${CARDS:-slow} in
 h200)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .chat import IGNORE, Conversation, Message, PromptFormat, load_prompt_format, unencodable
+from .chat import IGNORE, Conversation, Message, PromptFormat, unencodable
 from .hub import fetching
 
 ACCEPTED = (
@@ -339,23 +339,33 @@ def _percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0
 
 
+def converted(records, convert, fmt, skip_invalid: bool, dropped: Counter):
+    """(record, `convert(record, fmt, location)`) for each record read. A record it refuses stops the data (DataError,
+    naming where), or with skip_invalid is counted in dropped["invalid"] and passed over."""
+    for location, record in records:
+        try:
+            yield record, convert(record, fmt, location)
+        except DataError:
+            if not skip_invalid:
+                raise
+            dropped["invalid"] += 1
+
+
+def shuffle_split(rows: list, eval_fraction: float, seed: int) -> int:
+    """Shuffle `rows` in place with `seed`; returns how many of the first are held out for evaluation (at least one
+    row is left to train on)."""
+    random.Random(seed).shuffle(rows)
+    return min(round(len(rows) * eval_fraction), len(rows) - 1)
+
+
 def prepare_rows(records, fmt: str | Columns, prompt_format: PromptFormat, max_seq_length: int, train_on_prompt: bool,
                  eval_fraction: float, seed: int, skip_invalid: bool, source: str,
                  system_prompt: str | None = None) -> Prepared:
     """Convert, tokenize, filter and split. Returns rows of {input_ids, labels}."""
     rows, seen, dropped, detected = [], set(), Counter(), Counter()
-    rows_in = truncated = 0
-    for location, record in records:
-        rows_in += 1
-        row_format = str(fmt) if fmt != "auto" else detect_format(record)
-        try:
-            conversation = to_conversation(record, fmt, location)
-        except DataError:
-            if not skip_invalid:
-                raise
-            dropped["invalid"] += 1
-            continue
-        detected[row_format] += 1
+    truncated = 0
+    for record, conversation in converted(records, to_conversation, fmt, skip_invalid, dropped):
+        detected[str(fmt) if fmt != "auto" else detect_format(record)] += 1
         if system_prompt and conversation and conversation[0].role != "system":
             conversation = [Message("system", system_prompt.strip()), *conversation]
         answers = [m.content for m in conversation if m.role == "assistant"]
@@ -378,10 +388,10 @@ def prepare_rows(records, fmt: str | Columns, prompt_format: PromptFormat, max_s
             truncated += 1
             ids, labels = ids[:max_seq_length], labels[:max_seq_length]
         rows.append({"input_ids": ids, "labels": labels})
+    rows_in = sum(detected.values()) + dropped["invalid"]
     if not rows:
         raise DataError(f"{source}: no usable rows left out of {rows_in} (dropped: {dict(dropped) or 'none'})")
-    random.Random(seed).shuffle(rows)
-    n_eval = min(round(len(rows) * eval_fraction), len(rows) - 1)  # at least one row is left to train on
+    n_eval = shuffle_split(rows, eval_fraction, seed)
     lengths = [len(r["input_ids"]) for r in rows]
     trained = sum(sum(label != IGNORE for label in r["labels"]) for r in rows)
     stats = {

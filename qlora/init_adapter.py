@@ -54,6 +54,6 @@ def lora_shape(folder: Path, config: Config) -> dict:
                                      else sorted(targets))}
     differ = {name: value for name, value in shape.items() if value != getattr(config, name)}
     if differ:
-        print(f"note: --init_adapter's adapter has " + ", ".join(f"{k} {v}" for k, v in differ.items()) +
+        print("note: --init_adapter's adapter has " + ", ".join(f"{k} {v}" for k, v in differ.items()) +
               "; the run trains it as it is")
     return shape

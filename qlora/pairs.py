@@ -17,13 +17,12 @@ exactly; only answer tokens are trained.
 
 from __future__ import annotations
 
-import random
 import re
 from collections import Counter
 from dataclasses import dataclass
 
 from .chat import Conversation, Message, PromptFormat, unencodable
-from .data import DataError, Prepared, _from_turns, _percentile, _text, normalize
+from .data import DataError, Prepared, _from_turns, _percentile, _text, converted, normalize, shuffle_split
 
 PREFERENCE_FORMATS = ("preference", "preference_conversations", "hh")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -176,16 +175,8 @@ def prepare_pairs(records, fmt: str | PairColumns, prompt_format: PromptFormat, 
     """Convert, tokenize, filter and split pairs. Returns rows of {prompt_ids, chosen_ids, rejected_ids}; answers of a
     pair longer than max_seq_length (prompt + answer) are cut, the prompt kept whole."""
     rows, seen, dropped, detected = [], set(), Counter(), Counter()
-    rows_in = truncated = 0
-    for location, record in records:
-        rows_in += 1
-        try:
-            pair = to_pair(record, fmt, location)
-        except DataError:
-            if not skip_invalid:
-                raise
-            dropped["invalid"] += 1
-            continue
+    truncated = 0
+    for record, pair in converted(records, to_pair, fmt, skip_invalid, dropped):
         detected[str(fmt) if fmt != "auto" else detect_pair_format(record)] += 1
         if system_prompt and pair.prompt[0].role != "system":
             pair = Pair([Message("system", system_prompt.strip()), *pair.prompt], pair.chosen, pair.rejected)
@@ -205,10 +196,10 @@ def prepare_pairs(records, fmt: str | PairColumns, prompt_format: PromptFormat, 
             truncated += 1
             row["chosen_ids"], row["rejected_ids"] = row["chosen_ids"][:room], row["rejected_ids"][:room]
         rows.append(row)
+    rows_in = sum(detected.values()) + dropped["invalid"]
     if not rows:
         raise DataError(f"{source}: no usable pairs left out of {rows_in} (dropped: {dict(dropped) or 'none'})")
-    random.Random(seed).shuffle(rows)
-    n_eval = min(round(len(rows) * eval_fraction), len(rows) - 1)  # at least one pair is left to train on
+    n_eval = shuffle_split(rows, eval_fraction, seed)
     return Prepared(train=rows[n_eval:], eval=rows[:n_eval], stats=pair_stats(
         rows, n_eval, source, prompt_format, fmt, detected, rows_in, dropped, truncated))
 

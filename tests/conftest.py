@@ -110,3 +110,18 @@ def trained_adapter(fixture_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smoke") / "run"
     run_script("train_unsloth.py", "--config", "configs/smoke.yaml", "--output_dir", str(out))
     return out
+
+
+def renderers(tokenizer_file: str, fixture_dir: Path):
+    """(our renderer, mistral-common's instruct tokenizer) of one of mistral-common's tokenizer files (a Tekken file
+    is read by us as the tokenizer.json transformers' converter makes of it, as Nemo's checkouts ship it)."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    source = fixtures.mistral_common_file(tokenizer_file)
+    ours = source
+    if source.name.endswith(".json"):
+        folder = fixture_dir / "tokenizers" / source.stem
+        if not (folder / "tokenizer.json").is_file():
+            fixtures.save_tekken_tokenizer(source, folder)
+        ours = folder / "tokenizer.json"
+    return load_prompt_format(ours), MistralTokenizer.from_file(str(source)).instruct_tokenizer

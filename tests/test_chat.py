@@ -11,7 +11,7 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, UserMess
 from mistral_common.protocol.instruct.request import InstructRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from conftest import run_script
+from conftest import renderers, run_script
 from qlora import fixtures
 from qlora.chat import IGNORE, Message, MistralV1, UnsupportedTokenizer, load_prompt_format
 from qlora.data import prepare_rows
@@ -38,14 +38,7 @@ SYSTEMS = {"no system": None, "system": "You are terse.\nAnswer in  one line."}
 @pytest.fixture(scope="module", params=FAMILIES, ids=FAMILIES.keys())
 def family(request, fixture_dir):
     """(our renderer, mistral-common's instruct tokenizer) of one of mistral-common's tokenizer files."""
-    source = fixtures.mistral_common_file(FAMILIES[request.param])
-    ours = source
-    if source.name.endswith(".json"):
-        folder = fixture_dir / "tokenizers" / source.stem
-        if not (folder / "tokenizer.json").is_file():
-            fixtures.save_tekken_tokenizer(source, folder)
-        ours = folder / "tokenizer.json"
-    return load_prompt_format(ours), MistralTokenizer.from_file(str(source)).instruct_tokenizer, request.param
+    return (*renderers(FAMILIES[request.param], fixture_dir), request.param)
 
 
 @pytest.fixture(scope="module")

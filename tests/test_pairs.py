@@ -13,11 +13,9 @@ import re
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
 from mistral_common.protocol.instruct.request import InstructRequest
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from conftest import one_line_error, run_script
-from qlora import fixtures
-from qlora.chat import IGNORE, Message, load_prompt_format
+from conftest import one_line_error, renderers, run_script
+from qlora.chat import IGNORE, load_prompt_format
 from qlora.config import Config
 from qlora.data import DataError, load_prepared, prepared_kind
 from qlora.prepare import first_record, holds_pairs, prepare_dataset
@@ -82,14 +80,7 @@ SHAPE_CASES = [(shape, case) for shape, (_, _, _, multi) in SHAPES.items() for c
 def family(request, fixture_dir):
     """(our renderer, mistral-common's instruct tokenizer) of one of mistral-common's tokenizer files (Tekken: ours
     from the tokenizer.json transformers' converter makes of it, as in test_chat.py)."""
-    source = fixtures.mistral_common_file(FAMILIES[request.param])
-    ours = source
-    if source.name.endswith(".json"):
-        folder = fixture_dir / "tokenizers" / source.stem
-        if not (folder / "tokenizer.json").is_file():
-            fixtures.save_tekken_tokenizer(source, folder)
-        ours = folder / "tokenizer.json"
-    return load_prompt_format(ours), MistralTokenizer.from_file(str(source)).instruct_tokenizer
+    return renderers(FAMILIES[request.param], fixture_dir)
 
 
 @pytest.fixture(scope="module")
