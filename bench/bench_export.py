@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora import export, export_job, gguf_convert, hub  # noqa: E402  (after the path insert, like the scripts it benchmarks)
+from qlora import export, export_job, fixtures, gguf_convert, hub  # noqa: E402  (after the path insert, like the scripts it benchmarks)
+from qlora.chat import find_tokenizer_file, load_prompt_format  # noqa: E402
 from qlora.config import LORA_TARGETS  # noqa: E402
 from qlora.report import versions_line  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -66,6 +67,7 @@ def build_adapter_alone(workdir: Path, layers: int) -> Path:
     config = MistralConfig(**standins.MISTRAL_7B_V02_CONFIG | {"num_hidden_layers": layers},
                            architectures=["MistralForCausalLM"])  # as a checkout's config.json says
     config.save_pretrained(base)
+    fixtures.save_tokenizer(base)  # the export writes the chat template of the base's tokenizer beside adapter.gguf
     return standins.save_random_adapter(base, workdir / "adapter-alone")
 
 
@@ -117,8 +119,10 @@ def bench(workdir: Path, layers: int) -> None:
     merged, f16, q4 = out / "merged", out / "model-f16.gguf", out / "model-q4_k_m.gguf"
     export.check_disk_space(out, {"merged": 2 * n, f16.name: 2 * n,
                                   q4.name: int(n * export_job.GGUF_BITS["q4_k_m"] / 8)})
+    # the GGUF's chat template, as the export writes it: llama.cpp adds SentencePiece's space after special tokens
+    template = load_prompt_format(find_tokenizer_file(str(base))).chat_template(space_after_special=False)
     seconds = {"merge": timed(export.merge, adapter, str(base), merged),
-               "f16": timed(gguf_convert.convert_f16, merged, f16, converter),
+               "f16": timed(gguf_convert.convert_f16, merged, f16, converter, template),
                "q4_k_m": timed(gguf_convert.quantize, f16, q4, "q4_k_m")}
     rss = [resource.getrusage(who).ru_maxrss / 2**20 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     print("\n| device | date | layers | params | merge (load+merge+save) | f16 conversion | q4_k_m quantization "
