@@ -1,8 +1,11 @@
-"""Fine-tune Mistral-7B-Instruct with QLoRA: Unsloth's 4-bit model and fused kernels, TRL's SFTTrainer.
+"""Fine-tune Mistral-7B-Instruct with QLoRA: Unsloth's 4-bit model and fused kernels, TRL's SFTTrainer; or tune it
+on preference pairs with TRL's DPOTrainer or ORPOTrainer (--method dpo, orpo).
 
     python train_unsloth.py                              # the default recipe on Guanaco 1k (CUDA GPU)
     python train_unsloth.py --config configs/smoke.yaml  # offline, on a CPU, in minutes
     python train_unsloth.py --config run/config.yaml --resume
+    python train_unsloth.py --config configs/dpo.yaml --init_adapter outputs/mistral-qlora --dataset pairs.jsonl
+    python train_unsloth.py --config configs/orpo.yaml --dataset pairs.jsonl
 """
 
 import sys
@@ -23,7 +26,8 @@ if __name__ == "__main__":
 
     from qlora.data import DataError
     from qlora.errors import RunError
+    from qlora.model import WeightsError
     from qlora.train import run
 
-    with one_line_errors(ConfigError, DataError, HubError, RunError):
+    with one_line_errors(ConfigError, DataError, HubError, RunError, WeightsError):
         sys.exit(run(config, backend))

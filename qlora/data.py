@@ -162,7 +162,7 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
           "bot": "assistant", "model": "assistant"}
 
 
-def _text(record: dict, key: str, location: str) -> str:
+def text_field(record: dict, key: str, location: str) -> str:
     value = record.get(key)
     if not isinstance(value, str):
         raise DataError(f"{location}: field '{key}' must be text, got {type(value).__name__}")
@@ -170,7 +170,7 @@ def _text(record: dict, key: str, location: str) -> str:
 
 
 def _from_llama2(record: dict, location: str) -> Conversation:
-    text = _text(record, "text", location)
+    text = text_field(record, "text", location)
     messages = []
     for user, answer in _LLAMA2_TURN.findall(text):
         system = _LLAMA2_SYS.search(user)
@@ -184,7 +184,7 @@ def _from_llama2(record: dict, location: str) -> Conversation:
 
 
 def _from_guanaco(record: dict, location: str) -> Conversation:
-    parts = _GUANACO_MARK.split(_text(record, "text", location))
+    parts = _GUANACO_MARK.split(text_field(record, "text", location))
     pairs = list(zip(parts[1::2], parts[2::2]))
     if not pairs:
         raise DataError(f"{location}: field 'text' has no '### Human:' turn")
@@ -229,7 +229,7 @@ class Columns:
             Message("user", user), Message("assistant", self._value(record, self.response, "response", location))]
 
 
-def _from_turns(record: dict, location: str, key: str, role_key: str, content_key: str) -> Conversation:
+def from_turns(record: dict, location: str, key: str, role_key: str, content_key: str) -> Conversation:
     turns = record.get(key)
     if not isinstance(turns, list):
         raise DataError(f"{location}: field '{key}' must be a list of turns, got {type(turns).__name__}")
@@ -248,7 +248,7 @@ def _from_turns(record: dict, location: str, key: str, role_key: str, content_ke
 def _from_prompt_completion(record: dict, location: str) -> Conversation:
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt/completion
-        return _from_turns({"t": prompt + completion}, location, "t", "role", "content")
+        return from_turns({"t": prompt + completion}, location, "t", "role", "content")
     return Columns("prompt", "completion")(record, location)
 
 
@@ -258,8 +258,8 @@ CONVERTERS: dict[str, Callable[[dict, str], Conversation]] = {
     "alpaca": Columns("instruction", "output", inputs=("input",)),
     "dolly": Columns("instruction", "response", inputs=("context", "input")),
     "question_answer": Columns("question", "answer"),
-    "messages": lambda r, loc: _from_turns(r, loc, "messages", "role", "content"),
-    "sharegpt": lambda r, loc: _from_turns(r, loc, "conversations", "from", "value"),
+    "messages": lambda r, loc: from_turns(r, loc, "messages", "role", "content"),
+    "sharegpt": lambda r, loc: from_turns(r, loc, "conversations", "from", "value"),
     "prompt_completion": _from_prompt_completion,
 }
 
@@ -334,7 +334,7 @@ class Prepared:
     stats: dict
 
 
-def _percentile(values: list[int], q: float) -> int:
+def percentile(values: list[int], q: float) -> int:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0
 
@@ -407,8 +407,8 @@ def prepare_rows(records, fmt: str | Columns, prompt_format: PromptFormat, max_s
         "eval_rows": n_eval,
         "tokens": sum(lengths),
         "trained_token_share": round(trained / max(1, sum(lengths)), 4),
-        "length_p50": _percentile(lengths, 0.5),
-        "length_p90": _percentile(lengths, 0.9),
+        "length_p50": percentile(lengths, 0.5),
+        "length_p90": percentile(lengths, 0.9),
         "length_max": max(lengths),
     }
     return Prepared(train=rows[n_eval:], eval=rows[:n_eval], stats=stats)

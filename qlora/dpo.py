@@ -53,8 +53,9 @@ def make_trainer(model, tokenizer, data, config: Config, backend: str, accumulat
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     has_eval = "eval" in data
-    # padded with EOS, masked out (Mistral has no pad token); given here, so that TRL leaves the tokenizer as it is
-    collator = DataCollatorForPreference(pad_token_id=tokenizer.eos_token_id, pad_to_multiple_of=config.pad_to_multiple_of)
+    # padded with EOS, masked out (Mistral has no pad token), to a multiple of pad_to_multiple_of
+    collator = DataCollatorForPreference(pad_token_id=tokenizer.eos_token_id,
+                                         pad_to_multiple_of=config.pad_to_multiple_of)
     return run_trainer(on_prepared_pairs(DPOTrainer), config, meter, kept)(
         model=model, args=dpo_config(config, backend, has_eval, accumulation, resuming), data_collator=collator,
         train_dataset=data["train"], eval_dataset=data["eval"] if has_eval else None, processing_class=tokenizer,

@@ -27,10 +27,11 @@ CARD = "README.md"
 PLOT = "loss.png"  # qlora/report.py's plot; the export copies it beside its card
 TOOLKIT = "qlora-mistral"
 TAG = TOOLKIT  # in the tags of every card the toolkit writes: tells them from a README.md of the user's
+PREFERENCE_SETTINGS = ("init_adapter", "beta")  # shown for DPO and ORPO runs only
 # The resolved settings a card lists (config.yaml holds them all), in this order
-SETTINGS = ("method", "init_adapter", "beta", "model_name", "template", "system_prompt", "train_on_prompt", "max_seq_length", "packing", "load_in_4bit",
-            "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "lr_scheduler_type",
-            "warmup_steps", "weight_decay", "optim", "num_train_epochs", "max_steps", "token_budget", "tokens_per_step",
+SETTINGS = ("method", *PREFERENCE_SETTINGS, "model_name", "template", "system_prompt", "train_on_prompt",
+            "max_seq_length", "packing", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "num_train_epochs", "max_steps", "token_budget", "tokens_per_step",
             "per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "seed")
 VERSIONS = {"peft": "PEFT", "trl": "TRL", "transformers": "Transformers", "torch": "PyTorch", "datasets": "Datasets",
             "accelerate": "Accelerate", "bitsandbytes": "bitsandbytes", "unsloth": "Unsloth"}
@@ -231,8 +232,8 @@ def results(run: Run) -> list[str]:
 
 def rewards(m: dict) -> list[str]:
     """A preference run's implicit reward on the eval pairs, chosen over rejected, at the first and last evaluation."""
-    margins, accuracies = (m.get("rewards") or {}).get("eval_rewards/margins"), (m.get("rewards") or {}).get(
-        "eval_rewards/accuracies")
+    logged = m.get("rewards") or {}
+    margins, accuracies = logged.get("eval_rewards/margins"), logged.get("eval_rewards/accuracies")
     if not (margins and accuracies):
         return []
     rows = [[point["step"], f"{point['value']:.4g}", f"{accuracy['value']:.2%}"]
@@ -270,7 +271,9 @@ def training(run: Run) -> list[str]:
     if run.data:
         lines += ["### Data", "", f"Prepared by {TOOLKIT}'s data_prep (its stats.json):", ""] + table(
             ["", ""], data_rows(run.data))
-    chosen = [[name, setting(run.settings[name])] for name in SETTINGS if name in run.settings]
+    shown = [name for name in SETTINGS if name in run.settings
+             and (name not in PREFERENCE_SETTINGS or run.settings.get("method", "sft") != "sft")]
+    chosen = [[name, setting(run.settings[name])] for name in shown]
     if chosen:
         lines += ["### Settings", "", "As resolved for the run (config.yaml holds every one):", ""]
         lines += table(["setting", "value"], chosen)

@@ -1,7 +1,8 @@
 """Odds-ratio preference optimisation: TRL's ORPOTrainer (trl.experimental.orpo) on prepared pairs (qlora/pairs.py),
-with what every method's trainer shares (qlora/trainers.py). ORPO needs no reference model: its loss is the chosen
-answer's language-model loss plus `beta` times the log odds ratio of the chosen over the rejected answer, so it can
-start from the base without an SFT run first.
+with what every method's trainer shares (qlora/trainers.py). ORPO needs no reference model: its loss is the language-
+model loss of the chosen conversation plus `beta` times the log odds ratio of the chosen over the rejected answer, so
+it can start from the base without an SFT run first. The odds ratio is taken over the answers' tokens (the labels
+here); the language-model loss, as TRL computes it after the ORPO authors' code, over the prompt's tokens as well.
 """
 
 from __future__ import annotations

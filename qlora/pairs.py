@@ -12,7 +12,8 @@ Each row becomes (prompt conversation, chosen answer, rejected answer), read by 
 
 The prompt is rendered once with Mistral's own ids (qlora/chat.py: the same renderer as SFT rows and inference), and
 each answer is what the renderer appends after it: the answer's ids and EOS. Both answers share the prompt's ids
-exactly; only answer tokens are trained.
+exactly; what DPO trains on and ORPO's odds ratio compares are the answers' tokens alone (ORPO's language-model term
+also reads the prompt's: qlora/orpo.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .chat import Conversation, Message, PromptFormat, unencodable
-from .data import DataError, Prepared, _from_turns, _percentile, _text, converted, normalize, shuffle_split
+from .data import DataError, Prepared, from_turns, percentile, text_field, converted, normalize, shuffle_split
 
 PREFERENCE_FORMATS = ("preference", "preference_conversations", "hh")
+PAIR_METHODS = ("dpo", "orpo")  # the training methods that read pairs
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -51,7 +53,7 @@ def detect_pair_format(record: dict) -> str:
 
 
 def _messages(value, location: str, key: str) -> Conversation:
-    return _from_turns({key: value}, location, key, "role", "content")
+    return from_turns({key: value}, location, key, "role", "content")
 
 
 def _only_answer(messages: Conversation, location: str, key: str) -> str:
@@ -66,8 +68,8 @@ def _from_preference(record: dict, location: str) -> Pair:
         return Pair(_messages(prompt, location, "prompt"),
                     _only_answer(_messages(record.get("chosen"), location, "chosen"), location, "chosen"),
                     _only_answer(_messages(record.get("rejected"), location, "rejected"), location, "rejected"))
-    return Pair([Message("user", _text(record, "prompt", location))], _text(record, "chosen", location),
-                _text(record, "rejected", location))
+    return Pair([Message("user", text_field(record, "prompt", location))], text_field(record, "chosen", location),
+                text_field(record, "rejected", location))
 
 
 def _shared_prompt(chosen: Conversation, rejected: Conversation, location: str) -> Pair:
@@ -98,8 +100,8 @@ def _hh_turns(text: str, location: str, key: str) -> Conversation:
 
 
 def _from_hh(record: dict, location: str) -> Pair:
-    return _shared_prompt(_hh_turns(_text(record, "chosen", location), location, "chosen"),
-                          _hh_turns(_text(record, "rejected", location), location, "rejected"), location)
+    return _shared_prompt(_hh_turns(text_field(record, "chosen", location), location, "chosen"),
+                          _hh_turns(text_field(record, "rejected", location), location, "rejected"), location)
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,10 @@ class PairColumns:
                 raise DataError(f"{location}: no column '{getattr(self, role)}' (--{role}_field); the row has "
                                 f"{sorted(record)}")
         system = record.get(self.system) if self.system else None
-        prompt = [Message("user", _text(record, self.prompt, location))]
+        prompt = [Message("user", text_field(record, self.prompt, location))]
         if isinstance(system, str) and system.strip():
             prompt.insert(0, Message("system", system))
-        return Pair(prompt, _text(record, self.chosen, location), _text(record, self.rejected, location))
+        return Pair(prompt, text_field(record, self.chosen, location), text_field(record, self.rejected, location))
 
 
 CONVERTERS = {"preference": _from_preference, "preference_conversations": _from_conversations, "hh": _from_hh}
@@ -195,6 +197,9 @@ def prepare_pairs(records, fmt: str | PairColumns, prompt_format: PromptFormat, 
         if max(len(row["chosen_ids"]), len(row["rejected_ids"])) > room:
             truncated += 1
             row["chosen_ids"], row["rejected_ids"] = row["chosen_ids"][:room], row["rejected_ids"][:room]
+            if row["chosen_ids"] == row["rejected_ids"]:  # the answers differ only past the cut: nothing to prefer
+                dropped["equal once cut"] += 1
+                continue
         rows.append(row)
     rows_in = sum(detected.values()) + dropped["invalid"]
     if not rows:
@@ -207,7 +212,7 @@ def prepare_pairs(records, fmt: str | PairColumns, prompt_format: PromptFormat, 
 def pair_stats(rows, n_eval, source, prompt_format, fmt, detected, rows_in, dropped, truncated) -> dict:
     def lengths(key):
         values = [len(r[key]) for r in rows]
-        return {"p50": _percentile(values, 0.5), "p90": _percentile(values, 0.9), "max": max(values)}
+        return {"p50": percentile(values, 0.5), "p90": percentile(values, 0.9), "max": max(values)}
 
     return {
         "kind": "preference",

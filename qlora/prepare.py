@@ -77,5 +77,5 @@ def holds_pairs(first, config) -> bool:
 def check_pair_settings(config) -> None:
     """Settings of instruction rows that preference pairs cannot take, refused rather than ignored."""
     if config.train_on_prompt:
-        raise DataError(f"{config.dataset} holds preference pairs, which train on their answers only: leave out "
-                        f"--train_on_prompt")
+        raise DataError(f"{config.dataset} holds preference pairs, whose answers DPO and ORPO compare: "
+                        f"--train_on_prompt is for instruction rows; leave it out")

@@ -10,6 +10,7 @@ from pathlib import Path
 from .chat import find_tokenizer_file, load_prompt_format
 from .config import FIELDS, Config, ConfigError, given_by, saved_settings
 from .data import PREPARED_MARK, is_prepared, load_prepared, prepared_kind
+from .pairs import PAIR_METHODS
 from .prepare import check_pair_settings, first_record, holds_pairs, prepare_dataset
 from .device import is_main_process, wait_for_everyone
 from .errors import RunError
@@ -93,14 +94,15 @@ def leave_out(config: Config, names: list[str], presets: list[str]) -> str:
     return "; ".join(parts)
 
 
-PAIR_METHODS = ("dpo", "orpo")
-
 
 def check_method(config: Config) -> None:
     """Preference pairs train with --method dpo or orpo (not packed), instruction rows with sft: told from the
     prepared folder's stats or the raw data's first row, before anything is written."""
+    data_dir = Path(config.output_dir) / "data"
     if is_prepared(config.dataset):
         pairs = prepared_kind(config.dataset) == "preference"
+    elif is_prepared(data_dir) and data_settings(prepared_with(data_dir)) == data_settings(config):
+        pairs = prepared_kind(data_dir) == "preference"  # a run's own data: its source need not be at hand to resume
     else:
         pairs = holds_pairs(first_record(config.dataset, config.dataset_split)[0], config)
     if pairs and config.method not in PAIR_METHODS:

@@ -27,6 +27,7 @@ from .data import READERS, DataError, data_format, detect_format, read_records, 
 from .device import compute_dtype, is_main_process
 from .engines import GPU_BATCH, left_padded
 from .infer import answer_text
+from .pairs import PAIR_METHODS, PREFERENCE_FORMATS, PairColumns, is_pair_record, pair_format, to_pair
 
 SAMPLES_STATE = "samples.json"  # in each checkpoint, written by the main process
 WIDTH = 120  # of a printed sample line
@@ -57,7 +58,7 @@ class Prompt:
 def read_prompts(config: Config) -> list[Asked]:
     """The prompts of the --sample_prompts file (none without one): a .jsonl, .json, .csv or .parquet file is read
     like a data set (data_prep's readers, the run's --dataset_format and --prompt_field & co.), its rows with answers
-    giving references, rows of infer.py's {"prompt": ...} none; any other file holds one prompt a line. Read before the
+    giving references (a preference pair's chosen answer), rows of infer.py's {"prompt": ...} none; any other file holds one prompt a line. Read before the
     run writes anything, so that a bad file is one error line."""
     if not config.sample_prompts:
         return []
@@ -66,7 +67,8 @@ def read_prompts(config: Config) -> list[Asked]:
         if not path.is_file():
             raise DataError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}")
         if path.suffix.lower() in READERS:
-            asked = [_asked(record, data_format(config), location) for location, record in read_records(str(path))]
+            fmt = pair_format(config) if config.method in PAIR_METHODS else data_format(config)
+            asked = [_asked(record, fmt, location) for location, record in read_records(str(path))]
         else:
             asked = _lines(path)
         if not asked:
@@ -85,10 +87,15 @@ def _lines(path: Path) -> list[Asked]:
 
 
 def _asked(record, fmt, location: str) -> Asked:
-    if isinstance(record, dict) and detect_format(record) is None and isinstance(record.get("prompt"), str):
+    if (isinstance(record, dict) and not is_pair_record(record) and detect_format(record) is None
+            and isinstance(record.get("prompt"), str)):
         system = record.get("system")  # infer.py's --input rows
         opening = [Message("system", system.strip())] if isinstance(system, str) and system.strip() else []
         return Asked(opening + [Message("user", record["prompt"].strip())], None)
+    pair_formats = isinstance(fmt, PairColumns) or fmt in PREFERENCE_FORMATS
+    if pair_formats or is_pair_record(record):  # a preference pair: its chosen answer is the reference
+        pair = to_pair(record, fmt if pair_formats else "auto", location)
+        return Asked(pair.prompt, pair.chosen)
     conversation = to_conversation(record, fmt, location)
     if not conversation or conversation[-1].role != "assistant":
         raise DataError(f"{location}: no user turn with an answer")

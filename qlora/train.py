@@ -79,9 +79,9 @@ def train(config: Config, backend: str) -> int:
     accumulation = effective_batch(config)
     stop, meter = StopOnSignal(Path(config.output_dir)), report.Meter()
     samples = Samples.for_run(config, data, asked, backend)
-    trainer = MAKE_TRAINER[config.method](
-        model, tokenizer, data, config, backend, accumulation, meter, callbacks(config, stop, meter, samples, resume_from),
-        resuming=bool(resume_from), kept=[samples])
+    trainer = MAKE_TRAINER[config.method](model, tokenizer, data, config, backend, accumulation, meter,
+                                          callbacks(config, stop, meter, samples, resume_from),
+                                          resuming=bool(resume_from), kept=[samples])
     meter.start()
     stopped = train_steps(trainer, config, stop, resume_from)
     if stopped is not None:

@@ -148,7 +148,8 @@ def test_an_init_adapter_of_another_base_or_for_sft_is_refused_before_anything_i
     dpo = ["--config", "configs/smoke.yaml", "--method", "dpo", "--dataset", str(fixture_dir / fixtures.SAMPLE_PAIRS),
            "--output_dir", str(out)]
     for args, says in [(["--init_adapter", str(other)], f"was trained on {tiny_v3}, not on --model_name"),
-                       (["--init_adapter", str(tmp_path)], "no adapter_model.safetensors"),
+                       (["--init_adapter", str(tmp_path)], "holds no finished adapter"),
+                       (["--init_adapter", str(out)], "no such folder"),
                        (["--init_adapter", str(sft_run), "--method", "sft", "--dataset",
                          str(fixture_dir / fixtures.SAMPLE_DATA)], "--init_adapter is for --method dpo or orpo")]:
         one_line_error(run_script("train_unsloth.py", *dpo, *args, check=False), says)
@@ -159,7 +160,7 @@ def test_settings_of_instruction_rows_are_refused_with_pairs(fixture_dir, tmp_pa
     out = tmp_path / "run"
     pairs_file = str(fixture_dir / fixtures.SAMPLE_PAIRS)
     for args, says in [(["--method", "dpo", "--packing"], "--packing is for instruction rows"),
-                       (["--method", "orpo", "--train_on_prompt"], "leave out --train_on_prompt")]:
+                       (["--method", "orpo", "--train_on_prompt"], "--train_on_prompt is for instruction rows")]:
         result = run_script("train_unsloth.py", "--config", "configs/smoke.yaml", "--dataset", pairs_file, *args,
                             "--output_dir", str(out), check=False)
         one_line_error(result, says)
