@@ -161,6 +161,26 @@ def test_an_eval_row_gives_its_prompt_and_its_last_answer(family, template, tiny
     assert prompt.ids == fmt.prompt_ids(conversation)
 
 
+def test_prompts_from_preference_pairs_take_the_chosen_answer_as_reference(tmp_path):
+    """A DPO or ORPO run's --sample_prompts file may hold pairs (in any shape data_prep reads, or the run's columns)."""
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Name the capital of Fernia.", "chosen": "Quarry Bay.", "rejected": "Kell."},
+        {"chosen": "\n\nHuman: Count from 2 to 4.\n\nAssistant: 2, 3, 4", "rejected": "\n\nHuman: Count from 2 to 4."
+         "\n\nAssistant: 2, 4"},
+        {"prompt": "Count from 1 to 3."},
+    ]) + "\n")
+    for config in (Config(sample_prompts=str(rows), method="dpo"), Config(sample_prompts=str(rows))):
+        asked = read_prompts(config)
+        assert [(a.conversation[-1].content, a.reference) for a in asked] == [
+            ("Name the capital of Fernia.", "Quarry Bay."), ("Count from 2 to 4.", "2, 3, 4"), ("Count from 1 to 3.", None)]
+    columns = tmp_path / "columns.jsonl"
+    columns.write_text(json.dumps({"q": "Name the capital of Fernia.", "good": "Quarry Bay.", "bad": "Kell."}) + "\n")
+    asked = read_prompts(Config(sample_prompts=str(columns), method="orpo", prompt_field="q", chosen_field="good",
+                                rejected_field="bad"))
+    assert [(a.conversation[-1].content, a.reference) for a in asked] == [("Name the capital of Fernia.", "Quarry Bay.")]
+
+
 def test_a_bad_prompts_file_is_one_error_line_and_nothing_is_written(fixture_dir, tmp_path):
     out = tmp_path / "run"
     result = run_script("train_unsloth.py", "--config", "configs/smoke.yaml", "--sample_prompts",
