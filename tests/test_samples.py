@@ -173,7 +173,8 @@ def test_prompts_from_preference_pairs_take_the_chosen_answer_as_reference(tmp_p
     for config in (Config(sample_prompts=str(rows), method="dpo"), Config(sample_prompts=str(rows))):
         asked = read_prompts(config)
         assert [(a.conversation[-1].content, a.reference) for a in asked] == [
-            ("Name the capital of Fernia.", "Quarry Bay."), ("Count from 2 to 4.", "2, 3, 4"), ("Count from 1 to 3.", None)]
+            ("Name the capital of Fernia.", "Quarry Bay."), ("Count from 2 to 4.", "2, 3, 4"),
+            ("Count from 1 to 3.", None)]
     columns = tmp_path / "columns.jsonl"
     columns.write_text(json.dumps({"q": "Name the capital of Fernia.", "good": "Quarry Bay.", "bad": "Kell."}) + "\n")
     asked = read_prompts(Config(sample_prompts=str(columns), method="orpo", prompt_field="q", chosen_field="good",
