@@ -11,6 +11,7 @@ from pathlib import Path
 from .chat import find_tokenizer_file
 from .config import Config
 from .errors import RunError
+from .export_job import KNOWN_16BIT
 from .model import WeightsError, adapter_base, check_safetensors_adapter
 
 
@@ -55,8 +56,11 @@ def check_folder(folder: Path, output_dir: Path) -> None:
 
 
 def same_model(a: str, b: str) -> bool:
-    """Two model names for one model: the same hub id, or the same local folder however its path is written."""
-    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
+    """Two model names for one model: the same hub id, a known 4-bit repository and its 16-bit original (the same
+    weights, quantized alike on loading), or the same local folder however its path is written."""
+    if KNOWN_16BIT.get(a, a) == KNOWN_16BIT.get(b, b):
+        return True
+    return Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve()
 
 
 def check_same_tokenizer(folder: Path, config: Config) -> None:

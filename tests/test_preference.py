@@ -165,3 +165,11 @@ def test_settings_of_instruction_rows_are_refused_with_pairs(fixture_dir, tmp_pa
                             "--output_dir", str(out), check=False)
         one_line_error(result, says)
         assert not out.exists(), args
+
+
+def test_an_init_adapter_of_a_4bit_repository_fits_its_16bit_original_and_a_folder_however_written(tiny_model):
+    from qlora.init_adapter import same_model
+
+    assert same_model("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "mistralai/Mistral-7B-Instruct-v0.2")
+    assert same_model(str(tiny_model), f"{tiny_model}/../{tiny_model.name}")
+    assert not same_model("unsloth/mistral-7b-instruct-v0.2-bnb-4bit", "mistralai/Mistral-7B-Instruct-v0.3")
