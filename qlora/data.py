@@ -395,16 +395,7 @@ def prepare_rows(records, fmt: str | Columns, prompt_format: PromptFormat, max_s
     lengths = [len(r["input_ids"]) for r in rows]
     trained = sum(sum(label != IGNORE for label in r["labels"]) for r in rows)
     stats = {
-        "kind": "sft",
-        "source": source,
-        "tokenizer": prompt_format.description,
-        "format": str(fmt) if fmt != "auto" else (detected.most_common(1)[0][0] if detected else None),
-        "rows_in": rows_in,
-        "kept": len(rows),
-        "dropped": dict(dropped),
-        "truncated": truncated,
-        "train_rows": len(rows) - n_eval,
-        "eval_rows": n_eval,
+        **stats_head("sft", source, prompt_format, fmt, detected, rows_in, len(rows), dropped, truncated, n_eval),
         "tokens": sum(lengths),
         "trained_token_share": round(trained / max(1, sum(lengths)), 4),
         "length_p50": percentile(lengths, 0.5),
@@ -412,6 +403,16 @@ def prepare_rows(records, fmt: str | Columns, prompt_format: PromptFormat, max_s
         "length_max": max(lengths),
     }
     return Prepared(train=rows[n_eval:], eval=rows[:n_eval], stats=stats)
+
+
+def stats_head(kind: str, source: str, prompt_format: PromptFormat, fmt, detected: Counter, rows_in: int, kept: int,
+               dropped: Counter, truncated: int, n_eval: int) -> dict:
+    """The part of stats.json that instruction rows and preference pairs (qlora/pairs.py) share: what was read, in
+    which format (the most common one detected), what was kept, dropped, cut and held out."""
+    return {"kind": kind, "source": source, "tokenizer": prompt_format.description,
+            "format": str(fmt) if fmt != "auto" else (detected.most_common(1)[0][0] if detected else None),
+            "rows_in": rows_in, "kept": kept, "dropped": dict(dropped), "truncated": truncated,
+            "train_rows": kept - n_eval, "eval_rows": n_eval}
 
 
 def show_example(row: dict, prompt_format: PromptFormat) -> str:
@@ -442,15 +443,23 @@ def is_prepared(path: str | Path) -> bool:
 
 
 def print_stats(stats: dict) -> None:
-    rows = [("source", stats["source"]), ("tokenizer", stats["tokenizer"]), ("format", stats["format"]),
-            ("rows in", stats["rows_in"]), ("kept", stats["kept"]),
-            ("dropped", ", ".join(f"{k}: {v}" for k, v in stats["dropped"].items()) or "0"),
-            ("truncated", stats["truncated"]), ("train / eval", f"{stats['train_rows']} / {stats['eval_rows']}"),
-            ("tokens p50 / p90 / max", f"{stats['length_p50']} / {stats['length_p90']} / {stats['length_max']}"),
-            ("trained token share", stats["trained_token_share"])]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
+    print_report([("source", stats["source"]), ("tokenizer", stats["tokenizer"]), ("format", stats["format"]),
+                  ("rows in", stats["rows_in"]), ("kept", stats["kept"]), ("dropped", dropped_line(stats)),
+                  ("truncated", stats["truncated"]), ("train / eval", f"{stats['train_rows']} / {stats['eval_rows']}"),
+                  ("tokens p50 / p90 / max",
+                   f"{stats['length_p50']} / {stats['length_p90']} / {stats['length_max']}"),
+                  ("trained token share", stats["trained_token_share"])])
+
+
+def dropped_line(stats: dict) -> str:
+    return ", ".join(f"{why}: {n}" for why, n in stats["dropped"].items()) or "0"
+
+
+def print_report(lines: list[tuple[str, object]]) -> None:
+    """The data report: one (label, value) a line, the values aligned."""
+    width = max(len(label) for label, _ in lines)
+    for label, value in lines:
+        print(f"  {label:<{width}}  {value}")
 
 
 def prepared_kind(path: str | Path) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import atomic
 from .config import ConfigError, saved_settings
-from .data import PREPARED_MARK, READERS
+from .data import PREPARED_MARK, READERS, dropped_line
 from .export_job import BASE_GGUF, LLAMA_CPP_TEMPLATE
 from .export_report import OLD_OLLAMA, file_verdict, runtime_lines
 
@@ -31,8 +31,8 @@ PREFERENCE_SETTINGS = ("init_adapter", "beta")  # shown for DPO and ORPO runs on
 # The resolved settings a card lists (config.yaml holds them all), in this order
 SETTINGS = ("method", *PREFERENCE_SETTINGS, "model_name", "template", "system_prompt", "train_on_prompt",
             "max_seq_length", "packing", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "num_train_epochs", "max_steps", "token_budget", "tokens_per_step",
-            "per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "seed")
+            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "num_train_epochs",
+            "max_steps", "token_budget", "tokens_per_step", "per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "seed")
 VERSIONS = {"peft": "PEFT", "trl": "TRL", "transformers": "Transformers", "torch": "PyTorch", "datasets": "Datasets",
             "accelerate": "Accelerate", "bitsandbytes": "bitsandbytes", "unsloth": "Unsloth"}
 
@@ -283,7 +283,7 @@ def training(run: Run) -> list[str]:
 
 def data_rows(d: dict) -> list[list]:
     """The data report's lines: of instruction rows, or of preference pairs (their prompts and answers)."""
-    dropped = ", ".join(f"{why}: {n}" for why, n in d["dropped"].items()) or "0"
+    dropped = dropped_line(d)
     rows = [["source", d["source"]], ["format", d["format"]], ["tokenizer", d["tokenizer"]]]
     if d.get("kind") == "preference":
         spread = {key: f"{d[key]['p50']} / {d[key]['p90']} / {d[key]['max']}"

@@ -23,7 +23,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .chat import Conversation, Message, PromptFormat, unencodable
-from .data import DataError, Prepared, from_turns, percentile, text_field, converted, normalize, shuffle_split
+from .data import (DataError, Prepared, converted, dropped_line, from_turns, normalize, percentile, print_report,
+                   shuffle_split, stats_head, text_field)
 
 PREFERENCE_FORMATS = ("preference", "preference_conversations", "hh")
 PAIR_METHODS = ("dpo", "orpo")  # the training methods that read pairs
@@ -205,46 +206,26 @@ def prepare_pairs(records, fmt: str | PairColumns, prompt_format: PromptFormat, 
     if not rows:
         raise DataError(f"{source}: no usable pairs left out of {rows_in} (dropped: {dict(dropped) or 'none'})")
     n_eval = shuffle_split(rows, eval_fraction, seed)
-    return Prepared(train=rows[n_eval:], eval=rows[:n_eval], stats=pair_stats(
-        rows, n_eval, source, prompt_format, fmt, detected, rows_in, dropped, truncated))
+    head = stats_head("preference", source, prompt_format, fmt, detected, rows_in, len(rows), dropped, truncated,
+                      n_eval)
+    return Prepared(train=rows[n_eval:], eval=rows[:n_eval], stats=head | {
+        f"{part}_tokens": spread([len(r[f"{part}_ids"]) for r in rows]) for part in ("prompt", "chosen", "rejected")})
 
 
-def pair_stats(rows, n_eval, source, prompt_format, fmt, detected, rows_in, dropped, truncated) -> dict:
-    def lengths(key):
-        values = [len(r[key]) for r in rows]
-        return {"p50": percentile(values, 0.5), "p90": percentile(values, 0.9), "max": max(values)}
-
-    return {
-        "kind": "preference",
-        "source": source,
-        "tokenizer": prompt_format.description,
-        "format": str(fmt) if fmt != "auto" else detected.most_common(1)[0][0],
-        "rows_in": rows_in,
-        "kept": len(rows),
-        "dropped": dict(dropped),
-        "truncated": truncated,
-        "train_rows": len(rows) - n_eval,
-        "eval_rows": n_eval,
-        "prompt_tokens": lengths("prompt_ids"),
-        "chosen_tokens": lengths("chosen_ids"),
-        "rejected_tokens": lengths("rejected_ids"),
-    }
+def spread(values: list[int]) -> dict:
+    return {"p50": percentile(values, 0.5), "p90": percentile(values, 0.9), "max": max(values)}
 
 
 def print_pair_stats(stats: dict) -> None:
-    def spread(key):
-        return f"{stats[key]['p50']} / {stats[key]['p90']} / {stats[key]['max']}"
+    def spread_of(part):
+        values = stats[f"{part}_tokens"]
+        return f"{values['p50']} / {values['p90']} / {values['max']}"
 
-    rows = [("source", stats["source"]), ("tokenizer", stats["tokenizer"]), ("format", stats["format"]),
-            ("rows in", stats["rows_in"]), ("pairs kept", stats["kept"]),
-            ("dropped", ", ".join(f"{k}: {v}" for k, v in stats["dropped"].items()) or "0"),
-            ("answers cut", stats["truncated"]), ("train / eval", f"{stats['train_rows']} / {stats['eval_rows']}"),
-            ("prompt tokens p50 / p90 / max", spread("prompt_tokens")),
-            ("chosen tokens p50 / p90 / max", spread("chosen_tokens")),
-            ("rejected tokens p50 / p90 / max", spread("rejected_tokens"))]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
+    print_report([("source", stats["source"]), ("tokenizer", stats["tokenizer"]), ("format", stats["format"]),
+                  ("rows in", stats["rows_in"]), ("pairs kept", stats["kept"]), ("dropped", dropped_line(stats)),
+                  ("answers cut", stats["truncated"]),
+                  ("train / eval", f"{stats['train_rows']} / {stats['eval_rows']}")] +
+                 [(f"{part} tokens p50 / p90 / max", spread_of(part)) for part in ("prompt", "chosen", "rejected")])
 
 
 def show_pair(row: dict, prompt_format: PromptFormat) -> str:
